@@ -1,0 +1,142 @@
+"""The data plane: one authorize call, top to bottom.
+
+    extract (key, call, model, client IP, cost)   request.py, pure
+    -> format check, no Redis                      keys.py
+    -> one script call, batched per loop tick      store/runner.py + authorize.lua
+    -> answer: 200 + identity, or the denial       decision.py, pure
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from . import metrics
+from .config import Settings
+from .decision import (
+    Code,
+    identity_headers,
+    limit_headers,
+    rendered_denial,
+    retry_after,
+)
+from .keys import KeyHasher, key_type, shard_of
+from .request import (
+    ClientIp,
+    bearer_or_api_key,
+    classify,
+    ip_hex,
+    model_of,
+    original_call,
+)
+from .store import names
+from .store.pipeline import RedisUnavailable
+from .store.runner import ScriptRunner
+from .store.scripts import AUTHORIZE
+
+log = logging.getLogger("sidecar.authorize")
+_JSON = "application/json"
+
+
+class Authorizer:
+    def __init__(self, settings: Settings, hasher: KeyHasher, runner: ScriptRunner):
+        self.runner = runner
+        self.hasher = hasher
+        self.client_ip = ClientIp(settings.trusted_networks(), settings.trusted_hops)
+        self.max_body = settings.max_body_bytes
+        self.default_cost = settings.default_cost
+        self.model_costs = settings.model_costs
+        self.cost_header = settings.cost_header
+        self.fail_open = settings.failure_mode == "open"
+
+    async def __call__(self, request: web.BaseRequest) -> web.Response:
+        start = time.perf_counter()
+        headers = request.headers
+        method, uri = original_call(request.method, request.raw_path, headers)
+        endpoint = classify(method, uri.partition("?")[0])
+
+        key = bearer_or_api_key(headers)
+        if not key:
+            return self._deny(Code.missing_api_key, endpoint.anthropic, start)
+        if key_type(key) is None:
+            return self._deny(Code.malformed_api_key, endpoint.anthropic, start)
+
+        body = await self._body(request)
+        model = model_of(body, headers, endpoint.path)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        ip = self.client_ip(peer_ip, headers)
+        cost = self._cost(model, headers, self.client_ip.trusts(peer_ip))
+        if cost is None:
+            raise web.HTTPBadRequest(text='{"error":{"message":"invalid cost header",'
+                                          '"type":"invalid_request_error","code":"bad_cost"}}',
+                                     content_type=_JSON)
+
+        key_hash = self.hasher(key)
+        try:
+            reply = await self.runner.run(
+                AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
+                [int(time.time() * 1000), cost, ip_hex(ip), ip, model, endpoint.scope,
+                 endpoint.granting, 1 if endpoint.write else 0])
+        except RedisUnavailable as exc:
+            # Failure policy: Redis could not decide within redis_timeout_ms. Closed (the
+            # default) answers 503, which proxies treat as an error, never as a business
+            # denial; open lets the call through unmetered and counts it, for operators
+            # who prefer availability over quota accuracy during an outage.
+            log.warning("redis unavailable: %s", exc)
+            if self.fail_open:
+                metrics.fail_open()
+                return self._answer(200, "fail_open", start, {}, b"")
+            return self._deny(Code.unavailable, endpoint.anthropic, start)
+
+        code = reply[0]
+        if code == Code.allow:
+            out = identity_headers(reply)
+            out.update(limit_headers(reply))
+            return self._answer(200, "ok", start, out, b"")
+        extra = limit_headers(reply) if len(reply) > 1 else {}
+        if code in (Code.rate_limited, Code.rate_limited_tokens):
+            extra["Retry-After"] = retry_after(reply)
+        return self._deny(Code(code), endpoint.anthropic, start, extra)
+
+    async def _body(self, request: web.BaseRequest) -> bytes:
+        if not request.body_exists:
+            return b""
+        length = request.content_length
+        if length is not None and length <= self.max_body:
+            return await request.read()
+        # Unknown or large: the model sits near the start of a JSON body; read a prefix.
+        chunks, size = [], 0
+        while size < self.max_body:
+            chunk = await request.content.read(self.max_body - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+    def _cost(self, model: str, headers, trusted: bool) -> int | None:
+        if self.cost_header and trusted:
+            given = headers.get(self.cost_header)
+            if given is not None:
+                return int(given) if given.isdigit() and len(given) < 13 else None
+        return self.model_costs.get(model, self.default_cost)
+
+    def _deny(self, code: Code, anthropic: bool, start: float,
+              extra: dict[str, str] | None = None) -> web.Response:
+        denial, body, header = rendered_denial(code, anthropic)
+        headers = {"X-Auth-Error": header}
+        if denial.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="api"'
+        if extra:
+            headers.update(extra)
+        return self._answer(denial.status, denial.code, start, headers, body)
+
+    @staticmethod
+    def _answer(status: int, code: str, start: float, headers: dict[str, str],
+                body: bytes) -> web.Response:
+        metrics.decision(status, code, time.perf_counter() - start)
+        return web.Response(status=status, body=body, headers=headers,
+                            content_type=_JSON if body else None)

@@ -1,0 +1,190 @@
+"""Process settings: one frozen dataclass, read from YAML then overridden by SIDECAR_* env.
+
+Key policy (quotas, models, IPs) lives in Redis, never here. A bad value stops the process
+with one line that names the field (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_CONFIG = Path("config/sidecar.yaml")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Redis. None: `serve` starts and supervises a private redis-server under state_dir.
+    redis_url: str | None = None
+    redis_timeout_ms: int = 250          # bound on every Redis call on the hot path
+    redis_pool_size: int = 16            # control-plane pool (admin, CLI); hot path pipelines
+    failure_mode: str = "closed"         # closed: 503 when Redis cannot answer; open: allow
+    # Listeners.
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:8081"
+    workers: int = 1
+    keepalive_timeout_s: float = 75.0    # must exceed the proxy's upstream idle timeout
+    shutdown_timeout_s: float = 10.0     # SIGTERM: how long in-flight calls may finish
+    max_body_bytes: int = 65_536         # bodies are read only this far for the model
+    # Secrets and state.
+    key_pepper: str | None = None        # HMAC secret; generated under state_dir when embedded
+    state_dir: str = ".sidecar-state"
+    # Who may tell us the client IP; no proxy is trusted by default.
+    trusted_proxies: tuple[str, ...] = ()
+    trusted_hops: int = 1                # X-Forwarded-For entries appended by trusted proxies
+    # Cost of one request in quota units.
+    default_cost: int = 1
+    model_costs: dict[str, int] = field(default_factory=dict)
+    cost_header: str | None = None       # honoured only from a trusted proxy
+    log_level: str = "info"
+
+    def __repr__(self) -> str:  # never print the pepper or Redis credentials
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["key_pepper"] = "***" if self.key_pepper else None
+        if self.redis_url:
+            shown["redis_url"] = mask_url(self.redis_url)
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(":" + parts.password + "@", ":***@", 1)
+    return url
+
+
+def parse_hostport(value: str, name: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_ENV_PREFIX = "SIDECAR_"
+
+
+def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read YAML (if any), apply SIDECAR_* overrides, validate. Raises ConfigError."""
+    env = dict(os.environ if env is None else env)
+    raw: dict[str, Any] = {}
+    chosen = Path(path) if path else Path(env.get("SIDECAR_CONFIG", "")) if env.get(
+        "SIDECAR_CONFIG") else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if chosen is not None:
+        try:
+            loaded = yaml.safe_load(chosen.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file {chosen}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {chosen}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {chosen}: expected a mapping of settings")
+        raw.update(loaded)
+    known = {f.name: f for f in fields(Settings)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{name}: unknown setting in {chosen}")
+    for name in known:
+        value = env.get(_ENV_PREFIX + name.upper())
+        if value is not None:
+            raw[name] = value
+    return validate(Settings(**{k: _coerce(k, v, known[k].type) for k, v in raw.items()}))
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    typ = str(typ)
+    try:
+        if value is None:
+            return None
+        if typ.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if typ.startswith("float"):
+            return float(value)
+        if typ.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list | tuple):
+                raise ValueError
+            return tuple(str(v) for v in value)
+        if typ.startswith("dict"):
+            if isinstance(value, str):
+                value = dict(_pair(p) for p in value.split(",") if p.strip())
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): int(v) for k, v in value.items()}
+        if typ.startswith("str"):
+            if isinstance(value, dict | list):
+                raise ValueError
+            text = str(value)
+            return text if text != "" else None if "None" in typ else text
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {typ}") from None
+    return value
+
+
+def _pair(item: str) -> tuple[str, str]:
+    model, sep, cost = item.partition("=")
+    if not sep:
+        raise ValueError(item)
+    return model.strip(), cost.strip()
+
+
+def validate(s: Settings) -> Settings:
+    if s.redis_url is not None:
+        scheme = urlsplit(s.redis_url).scheme
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigError(
+                f"redis_url: scheme {scheme!r} not one of {', '.join(REDIS_SCHEMES)}")
+    if s.redis_timeout_ms <= 0 or s.redis_timeout_ms > 60_000:
+        raise ConfigError("redis_timeout_ms: must be between 1 and 60000")
+    if s.redis_pool_size < 1:
+        raise ConfigError("redis_pool_size: must be at least 1")
+    if s.failure_mode not in ("closed", "open"):
+        raise ConfigError("failure_mode: must be 'closed' or 'open'")
+    parse_hostport(s.listen, "listen")
+    parse_hostport(s.admin_listen, "admin_listen")
+    if not 1 <= s.workers <= 256:
+        raise ConfigError("workers: must be between 1 and 256")
+    if s.keepalive_timeout_s <= 0 or s.shutdown_timeout_s < 0:
+        raise ConfigError("keepalive_timeout_s/shutdown_timeout_s: must be positive")
+    if not 0 <= s.max_body_bytes <= 1_048_576:
+        raise ConfigError("max_body_bytes: must be between 0 and 1048576")
+    if s.key_pepper is not None and len(s.key_pepper) < 16:
+        raise ConfigError("key_pepper: must be at least 16 characters")
+    if not s.embedded_redis and not s.key_pepper:
+        raise ConfigError("key_pepper: required when redis_url is set (SIDECAR_KEY_PEPPER)")
+    for net in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {net!r} is not an IP or CIDR") from None
+    if s.trusted_hops < 1:
+        raise ConfigError("trusted_hops: must be at least 1")
+    if s.default_cost < 0 or any(c < 0 for c in s.model_costs.values()):
+        raise ConfigError("model_costs/default_cost: costs must not be negative")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level: one of debug, info, warning, error")
+    return s
+
+
+def with_overrides(s: Settings, **changes: Any) -> Settings:
+    return validate(replace(s, **changes))

@@ -1,0 +1,152 @@
+"""The answer to an authorize call, as a pure function of the verdict. No I/O.
+
+Verdicts come from two places, in the contract's table order: the checks that need no
+Redis (missing / malformed key) are made here in Python; every check that needs the key
+record runs inside authorize.lua, atomically with the quota reservation, and comes back
+as a numeric code (the `Code` values below are the script's return codes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import orjson
+
+
+class Code(IntEnum):
+    """authorize.lua return codes, plus the ones decided before Redis."""
+
+    allow = 0
+    invalid_api_key = 1
+    key_disabled = 2
+    key_expired = 3
+    admin_key_not_allowed = 4
+    ip_not_allowed = 5
+    model_not_allowed = 6
+    permission_denied = 7
+    quota_exhausted = 8
+    rate_limited = 9            # requests per minute
+    rate_limited_tokens = 10    # tokens per minute
+    missing_api_key = 20
+    malformed_api_key = 21      # answered as invalid_api_key, counted apart
+    unavailable = 30            # Redis cannot answer: fail closed
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    status: int
+    code: str                  # the OpenAI-style `code` of the contract's table
+    openai_type: str
+    anthropic_type: str
+    message: str
+
+
+DENIALS: dict[Code, Denial] = {
+    Code.missing_api_key: Denial(401, "missing_api_key", "invalid_request_error",
+                                 "authentication_error",
+                                 "No API key provided. Send it as 'Authorization: Bearer "
+                                 "<key>' or 'x-api-key: <key>'."),
+    Code.invalid_api_key: Denial(401, "invalid_api_key", "invalid_request_error",
+                                 "authentication_error", "Incorrect API key provided."),
+    Code.malformed_api_key: Denial(401, "invalid_api_key", "invalid_request_error",
+                                   "authentication_error", "Incorrect API key provided."),
+    Code.key_disabled: Denial(401, "key_disabled", "invalid_request_error",
+                              "authentication_error", "This API key has been disabled."),
+    Code.key_expired: Denial(401, "key_expired", "invalid_request_error",
+                             "authentication_error", "This API key has expired."),
+    Code.admin_key_not_allowed: Denial(403, "admin_key_not_allowed", "permission_error",
+                                       "permission_error",
+                                       "Admin keys cannot be used for inference requests."),
+    Code.ip_not_allowed: Denial(403, "ip_not_allowed", "permission_error", "permission_error",
+                                "This API key is not allowed from your IP address."),
+    Code.model_not_allowed: Denial(403, "model_not_allowed", "permission_error",
+                                   "permission_error",
+                                   "This API key does not have access to the requested "
+                                   "model."),
+    Code.permission_denied: Denial(403, "permission_denied", "permission_error",
+                                   "permission_error",
+                                   "This API key does not have permission for this "
+                                   "operation."),
+    Code.quota_exhausted: Denial(402, "quota_exhausted", "insufficient_quota", "billing_error",
+                                 "You exceeded your current quota. Add more quota or enable "
+                                 "PAYG fallback."),
+    Code.rate_limited: Denial(429, "rate_limited", "rate_limit_error", "rate_limit_error",
+                              "Rate limit reached for requests per minute."),
+    Code.rate_limited_tokens: Denial(429, "rate_limited", "rate_limit_error",
+                                     "rate_limit_error",
+                                     "Rate limit reached for tokens per minute."),
+    Code.unavailable: Denial(503, "service_unavailable", "server_error", "api_error",
+                             "The authorization service is temporarily unavailable."),
+}
+
+KEY_TYPES = {"s": "standard", "b": "subscription", "o": "org", "a": "admin"}
+
+
+def error_body(denial: Denial, anthropic: bool) -> bytes:
+    """The JSON error in the dialect the client's SDK parses."""
+    if anthropic:
+        return orjson.dumps({"type": "error",
+                             "error": {"type": denial.anthropic_type,
+                                       "message": denial.message}})
+    return orjson.dumps({"error": {"message": denial.message, "type": denial.openai_type,
+                                   "param": None, "code": denial.code}})
+
+
+# Bodies and header values are the same for every denial of a kind: build them once.
+_RENDERED: dict[tuple[Code, bool], tuple[bytes, str]] = {}
+
+
+def rendered_denial(code: Code, anthropic: bool) -> tuple[Denial, bytes, str]:
+    """(denial, body, X-Auth-Error header value) for a denial code."""
+    cached = _RENDERED.get((code, anthropic))
+    if cached is None:
+        body = error_body(DENIALS[code], anthropic)
+        cached = _RENDERED[(code, anthropic)] = (body, body.decode())
+    return DENIALS[code], cached[0], cached[1]
+
+
+def duration(ms: int) -> str:
+    """OpenAI's reset format: '1s', '6m0s', '250ms'."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def limit_headers(reply: list) -> dict[str, str]:
+    """x-ratelimit-* from the script's reply, for the limits that apply to the key."""
+    rpm, rpm_left, tpm, tpm_left, reset_ms = reply[5:10]
+    headers: dict[str, str] = {}
+    if rpm:
+        headers["x-ratelimit-limit-requests"] = str(rpm)
+        headers["x-ratelimit-remaining-requests"] = str(rpm_left)
+        headers["x-ratelimit-reset-requests"] = duration(reset_ms)
+    if tpm:
+        headers["x-ratelimit-limit-tokens"] = str(tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(tpm_left)
+        headers["x-ratelimit-reset-tokens"] = duration(reset_ms)
+    return headers
+
+
+def identity_headers(reply: list) -> dict[str, str]:
+    """Who the caller is, for the upstream. Always all four, so a proxy that copies them
+    overwrites anything a client forged (an empty value means 'not set')."""
+    return {
+        "x-key-id": _text(reply[1]),
+        "x-key-type": KEY_TYPES.get(_text(reply[2]), ""),
+        "x-org-id": _text(reply[3]),
+        "x-project-id": _text(reply[4]),
+    }
+
+
+def retry_after(reply: list) -> str:
+    """Seconds until the window resets, rounded up (Retry-After takes whole seconds)."""
+    return str(max(1, -(-int(reply[9]) // 1000)))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")

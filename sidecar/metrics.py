@@ -1,0 +1,86 @@
+"""All Prometheus objects, behind functions named for what happened.
+
+No label ever holds a key, a key id or a client IP: labels are bounded enums.
+With `--workers N` the processes share values through PROMETHEUS_MULTIPROC_DIR (set by
+the supervisor before this module is imported) and the admin listener aggregates them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0)
+
+DECISIONS = Counter("sidecar_decisions", "Authorize decisions by HTTP status and code",
+                    ["status", "code"])
+AUTHORIZE_SECONDS = Histogram("sidecar_authorize_duration_seconds",
+                              "Time to answer one authorize call", buckets=_LATENCY_BUCKETS)
+REDIS_SECONDS = Histogram("sidecar_redis_roundtrip_seconds",
+                          "Time of one pipelined Redis round trip", buckets=_LATENCY_BUCKETS)
+REDIS_ERRORS = Counter("sidecar_redis_errors", "Redis failures by kind", ["kind"])
+BATCH_SIZE = Histogram("sidecar_redis_batch_calls", "Authorize calls sharing one round trip",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+FAIL_OPEN = Counter("sidecar_fail_open", "Calls allowed without a decision (failure_mode=open)")
+REDIS_UP = Gauge("sidecar_redis_up", "1 when the last readiness probe reached Redis",
+                 multiprocess_mode="min")
+SETTLEMENTS = Counter("sidecar_settlements", "Usage reports by result", ["result"])
+
+# Pre-bound children: .labels() costs a dict lookup and a lock per call.
+_decision_children: dict[tuple[int, str], Counter] = {}
+
+
+def decision(status: int, code: str, seconds: float) -> None:
+    child = _decision_children.get((status, code))
+    if child is None:
+        child = _decision_children[(status, code)] = DECISIONS.labels(str(status), code)
+    child.inc()
+    AUTHORIZE_SECONDS.observe(seconds)
+
+
+def redis_round_trip(seconds: float) -> None:
+    REDIS_SECONDS.observe(seconds)
+
+
+def redis_batch(calls: int) -> None:
+    BATCH_SIZE.observe(calls)
+
+
+_error_children: dict[str, Counter] = {}
+
+
+def redis_error(kind: str) -> None:
+    child = _error_children.get(kind)
+    if child is None:
+        child = _error_children[kind] = REDIS_ERRORS.labels(kind)
+    child.inc()
+
+
+def fail_open() -> None:
+    FAIL_OPEN.inc()
+
+
+def redis_up(up: bool) -> None:
+    REDIS_UP.set(1 if up else 0)
+
+
+def settlement(result: str) -> None:
+    SETTLEMENTS.labels(result).inc()
+
+
+def exposition() -> bytes:
+    """The text format, aggregated across worker processes when there are several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()

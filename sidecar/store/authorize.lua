@@ -1,0 +1,133 @@
+-- authorize.lua: the whole decision for one call, atomically, in one round trip.
+--
+-- Times are in milliseconds; quota and cost are integer units; limits are per minute
+-- in fixed windows (window id = floor(now / 60000)).
+--
+-- KEYS[1]  key record hash     k:{tag}:<hash>
+-- KEYS[2]  wallet hash         w:{tag}        (PAYG balances; field = account id)
+-- ARGV[1]  now                 ms since epoch
+-- ARGV[2]  cost                units this call reserves
+-- ARGV[3]  client ip           32 hex digits (IPv4 mapped into IPv6), '' if unknown
+-- ARGV[4]  client ip           printable, for recent activity
+-- ARGV[5]  model               '' when the call names none
+-- ARGV[6]  scope               e.g. chat.completions:write
+-- ARGV[7]  granting scope      a scope that also grants ARGV[6] ('' if none)
+-- ARGV[8]  write               '1' for a write call
+--
+-- Returns {code, id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining, reset_ms}
+-- code: 0 allow, 1 unknown key, 2 disabled, 3 expired, 4 admin key, 5 ip, 6 model,
+--       7 permission, 8 quota, 9 requests/min, 10 tokens/min.  Order = the contract's table.
+-- Nothing is written unless the code is 0.
+
+local f = redis.call('HMGET', KEYS[1],
+  'id', 't', 'st', 'ex', 'ips', 'm', 'pm', 'sc',          -- 1..8
+  'ul', 'qr', 'rpm', 'rw', 'rc', 'tpm', 'tw', 'tc',      -- 9..16
+  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'org', 'prj',      -- 17..24
+  'qu', 'n', 'pu')                                        -- 25..27
+local id = f[1]
+if not id then return {1} end
+local now = tonumber(ARGV[1])
+
+if f[3] ~= 'a' then return {2} end
+local ex = tonumber(f[4] or '0')
+if ex > 0 and now >= ex then return {3} end
+if f[2] == 'a' then return {4} end
+
+-- Allowed networks: 'hex/bits,...'; compare whole hex digits, then the leftover bits.
+local ips = f[5]
+if ips then
+  local ip, ok = ARGV[3], false
+  if ip ~= '' then
+    for net, bits in string.gmatch(ips, '(%x+)/(%d+)') do
+      bits = tonumber(bits)
+      local whole = math.floor(bits / 4)
+      if string.sub(ip, 1, whole) == string.sub(net, 1, whole) then
+        local rest = bits - whole * 4
+        if rest == 0 then ok = true break end
+        local div = 2 ^ (4 - rest)
+        local a = tonumber(string.sub(ip, whole + 1, whole + 1), 16)
+        local b = tonumber(string.sub(net, whole + 1, whole + 1), 16)
+        if math.floor(a / div) == math.floor(b / div) then ok = true break end
+      end
+    end
+  end
+  if not ok then return {5} end
+end
+
+-- Model whitelist ',a,b,'; a read call may name no model, a write call must.
+local models, model, write = f[6], ARGV[5], ARGV[8] == '1'
+if models then
+  if model == '' then
+    if write then return {6} end
+  elseif not string.find(models, ',' .. model .. ',', 1, true) then
+    return {6}
+  end
+end
+
+-- Permission modes: 'ro' read only, 'r' restricted to scopes ',s1,s2,'.
+local pm = f[7]
+if pm == 'ro' and write then return {7} end
+if pm == 'r' then
+  local sc = f[8] or ''
+  if not (string.find(sc, ',' .. ARGV[6] .. ',', 1, true)
+      or (ARGV[7] ~= '' and string.find(sc, ',' .. ARGV[7] .. ',', 1, true))) then
+    return {7}
+  end
+end
+
+-- Rate windows (needed for the x-ratelimit-* headers of a quota denial too).
+local win = math.floor(now / 60000)
+local reset = (win + 1) * 60000 - now
+local rpm, tpm = tonumber(f[11] or '0'), tonumber(f[14] or '0')
+local rc, tc = 0, 0
+if tonumber(f[12] or '-1') == win then rc = tonumber(f[13] or '0') end
+if tonumber(f[15] or '-1') == win then tc = tonumber(f[16] or '0') end
+local function answer(code, used)
+  return {code, id, f[2], f[23] or '', f[24] or '', rpm, math.max(rpm - rc - used, 0),
+          tpm, math.max(tpm - tc, 0), reset}
+end
+
+-- Quota: subscription cycle (renewed here, atomically), PAYG fallback, or own quota.
+local cost, typ = tonumber(ARGV[2]), f[2]
+local qr = tonumber(f[10] or '0')
+local cq, cu = tonumber(f[17] or '0'), tonumber(f[18] or '0')
+local ce, cp = tonumber(f[19] or '0'), tonumber(f[20] or '0')
+local pay_wallet = false
+if typ == 'b' then
+  if cp > 0 and now >= ce then   -- the cycle renewed: skip whole periods, start at zero
+    ce = ce + (math.floor((now - ce) / cp) + 1) * cp
+    cu = 0
+  end
+  if cu + cost > cq then
+    local balance = 0
+    if f[21] == '1' and f[22] then
+      balance = tonumber(redis.call('HGET', KEYS[2], f[22]) or '0')
+    end
+    if balance < cost then return answer(8, 0) end
+    pay_wallet = true
+  end
+elseif f[9] ~= '1' and qr < cost then
+  return answer(8, 0)
+end
+
+if rpm > 0 and rc >= rpm then return answer(9, 0) end
+if tpm > 0 and tc >= tpm then return answer(10, 0) end
+
+-- Allowed: reserve, count, record recent activity, all in one HSET.
+local set = {'rw', win, 'rc', rc + 1, 'la', ARGV[1], 'lip', ARGV[4], 'lm', model,
+             'qu', tonumber(f[25] or '0') + cost, 'n', tonumber(f[26] or '0') + 1}
+local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
+if typ == 'b' then
+  put('ce', ce)
+  if pay_wallet then
+    redis.call('HINCRBY', KEYS[2], f[22], -cost)
+    put('cu', cu)
+    put('pu', tonumber(f[27] or '0') + cost)
+  else
+    put('cu', cu + cost)
+  end
+elseif f[9] ~= '1' then
+  put('qr', qr - cost)
+end
+redis.call('HSET', KEYS[1], unpack(set))
+return answer(0, 1)

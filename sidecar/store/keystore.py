@@ -1,0 +1,327 @@
+"""Key records on the control plane: create, read, change, delete (redis-py, not hot).
+
+A record is one Redis hash `k:{tag}:<hmac>`. Field names are short on purpose: a record
+is kept in memory for every key. The authorize script reads and writes the same fields:
+
+  id  key id            t   type s/b/o/a        st  status a(ctive)/d(isabled)
+  nm  name              ca  created ms          cb  created by
+  ex  expires ms (0 = never)
+  ul  unlimited 1/0     qr  quota remaining     qu  quota used (units)
+  ips allowed nets 'hex/bits,...'               m   models ',a,b,'
+  pm  permission a/r/ro sc  scopes ',s1,s2,'
+  rpm, tpm              limits per minute; rw/rc and tw/tc: window id and count
+  cq, cu, ce, cp        subscription: cycle quota, used, cycle end ms, period ms
+  pg  PAYG fallback 1/0 ow  owning account (wallet field)   pu  units paid by the wallet
+  org, prj, mem, sa     organization, project, member, service account
+  la, lip, lm, n        recent activity: last used ms, IP, model; request count
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ..keys import TYPE_CODE, TYPE_OF_CODE, KeyHasher, KeyType, mint, new_id
+from ..request import network_entry
+from . import names
+
+MAX_QUOTA = 10**12        # Lua numbers are doubles: stay well inside exact integers
+PERMISSIONS = {"all": "a", "restricted": "r", "read-only": "ro"}
+PERMISSION_NAMES = {v: k for k, v in PERMISSIONS.items()}
+DAY_MS = 86_400_000
+
+
+class KeyError_(LookupError):
+    """Unknown key id (named apart from the builtin KeyError)."""
+
+
+class InvalidKeySpec(ValueError):
+    """A key setting is wrong; the message names the field."""
+
+
+@dataclass
+class KeySpec:
+    type: KeyType = KeyType.standard
+    name: str = ""
+    quota: int | None = None          # None with unlimited=False: 0 units
+    unlimited: bool = False
+    models: list[str] = field(default_factory=list)
+    ips: list[str] = field(default_factory=list)
+    expires_at: datetime | None = None
+    rpm: int = 0
+    tpm: int = 0
+    permission: str = "all"
+    scopes: list[str] = field(default_factory=list)
+    account: str | None = None        # owner of the PAYG wallet (standard/subscription)
+    cycle_days: int = 30              # subscription billing cycle
+    payg_fallback: bool = False
+    org: str = ""
+    project: str = ""
+    member: str = ""
+    service_account: str = ""
+    created_by: str = "cli"
+
+
+def validate_spec(spec: KeySpec, now: datetime | None = None) -> dict[str, str]:
+    """The record fields for a spec, or InvalidKeySpec naming the bad field. Pure."""
+    now = now or datetime.now(UTC)
+    if spec.quota is not None and not 0 <= spec.quota <= MAX_QUOTA:
+        raise InvalidKeySpec(f"quota: must be between 0 and {MAX_QUOTA}")
+    if spec.quota is not None and spec.unlimited:
+        raise InvalidKeySpec("quota: give --quota or --unlimited, not both")
+    for name, value in (("rpm", spec.rpm), ("tpm", spec.tpm)):
+        if not 0 <= value <= MAX_QUOTA:
+            raise InvalidKeySpec(f"{name}: must be a non-negative integer")
+    if spec.expires_at is not None:
+        if spec.expires_at.tzinfo is None:
+            spec.expires_at = spec.expires_at.replace(tzinfo=UTC)
+        if spec.expires_at <= now:
+            raise InvalidKeySpec(f"expires: {spec.expires_at.isoformat()} is in the past")
+    if spec.permission not in PERMISSIONS:
+        raise InvalidKeySpec("permission: one of all, restricted, read-only")
+    if spec.permission == "restricted" and not spec.scopes:
+        raise InvalidKeySpec("scopes: a restricted key needs at least one scope")
+    for model in spec.models:
+        if not model or "," in model or len(model) > 256:
+            raise InvalidKeySpec(f"models: {model!r} is not a model name")
+    for scope in spec.scopes:
+        if not scope or "," in scope or ":" not in scope:
+            raise InvalidKeySpec(f"scopes: {scope!r} is not resource:read|write")
+    nets = []
+    for ip in spec.ips:
+        try:
+            nets.append(network_entry(ip))
+        except ValueError:
+            raise InvalidKeySpec(f"ips: {ip!r} is not an IP address or CIDR") from None
+    if not 1 <= spec.cycle_days <= 3660:
+        raise InvalidKeySpec("cycle_days: must be between 1 and 3660")
+    if len(spec.name) > 200:
+        raise InvalidKeySpec("name: at most 200 characters")
+
+    quota = spec.quota or 0
+    rec: dict[str, str] = {
+        "t": TYPE_CODE[spec.type], "st": "a", "nm": spec.name,
+        "ca": str(_ms(now)), "cb": spec.created_by,
+        "ex": str(_ms(spec.expires_at)) if spec.expires_at else "0",
+        "ul": "1" if spec.unlimited else "0", "qr": str(quota), "qu": "0",
+        "pm": PERMISSIONS[spec.permission],
+    }
+    if spec.type is KeyType.subscription:
+        rec.update(cq=str(quota), cu="0", cp=str(spec.cycle_days * DAY_MS),
+                   ce=str(_ms(now) + spec.cycle_days * DAY_MS),
+                   pg="1" if spec.payg_fallback else "0")
+    optional = {"ips": ",".join(nets), "m": _set(spec.models), "sc": _set(spec.scopes),
+                "rpm": str(spec.rpm or ""), "tpm": str(spec.tpm or ""),
+                "ow": spec.account or "", "org": spec.org, "prj": spec.project,
+                "mem": spec.member, "sa": spec.service_account}
+    rec.update({k: v for k, v in optional.items() if v})
+    return rec
+
+
+def view(rec: dict[str, str], now_ms: int | None = None) -> dict:
+    """What an operator sees of a record: never the key or its hash."""
+    now_ms = now_ms or _ms(datetime.now(UTC))
+    typ = TYPE_OF_CODE.get(rec.get("t", "s"), KeyType.standard)
+    out = {
+        "id": rec["id"],
+        "type": typ.value,
+        "name": rec.get("nm", ""),
+        "status": "active" if rec.get("st") == "a" else "disabled",
+        "disabled_reason": rec.get("dr") or None,
+        "unlimited": rec.get("ul") == "1",
+        "quota_remaining": None if rec.get("ul") == "1" else int(rec.get("qr", 0)),
+        "quota_used": int(rec.get("qu", 0)),
+        "expires_at": _iso(rec.get("ex")),
+        "expired": 0 < int(rec.get("ex") or 0) <= now_ms,
+        "models": _list(rec.get("m")),
+        "allowed_ips": [_cidr(n) for n in rec["ips"].split(",")] if rec.get("ips") else [],
+        "permission": PERMISSION_NAMES.get(rec.get("pm", "a"), "all"),
+        "scopes": _list(rec.get("sc")),
+        "rpm": int(rec.get("rpm") or 0),
+        "tpm": int(rec.get("tpm") or 0),
+        "account": rec.get("ow") or None,
+        "org_id": rec.get("org") or None,
+        "project_id": rec.get("prj") or None,
+        "member_id": rec.get("mem") or None,
+        "service_account_id": rec.get("sa") or None,
+        "created_at": _iso(rec.get("ca")),
+        "created_by": rec.get("cb") or None,
+        "last_used_at": _iso(rec.get("la")),
+        "last_ip": rec.get("lip") or None,
+        "last_model": rec.get("lm") or None,
+        "request_count": int(rec.get("n", 0)),
+    }
+    if typ is KeyType.subscription:
+        cq, cu, ce, cp = (int(rec.get(f) or 0) for f in ("cq", "cu", "ce", "cp"))
+        if cp and now_ms >= ce:  # the script renews lazily; show what the next call sees
+            ce, cu = ce + ((now_ms - ce) // cp + 1) * cp, 0
+        out["subscription"] = {"cycle_quota": cq, "cycle_used": cu,
+                               "cycle_remaining": max(cq - cu, 0), "renews_at": _iso(ce),
+                               "cycle_days": cp // DAY_MS, "payg_fallback": rec.get("pg") == "1",
+                               "payg_used": int(rec.get("pu") or 0)}
+        out["quota_remaining"] = None if out["unlimited"] else max(cq - cu, 0)
+        out["quota_used"] = int(rec.get("qu", 0))
+    return out
+
+
+class KeyStore:
+    """Key CRUD over a redis-py asyncio client (standalone, Sentinel master or Cluster)."""
+
+    def __init__(self, redis, hasher: KeyHasher):
+        self.redis = redis
+        self.hasher = hasher
+
+    async def create(self, spec: KeySpec) -> tuple[dict, str]:
+        """Store a new key; returns (view, plaintext). The plaintext is not kept."""
+        rec = validate_spec(spec)
+        shard = self.hasher.account_tag(spec.account) if spec.account else None
+        plaintext, key_hash = mint(spec.type, self.hasher, shard)
+        rec["id"] = new_id("key")
+        # Record first, index second: an index entry never points at nothing.
+        await self.redis.hset(names.record(key_hash), mapping=rec)
+        await self.redis.hset(names.KEY_INDEX, rec["id"], key_hash)
+        for owner in _owners(rec):
+            await self.redis.sadd(names.OWNER_INDEX + owner, rec["id"])
+        return view(rec), plaintext
+
+    async def _hash_of(self, key_id: str) -> str:
+        key_hash = await self.redis.hget(names.KEY_INDEX, key_id)
+        if not key_hash:
+            raise KeyError_(f"no key with id {key_id!r}")
+        return key_hash.decode() if isinstance(key_hash, bytes) else key_hash
+
+    async def record(self, key_id: str) -> tuple[str, dict[str, str]]:
+        key_hash = await self._hash_of(key_id)
+        raw = await self.redis.hgetall(names.record(key_hash))
+        if not raw:
+            raise KeyError_(f"no key with id {key_id!r}")
+        return key_hash, {_s(k): _s(v) for k, v in raw.items()}
+
+    async def get(self, key_id: str) -> dict:
+        return view((await self.record(key_id))[1])
+
+    async def list(self, type_: str | None = None, status: str | None = None,
+                   owner: str | None = None, cursor: int = 0,
+                   limit: int = 100) -> tuple[list[dict], int]:
+        """One page of keys (ordered by the index scan) and the next cursor (0 = done)."""
+        ids: list[str] = []
+        if owner:
+            ids = sorted(_s(i) for i in await self.redis.smembers(names.OWNER_INDEX + owner))
+            page, cursor = ids[cursor:cursor + limit], (cursor + limit
+                                                        if cursor + limit < len(ids) else 0)
+            hashes = [await self.redis.hget(names.KEY_INDEX, i) for i in page]
+        else:
+            cursor, found = await self.redis.hscan(names.KEY_INDEX, cursor, count=limit)
+            hashes = list(found.values())
+        views = []
+        for h in hashes:
+            if not h:
+                continue
+            raw = await self.redis.hgetall(names.record(_s(h)))
+            if raw:
+                v = view({_s(k): _s(x) for k, x in raw.items()})
+                if (type_ is None or v["type"] == type_) and (
+                        status is None or v["status"] == status):
+                    views.append(v)
+        views.sort(key=lambda v: v["created_at"] or "")
+        return views, int(cursor)
+
+    async def set_status(self, key_id: str, active: bool, reason: str = "") -> dict:
+        key_hash, _ = await self.record(key_id)
+        fields = {"st": "a" if active else "d", "dr": "" if active else reason}
+        await self.redis.hset(names.record(key_hash), mapping=fields)
+        return await self.get(key_id)
+
+    async def update(self, key_id: str, fields: dict[str, str],
+                     remove: tuple[str, ...] = ()) -> dict:
+        key_hash, _ = await self.record(key_id)
+        if fields:
+            await self.redis.hset(names.record(key_hash), mapping=fields)
+        if remove:
+            await self.redis.hdel(names.record(key_hash), *remove)
+        return await self.get(key_id)
+
+    async def set_quota(self, key_id: str, quota: int | None, add: bool = False) -> dict:
+        """Set (or add to) the remaining quota; None makes the key unlimited."""
+        key_hash, rec = await self.record(key_id)
+        rkey = names.record(key_hash)
+        if quota is None:
+            await self.redis.hset(rkey, "ul", "1")
+            return await self.get(key_id)
+        if not (-MAX_QUOTA <= quota <= MAX_QUOTA) or (quota < 0 and not add):
+            raise InvalidKeySpec(f"quota: must be between 0 and {MAX_QUOTA}")
+        field_ = "cq" if rec.get("t") == "b" else "qr"
+        if add:
+            await self.redis.hincrby(rkey, field_, quota)
+        else:
+            await self.redis.hset(rkey, mapping={field_: str(quota), "ul": "0"})
+        return await self.get(key_id)
+
+    async def delete(self, key_id: str) -> None:
+        key_hash, rec = await self.record(key_id)
+        await self.redis.delete(names.record(key_hash))
+        await self.redis.hdel(names.KEY_INDEX, key_id)
+        for owner in _owners(rec):
+            await self.redis.srem(names.OWNER_INDEX + owner, key_id)
+
+    async def set_balance(self, account: str, units: int, add: bool = False) -> int:
+        """PAYG balance of an account (the wallet its subscription keys fall back to)."""
+        if not -MAX_QUOTA <= units <= MAX_QUOTA or (units < 0 and not add):
+            raise InvalidKeySpec(f"balance: must be between 0 and {MAX_QUOTA}")
+        wallet = names.wallet(self.hasher.account_tag(account))
+        if add:
+            return int(await self.redis.hincrby(wallet, account, units))
+        await self.redis.hset(wallet, account, units)
+        return units
+
+    async def balance(self, account: str) -> int:
+        value = await self.redis.hget(names.wallet(self.hasher.account_tag(account)), account)
+        return int(value or 0)
+
+
+def _owners(rec: dict[str, str]) -> list[str]:
+    """Index entries a key belongs to: its member, service account, project, account."""
+    out = []
+    for prefix, fieldname in (("mem:", "mem"), ("sa:", "sa"), ("prj:", "prj"),
+                              ("acct:", "ow")):
+        if rec.get(fieldname):
+            out.append(prefix + rec[fieldname])
+    return out
+
+
+def _set(items: list[str]) -> str:
+    return "," + ",".join(items) + "," if items else ""
+
+
+def _list(value: str | None) -> list[str]:
+    return [v for v in (value or "").split(",") if v]
+
+
+def _ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+def _iso(ms: str | int | None) -> str | None:
+    if not ms or int(ms) == 0:
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _cidr(entry: str) -> str:
+    hexaddr, _, bits = entry.partition("/")
+    addr = ipaddress.IPv6Address(bytes.fromhex(hexaddr))
+    if addr.ipv4_mapped is not None and int(bits) >= 96:
+        net = ipaddress.ip_network(f"{addr.ipv4_mapped}/{int(bits) - 96}")
+    else:
+        net = ipaddress.ip_network(f"{addr}/{bits}")
+    return str(net.network_address) if net.num_addresses == 1 else str(net)
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

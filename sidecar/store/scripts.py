@@ -1,0 +1,17 @@
+"""Lua scripts: package data, read once, called by SHA (EVALSHA) with an EVAL fallback."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+
+
+class Script:
+    def __init__(self, name: str):
+        self.name = name
+        self.source = resources.files(__package__).joinpath(f"{name}.lua").read_bytes()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+
+
+AUTHORIZE = Script("authorize")
+ALL = (AUTHORIZE,)
