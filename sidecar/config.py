@@ -48,6 +48,9 @@ class Settings:
     model_costs: dict[str, int] = field(default_factory=dict)
     cost_header: str | None = None       # honoured only from a trusted proxy
     log_level: str = "info"
+    # Benchmark-only routes on the data plane: /bench/baseline (authorize's request work
+    # against a fixed record, no Redis) and /bench/bare (200 "ok"). Off in production.
+    bench_endpoints: bool = False
 
     def __repr__(self) -> str:  # never print the pepper or Redis credentials
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -113,6 +116,14 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
     try:
         if value is None:
             return None
+        if typ.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
         if typ.startswith("int"):
             if isinstance(value, bool):
                 raise ValueError

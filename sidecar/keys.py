@@ -13,14 +13,14 @@ import hashlib
 import re
 import secrets
 import string
-from enum import Enum
+from enum import StrEnum
 
 SHARD_HEX = 3                 # 4096 tags; enough to spread over 16384 cluster slots
 BODY_LEN = 40                 # generated keys; the format accepts 32+
 _ALPHABET = string.ascii_letters + string.digits
 
 
-class KeyType(str, Enum):
+class KeyType(StrEnum):
     standard = "standard"
     subscription = "subscription"
     org = "org"

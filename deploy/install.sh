@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the sidecar needs on Debian/Ubuntu and a virtualenv in .venv.
+#   deploy/install.sh          runtime: redis-server (for the embedded default) + package
+#   deploy/install.sh --dev    also the test and benchmark tools: nginx (+ njs, lua),
+#                              promtool, wrk, and the package's [dev] extra
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0; [ "${1:-}" = "--dev" ] && dev=1
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+if [ $dev = 1 ]; then
+  command -v nginx >/dev/null || need+=(nginx)
+  [ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || need+=(libnginx-mod-http-js)
+  [ -e /usr/lib/nginx/modules/ndk_http_module.so ] || need+=(libnginx-mod-http-lua)
+  [ -d /usr/share/lua/5.1/resty/redis.lua ] || [ -e /usr/share/lua/5.1/resty/redis.lua ] \
+    || need+=(lua-nginx-redis)
+  command -v promtool >/dev/null || need+=(prometheus)
+  command -v wrk >/dev/null || need+=(wrk)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install.sh: installing ${need[*]}" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  # policy-rc.d 101: install the packages without starting their system services
+  as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${need[@]}" >/dev/null
+  as_root rm -f /usr/sbin/policy-rc.d
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ $dev = 1 ]; then
+  .venv/bin/python -m pip install -q -e '.[dev]'
+else
+  .venv/bin/python -m pip install -q -e .
+fi
+echo "install.sh: ready (.venv)" >&2
