@@ -1,0 +1,467 @@
+"""The running sidecar over real HTTP: every row of the contract's table, the three proxy
+styles, the trusted-proxy rule, immediate revocation, recent activity, and the official
+OpenAI / Anthropic SDKs raising their own error classes on our denials.
+
+Keys are made with the KeyStore on the same Redis and pepper as the sidecar process.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from conftest import free_port, start_sidecar, stop_process
+from live import CHAT, CLIENT_TIMEOUT, MESSAGES, authz, avoid_minute_edge, cli
+
+from sidecar.keys import KeyType
+from sidecar.store.keystore import KeySpec
+
+ANTHROPIC_TYPES = {401: "authentication_error", 402: "billing_error",
+                   403: "permission_error", 429: "rate_limit_error"}
+
+
+@pytest.fixture(scope="module")
+def car(tmp_path_factory, redis_server):
+    """A sidecar trusting no proxy (the default)."""
+    sidecar = start_sidecar(tmp_path_factory.mktemp("car"), redis_server.url)
+    yield sidecar
+    stop_process(sidecar.proc)
+
+
+@pytest.fixture(scope="module")
+def behind_proxy(tmp_path_factory, redis_server):
+    """A sidecar whose proxy is 127.0.0.1 (so the test client is a trusted proxy)."""
+    sidecar = start_sidecar(tmp_path_factory.mktemp("proxied"), redis_server.url,
+                            trusted_proxies="127.0.0.1/32")
+    yield sidecar
+    stop_process(sidecar.proc)
+
+
+async def make(store, **spec) -> tuple[str, str]:
+    view, plaintext = await store.create(KeySpec(**spec))
+    return view["id"], plaintext
+
+
+def assert_denial(answer, status: int, code: str, anthropic: bool = False) -> None:
+    assert answer.status == status, (answer.status, answer.raw)
+    assert answer.headers["content-type"].startswith("application/json")
+    body = answer.json
+    if anthropic:
+        assert body["type"] == "error"
+        assert body["error"]["type"] == (ANTHROPIC_TYPES[status] if status != 503
+                                         else "api_error")
+        assert body["error"]["message"]
+    else:
+        assert body["error"]["code"] == code
+        assert body["error"]["message"] and body["error"]["type"]
+    # NGINX drops auth bodies: the same JSON travels in one header line.
+    assert orjson.loads(answer.headers["x-auth-error"]) == body
+    assert "\n" not in answer.headers["x-auth-error"]
+
+
+# -- the contract's table, row by row, in both dialects -------------------------------
+
+async def _row(store, row: str):
+    """(key, call kwargs) that make `row`'s denial happen on a fresh database."""
+    body = {"model": "gpt-x", "messages": []}
+    if row == "missing_api_key":
+        return None, {"body": body}
+    if row == "invalid_api_key/malformed":
+        return "sk-short", {"body": body}
+    if row == "invalid_api_key/unknown":
+        return "sk-" + "A" * 40, {"body": body}
+    if row == "invalid_api_key/deleted":
+        key_id, key = await make(store, unlimited=True)
+        await store.delete(key_id)
+        return key, {"body": body}
+    if row == "key_disabled":
+        key_id, key = await make(store, unlimited=True)
+        await store.set_status(key_id, False, reason="test")
+        return key, {"body": body}
+    if row == "key_expired":
+        key_id, key = await make(store, unlimited=True,
+                                 expires_at=datetime.now(UTC) + timedelta(days=1))
+        await store.update(key_id, {"ex": str(int(time.time() * 1000) - 1000)})
+        return key, {"body": body}
+    if row == "admin_key_not_allowed":
+        _, key = await make(store, type=KeyType.admin, unlimited=True, org="default")
+        return key, {"body": body}
+    if row == "ip_not_allowed":
+        _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+        return key, {"body": body}
+    if row == "model_not_allowed":
+        _, key = await make(store, unlimited=True, models=["gpt-y"])
+        return key, {"body": body}
+    if row == "permission_denied":
+        _, key = await make(store, unlimited=True, permission="read-only")
+        return key, {"body": body}
+    if row == "quota_exhausted":
+        _, key = await make(store, quota=0)
+        return key, {"body": body}
+    raise AssertionError(row)
+
+
+ROWS = [("missing_api_key", 401), ("invalid_api_key/malformed", 401),
+        ("invalid_api_key/unknown", 401), ("invalid_api_key/deleted", 401),
+        ("key_disabled", 401), ("key_expired", 401), ("admin_key_not_allowed", 403),
+        ("ip_not_allowed", 403), ("model_not_allowed", 403), ("permission_denied", 403),
+        ("quota_exhausted", 402)]
+
+
+@pytest.mark.parametrize("row,status", ROWS, ids=[r for r, _ in ROWS])
+async def test_each_denial_row_in_both_dialects(car, store, http, row, status):
+    key, call = await _row(store, row)
+    code = row.split("/")[0]
+    openai_answer = await authz(http, car, CHAT, key=key, **call)
+    assert_denial(openai_answer, status, code)
+    anthropic_answer = await authz(http, car, MESSAGES, api_key=key, **call)
+    assert_denial(anthropic_answer, status, code, anthropic=True)
+    if status == 401:
+        assert "www-authenticate" in openai_answer.headers
+
+
+async def test_allow_is_exactly_200_with_identity_and_reserves_quota(car, store, http):
+    key_id, key = await make(store, quota=2, rpm=100)
+    answer = await authz(http, car, key=key, body={"model": "gpt-x"})
+    assert answer.status == 200 and answer.raw == b""
+    assert answer.headers["x-key-id"] == key_id
+    assert answer.headers["x-key-type"] == "standard"
+    assert answer.headers["x-org-id"] == "" and answer.headers["x-project-id"] == ""
+    assert answer.headers["x-ratelimit-limit-requests"] == "100"
+    assert 0 <= int(answer.headers["x-ratelimit-remaining-requests"]) <= 99
+    assert answer.headers["x-ratelimit-reset-requests"]
+    assert "x-auth-error" not in answer.headers
+    assert (await store.get(key_id))["quota_remaining"] == 1
+
+
+async def test_org_key_identity_and_restricted_scopes(car, store, http):
+    key_id, key = await make(store, type=KeyType.org, unlimited=True, org="org_a",
+                             project="proj_b", permission="restricted",
+                             scopes=["chat.completions:write"])
+    allowed = await authz(http, car, key=key, body={"model": "gpt-x"})
+    assert allowed.status == 200
+    assert (allowed.headers["x-key-id"], allowed.headers["x-key-type"],
+            allowed.headers["x-org-id"], allowed.headers["x-project-id"]) == (
+        key_id, "org", "org_a", "proj_b")
+    # Without ratelimits no x-ratelimit-* header is sent.
+    assert not any(h.startswith("x-ratelimit") for h in allowed.headers)
+    denied = await authz(http, car, "/v1/embeddings", key=key, body={"model": "gpt-x"})
+    assert_denial(denied, 403, "permission_denied")
+
+
+async def test_read_only_key_reads_and_model_whitelist_rules(car, store, http):
+    _, key = await make(store, unlimited=True, permission="read-only", models=["gpt-x"])
+    assert (await authz(http, car, "/v1/models", method="GET", key=key)).status == 200
+    assert (await authz(http, car, "/v1/models/gpt-x", method="GET", key=key)).status == 200
+    assert_denial(await authz(http, car, "/v1/models/gpt-y", method="GET", key=key),
+                  403, "model_not_allowed")
+    _, writer = await make(store, unlimited=True, models=["gpt-x"])
+    # A write call that names no model is refused when a whitelist applies.
+    assert_denial(await authz(http, car, key=writer, body={"messages": []}),
+                  403, "model_not_allowed")
+    assert (await authz(http, car, key=writer, body={"model": "gpt-x"})).status == 200
+
+
+async def test_rate_limited_with_retry_after(car, store, http):
+    avoid_minute_edge()
+    _, key = await make(store, unlimited=True, rpm=2)
+    assert (await authz(http, car, key=key, body={"model": "m"})).status == 200
+    assert (await authz(http, car, key=key, body={"model": "m"})).status == 200
+    for path, anthropic in ((CHAT, False), (MESSAGES, True)):
+        denied = await authz(http, car, path, key=key, body={"model": "m"})
+        assert_denial(denied, 429, "rate_limited", anthropic=anthropic)
+        assert 1 <= int(denied.headers["retry-after"]) <= 60
+        assert denied.headers["x-ratelimit-limit-requests"] == "2"
+        assert denied.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_subscription_cycle_then_payg_wallet_then_402(car, store, http):
+    key_id, key = await make(store, type=KeyType.subscription, quota=1, account="acct_1",
+                             payg_fallback=True)
+    await store.set_balance("acct_1", 1)
+    first = await authz(http, car, key=key, body={"model": "m"})
+    assert first.status == 200 and first.headers["x-key-type"] == "subscription"
+    assert (await authz(http, car, key=key, body={"model": "m"})).status == 200
+    assert_denial(await authz(http, car, key=key, body={"model": "m"}), 402, "quota_exhausted")
+    assert await store.balance("acct_1") == 0
+    view = await store.get(key_id)
+    assert view["subscription"]["cycle_used"] == 1
+    assert view["subscription"]["payg_used"] == 1
+
+
+async def test_nothing_is_consumed_on_a_denial(car, store, http):
+    avoid_minute_edge()
+    key_id, key = await make(store, quota=5, rpm=10, models=["gpt-x"])
+    for _ in range(3):
+        assert (await authz(http, car, key=key, body={"model": "other"})).status == 403
+    view = await store.get(key_id)
+    assert view["quota_remaining"] == 5 and view["request_count"] == 0
+    answer = await authz(http, car, key=key, body={"model": "gpt-x"})
+    assert answer.headers["x-ratelimit-remaining-requests"] == "9"
+
+
+# -- headers --------------------------------------------------------------------------
+
+async def test_authorization_header_wins_over_x_api_key(car, store, http):
+    key_id, key = await make(store, unlimited=True)
+    answer = await authz(http, car, key=key, api_key="sk-" + "B" * 40, body={"model": "m"})
+    assert answer.status == 200 and answer.headers["x-key-id"] == key_id
+    denied = await authz(http, car, key="sk-" + "B" * 40, api_key=key, body={"model": "m"})
+    assert_denial(denied, 401, "invalid_api_key")
+
+
+async def test_x_api_key_on_anthropic_messages(car, store, http):
+    key_id, key = await make(store, quota=1)
+    body = {"model": "claude-x", "max_tokens": 8, "messages": []}
+    answer = await authz(http, car, MESSAGES, api_key=key, body=body)
+    assert answer.status == 200 and answer.headers["x-key-id"] == key_id
+    assert_denial(await authz(http, car, MESSAGES, api_key=key, body=body),
+                  402, "quota_exhausted", anthropic=True)
+    assert (await store.get(key_id))["last_model"] == "claude-x"
+
+
+# -- the three proxy styles ------------------------------------------------------------
+
+async def test_envoy_style_truncated_body_with_query(car, store, http):
+    key_id, key = await make(store, unlimited=True, models=["gpt-x"])
+    truncated = b'{"model": "gpt-x", "messages": [{"role": "user", "content": "hel'
+    headers = {"x-envoy-auth-partial-body": "true", "Content-Type": "application/json"}
+    answer = await authz(http, car, "/v1/chat/completions?stream=true", key=key,
+                         headers=headers, body=truncated)
+    assert answer.status == 200
+    other = b'{"messages": [], "model": "gpt-z", "stream": tr'
+    assert_denial(await authz(http, car, "/v1/chat/completions?x=1", key=key,
+                              headers=headers, body=other), 403, "model_not_allowed")
+    assert (await store.get(key_id))["last_model"] == "gpt-x"
+
+
+async def test_nginx_style_get_with_original_headers(car, store, http):
+    _, reader = await make(store, unlimited=True, permission="read-only")
+    nginx = {"X-Original-Method": "POST", "X-Original-URI": "/v1/chat/completions?a=b",
+             "X-Real-IP": "10.9.9.9", "x-model": "gpt-x"}
+    # The subrequest is a GET, but the client's call is a write: the read-only key fails.
+    assert_denial(await authz(http, car, method="GET", key=reader, headers=nginx,
+                              authz_path="/authz"), 403, "permission_denied")
+    key_id, key = await make(store, unlimited=True, models=["gpt-x"])
+    assert (await authz(http, car, method="GET", key=key, headers=nginx,
+                        authz_path="/authz")).status == 200
+    wrong = {**nginx, "x-model": "gpt-q"}
+    assert_denial(await authz(http, car, method="GET", key=key, headers=wrong,
+                              authz_path="/authz"), 403, "model_not_allowed")
+    # Untrusted peer: X-Real-IP is ignored, the peer address is recorded.
+    assert (await store.get(key_id))["last_ip"] == "127.0.0.1"
+    # The Anthropic dialect follows the original URI, not /authz.
+    anthropic = {**nginx, "X-Original-URI": "/v1/messages"}
+    assert_denial(await authz(http, car, method="GET", api_key=reader, headers=anthropic,
+                              authz_path="/authz"), 403, "permission_denied", anthropic=True)
+
+
+async def test_traefik_style_forwarded_headers(behind_proxy, store, http):
+    key_id, key = await make(store, unlimited=True, ips=["10.0.0.0/8"], models=["gpt-x"],
+                             permission="read-only")
+    traefik = {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/v1/models/gpt-x",
+               "X-Forwarded-For": "10.4.5.6", "X-Forwarded-Proto": "https",
+               "X-Forwarded-Host": "api.example"}
+    ok = await authz(http, behind_proxy, method="GET", key=key, headers=traefik,
+                     authz_path="/authz")
+    assert ok.status == 200
+    view = await store.get(key_id)
+    assert (view["last_ip"], view["last_model"]) == ("10.4.5.6", "gpt-x")
+    write = {**traefik, "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/v1/completions",
+             "x-model": "gpt-x"}
+    assert_denial(await authz(http, behind_proxy, method="GET", key=key, headers=write,
+                              authz_path="/authz"), 403, "permission_denied")
+    # A client-forged entry sits left of the one the proxy appended: it is not used.
+    forged = {**traefik, "X-Forwarded-For": "10.1.1.1, 192.168.1.1"}
+    assert_denial(await authz(http, behind_proxy, method="GET", key=key, headers=forged,
+                              authz_path="/authz"), 403, "ip_not_allowed")
+
+
+# -- trusted-proxy IP rule -------------------------------------------------------------
+
+async def test_trusted_proxy_real_ip_decides(behind_proxy, store, http):
+    _, key = await make(store, unlimited=True, ips=["10.0.0.0/8", "2001:db8::/32"])
+    body = {"model": "m"}
+    for ip in ("10.1.2.3", "2001:db8::7"):
+        assert (await authz(http, behind_proxy, key=key, body=body,
+                            headers={"X-Real-IP": ip})).status == 200
+    for ip in ("192.168.1.1", "2001:db9::1"):
+        assert_denial(await authz(http, behind_proxy, key=key, body=body,
+                                  headers={"X-Real-IP": ip}), 403, "ip_not_allowed")
+    assert (await authz(http, behind_proxy, key=key, body=body,
+                        headers={"x-envoy-external-address": "10.7.7.7"})).status == 200
+
+
+async def test_untrusted_peer_cannot_choose_its_ip(car, store, http):
+    _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+    for headers in ({"X-Real-IP": "10.1.2.3"}, {"X-Forwarded-For": "10.1.2.3"},
+                    {"x-envoy-external-address": "10.1.2.3"}, {"x-client-ip": "10.1.2.3"}):
+        assert_denial(await authz(http, car, key=key, body={"model": "m"}, headers=headers),
+                      403, "ip_not_allowed")
+    _, local = await make(store, unlimited=True, ips=["127.0.0.1"])
+    answer = await authz(http, car, key=local, body={"model": "m"},
+                         headers={"X-Real-IP": "192.168.1.1"})
+    assert answer.status == 200
+
+
+# -- immediate revocation and recent activity ------------------------------------------
+
+async def test_revocation_takes_effect_on_the_next_call(car, store, http, redis_url):
+    body = {"model": "m"}
+    key_id, key = await make(store, unlimited=True)
+    assert (await authz(http, car, key=key, body=body)).status == 200
+    done = cli(redis_url, "keys", "disable", key_id, "--json")
+    assert done.returncode == 0, done.stderr
+    assert_denial(await authz(http, car, key=key, body=body), 401, "key_disabled")
+    await store.set_status(key_id, True)
+    assert (await authz(http, car, key=key, body=body)).status == 200
+
+    done = cli(redis_url, "keys", "set-quota", key_id, "0", "--json")
+    assert done.returncode == 0, done.stderr
+    assert_denial(await authz(http, car, key=key, body=body), 402, "quota_exhausted")
+    await store.set_quota(key_id, 1)
+    assert (await authz(http, car, key=key, body=body)).status == 200
+
+    await store.set_quota(key_id, None)
+    assert (await authz(http, car, key=key, body=body)).status == 200
+    done = cli(redis_url, "keys", "delete", key_id)
+    assert done.returncode == 0, done.stderr
+    assert_denial(await authz(http, car, key=key, body=body), 401, "invalid_api_key")
+
+    other_id, other = await make(store, unlimited=True)
+    assert (await authz(http, car, key=other, body=body)).status == 200
+    await store.delete(other_id)
+    assert_denial(await authz(http, car, key=other, body=body), 401, "invalid_api_key")
+
+
+async def test_recent_activity_is_recorded(behind_proxy, store, http):
+    key_id, key = await make(store, quota=10)
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    assert (await store.get(key_id))["last_used_at"] is None
+    for ip, model in (("10.0.0.1", "gpt-a"), ("10.0.0.2", "gpt-b"), ("10.0.0.3", "gpt-c")):
+        answer = await authz(http, behind_proxy, key=key, body={"model": model},
+                             headers={"X-Real-IP": ip})
+        assert answer.status == 200
+    view = await store.get(key_id)
+    assert view["request_count"] == 3 and view["quota_used"] == 3
+    assert (view["last_ip"], view["last_model"]) == ("10.0.0.3", "gpt-c")
+    last = datetime.fromisoformat(view["last_used_at"].replace("Z", "+00:00"))
+    assert before <= last <= datetime.now(UTC) + timedelta(seconds=5)
+
+
+# -- the official SDKs -----------------------------------------------------------------
+
+_PASSED = ("content-type", "x-auth-error", "retry-after", "www-authenticate")
+
+
+async def _gateway(car) -> tuple[web.AppRunner, str]:
+    """A tiny gateway: asks the sidecar, then relays its denial or fakes the completion."""
+    session = aiohttp.ClientSession()
+
+    async def handle(request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "x-api-key", "content-type")}
+        async with session.request(request.method, car.url + "/authz" + request.path_qs,
+                                   headers=headers, data=await request.read(),
+                                   timeout=CLIENT_TIMEOUT) as auth:
+            body = await auth.read()
+            if auth.status != 200:
+                relayed = {k: v for k, v in auth.headers.items()
+                           if k.lower() in _PASSED or k.lower().startswith("x-ratelimit")}
+                return web.Response(status=auth.status, body=body, headers=relayed)
+        model = orjson.loads(await request.read()).get("model", "")
+        if request.path.startswith("/v1/messages"):
+            return web.json_response({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}})
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    app.on_cleanup.append(lambda _: session.close())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def _sdk_keys(store) -> dict[str, str]:
+    avoid_minute_edge()
+    keys = {"ok": (await make(store, unlimited=True))[1],
+            "unknown": "sk-" + "Z" * 40,
+            "forbidden": (await make(store, unlimited=True, models=["other"]))[1],
+            "no_quota": (await make(store, quota=0))[1]}
+    _, limited = await make(store, unlimited=True, rpm=1)
+    keys["limited"] = limited
+    return keys
+
+
+async def test_openai_sdk_raises_its_own_errors(car, store):
+    import openai
+    keys = await _sdk_keys(store)
+    runner, url = await _gateway(car)
+    try:
+        def client(key: str) -> openai.AsyncOpenAI:
+            return openai.AsyncOpenAI(api_key=key, base_url=url + "/v1", max_retries=0,
+                                      timeout=10)
+
+        async def chat(key: str):
+            return await client(key).chat.completions.create(
+                model="gpt-x", messages=[{"role": "user", "content": "hi"}])
+
+        assert (await chat(keys["ok"])).choices[0].message.content == "ok"
+        with pytest.raises(openai.AuthenticationError) as err:
+            await chat(keys["unknown"])
+        assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            await chat(keys["forbidden"])
+        assert err.value.code == "model_not_allowed"
+        with pytest.raises(openai.APIStatusError) as err:
+            await chat(keys["no_quota"])
+        assert err.value.status_code == 402 and err.value.code == "quota_exhausted"
+        assert err.value.body["code"] == "quota_exhausted"
+        await chat(keys["limited"])
+        with pytest.raises(openai.RateLimitError) as err:
+            await chat(keys["limited"])
+        assert err.value.code == "rate_limited"
+        assert int(err.value.response.headers["retry-after"]) >= 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_anthropic_sdk_raises_its_own_errors(car, store):
+    import anthropic
+    keys = await _sdk_keys(store)
+    runner, url = await _gateway(car)
+    try:
+        async def message(key: str):
+            client = anthropic.AsyncAnthropic(api_key=key, base_url=url, max_retries=0,
+                                              timeout=10)
+            return await client.messages.create(
+                model="claude-x", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+
+        assert (await message(keys["ok"])).content[0].text == "ok"
+        with pytest.raises(anthropic.AuthenticationError) as err:
+            await message(keys["unknown"])
+        assert err.value.status_code == 401
+        with pytest.raises(anthropic.PermissionDeniedError):
+            await message(keys["forbidden"])
+        with pytest.raises(anthropic.APIStatusError) as err:
+            await message(keys["no_quota"])
+        assert err.value.status_code == 402
+        assert err.value.body["error"]["type"] == "billing_error"
+        await message(keys["limited"])
+        with pytest.raises(anthropic.RateLimitError):
+            await message(keys["limited"])
+    finally:
+        await runner.cleanup()
