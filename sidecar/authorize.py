@@ -15,13 +15,7 @@ from aiohttp import web
 
 from . import metrics
 from .config import Settings
-from .decision import (
-    Code,
-    identity_headers,
-    limit_headers,
-    rendered_denial,
-    retry_after,
-)
+from .decision import Code, denial_answer, identity_headers, limit_headers
 from .keys import KeyHasher, key_type, shard_of
 from .request import (
     ClientIp,
@@ -96,10 +90,7 @@ class Authorizer:
             out = identity_headers(reply)
             out.update(limit_headers(reply))
             return self._answer(200, "ok", start, out, b"")
-        extra = limit_headers(reply) if len(reply) > 1 else {}
-        if code in (Code.rate_limited, Code.rate_limited_tokens):
-            extra["Retry-After"] = retry_after(reply)
-        return self._deny(Code(code), endpoint.anthropic, start, extra)
+        return self._deny(Code(code), endpoint.anthropic, start, reply)
 
     async def _body(self, request: web.BaseRequest) -> bytes:
         if not request.body_exists:
@@ -125,13 +116,8 @@ class Authorizer:
         return self.model_costs.get(model, self.default_cost)
 
     def _deny(self, code: Code, anthropic: bool, start: float,
-              extra: dict[str, str] | None = None) -> web.Response:
-        denial, body, header = rendered_denial(code, anthropic)
-        headers = {"X-Auth-Error": header}
-        if denial.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="api"'
-        if extra:
-            headers.update(extra)
+              reply: list | None = None) -> web.Response:
+        denial, headers, body = denial_answer(code, anthropic, reply)
         return self._answer(denial.status, denial.code, start, headers, body)
 
     @staticmethod

@@ -106,6 +106,22 @@ def rendered_denial(code: Code, anthropic: bool) -> tuple[Denial, bytes, str]:
     return DENIALS[code], cached[0], cached[1]
 
 
+def denial_answer(code: Code, anthropic: bool,
+                  reply: list | None = None) -> tuple[Denial, dict[str, str], bytes]:
+    """(denial, headers, body) of a denial. The JSON is copied into X-Auth-Error because
+    NGINX drops auth bodies; 401 names its scheme; a script reply adds x-ratelimit-* for
+    the limits that apply, and Retry-After on a 429."""
+    denial, body, header = rendered_denial(code, anthropic)
+    headers = {"X-Auth-Error": header}
+    if denial.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="api"'
+    if reply is not None and len(reply) > 1:
+        headers.update(limit_headers(reply))
+        if code in (Code.rate_limited, Code.rate_limited_tokens):
+            headers["Retry-After"] = retry_after(reply)
+    return denial, headers, body
+
+
 def duration(ms: int) -> str:
     """OpenAI's reset format: '1s', '6m0s', '250ms'."""
     if ms < 1000:
