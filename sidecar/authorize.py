@@ -113,6 +113,10 @@ class Authorizer:
             given = headers.get(self.cost_header)
             if given is not None:
                 return int(given) if given.isdigit() and len(given) < 13 else None
+        return self.model_cost(model)
+
+    def model_cost(self, model: str) -> int:
+        """Units a call to `model` reserves (no cost header): what /settle refunds against."""
         return self.model_costs.get(model, self.default_cost)
 
     def _deny(self, code: Code, anthropic: bool, start: float,

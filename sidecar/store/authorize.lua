@@ -98,7 +98,7 @@ if typ == 'b' then
     ce = ce + (math.floor((now - ce) / cp) + 1) * cp
     cu = 0
   end
-  if cu + cost > cq then
+  if f[9] ~= '1' and cu + cost > cq then   -- an unlimited key only counts its use
     local balance = 0
     if f[21] == '1' and f[22] then
       balance = tonumber(redis.call('HGET', KEYS[2], f[22]) or '0')

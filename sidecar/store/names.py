@@ -22,8 +22,12 @@ def wallet(shard: str) -> str:
 
 
 def settlement(key_hash: str, request_id: str) -> str:
-    """String: marks a usage report as settled (idempotency), expires after a day."""
-    return f"u:{{{shard_of(key_hash)}}}:{request_id}"
+    """String: marks a key's usage report as settled (idempotency), expires after a day.
+
+    The name carries 16 hex digits of the key hash: two keys reporting the same request id
+    (ids come from gateways, and a client may choose its own) never share a marker.
+    """
+    return f"u:{{{shard_of(key_hash)}}}:{key_hash[:16]}:{request_id}"
 
 
 KEY_INDEX = "idx:keys"          # hash: key id -> key hash (admin lookups, listing)

@@ -1,0 +1,425 @@
+"""Script tier: authorize.lua on a real redis-server, reached through the real code path.
+
+Records come from KeyStore.create, calls go through make_runner(...).run(AUTHORIZE, ...)
+with the same KEYS and ARGV that sidecar/authorize.py builds. Every call passes an
+explicit `now` in the middle of a rate window, so no assertion depends on the clock.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from redis.crc import key_slot
+
+from sidecar.decision import Code
+from sidecar.keys import KeyType, shard_of
+from sidecar.request import classify, ip_hex
+from sidecar.store import names
+from sidecar.store.keystore import DAY_MS, KeySpec
+from sidecar.store.runner import make_runner
+from sidecar.store.scripts import AUTHORIZE
+
+MINUTE = 60_000
+CHAT = ("POST", "/v1/chat/completions")
+MODELS = ("GET", "/v1/models")
+
+
+def mid_window() -> int:
+    """Now, moved to the middle of its one-minute rate window."""
+    return int(time.time() * 1000) // MINUTE * MINUTE + MINUTE // 2
+
+
+async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str = "gpt-5.5",
+                    ip: str = "127.0.0.1", cost: int = 1) -> list:
+    """One authorize call, KEYS and ARGV as sidecar/authorize.py builds them."""
+    key_hash = store.hasher(key)
+    endpoint = classify(*route)
+    hexed = ip_hex(ip)
+    return await runner.run(
+        AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
+        [now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,
+         1 if endpoint.write else 0])
+
+
+@pytest.fixture
+async def runner(redis_url):
+    runner = make_runner(redis_url, 2.0)
+    yield runner
+    await runner.close()
+
+
+@pytest.fixture
+def call(runner, store):
+    async def call_(key: str, **kw) -> list:
+        kw.setdefault("now", mid_window())
+        return await authorize(runner, store, key, **kw)
+    return call_
+
+
+async def make(store, **spec) -> tuple[dict, str]:
+    return await store.create(KeySpec(**spec))
+
+
+async def snapshot(store, key: str, account: str | None = None) -> tuple[dict, int]:
+    """Everything a call could change: the whole record and the account's wallet."""
+    rec = await store.redis.hgetall(names.record(store.hasher(key)))
+    return rec, (await store.balance(account) if account else 0)
+
+
+async def assert_denied_untouched(call, store, key: str, code: Code,
+                                  account: str | None = None, **kw) -> list:
+    before = await snapshot(store, key, account)
+    reply = await call(key, **kw)
+    assert reply[0] == code, reply
+    assert await snapshot(store, key, account) == before
+    return reply
+
+
+# -- rows 1-4: lookup, status, expiry, admin ------------------------------------------
+
+async def test_unknown_key(call, store):
+    assert (await call("sk-" + "x" * 40))[0] == Code.invalid_api_key
+
+
+async def test_deleted_key(call, store):
+    view, key = await make(store, quota=5)
+    assert (await call(key))[0] == Code.allow
+    await store.delete(view["id"])
+    assert (await call(key))[0] == Code.invalid_api_key
+
+
+async def test_disabled_then_enabled(call, store):
+    view, key = await make(store, quota=5)
+    await store.set_status(view["id"], False, "test")
+    await assert_denied_untouched(call, store, key, Code.key_disabled)
+    await store.set_status(view["id"], True)
+    assert (await call(key))[0] == Code.allow
+
+
+async def test_expired(call, store):
+    expires = datetime.now(UTC) + timedelta(seconds=30)
+    _, key = await make(store, quota=5, expires_at=expires)
+    ex_ms = int(expires.timestamp() * 1000)
+    assert (await call(key, now=ex_ms - 1))[0] == Code.allow
+    await assert_denied_untouched(call, store, key, Code.key_expired, now=ex_ms)
+    await assert_denied_untouched(call, store, key, Code.key_expired, now=ex_ms + DAY_MS)
+
+
+@pytest.mark.parametrize("call_", [CHAT, MODELS])
+async def test_admin_key_never_on_data_plane(call, store, call_):
+    _, key = await make(store, type=KeyType.admin, unlimited=True, org="default")
+    await assert_denied_untouched(call, store, key, Code.admin_key_not_allowed, route=call_,
+                                  model="")
+
+
+# -- row 5: client IP ----------------------------------------------------------------
+
+@pytest.mark.parametrize("ips,ip,allowed", [
+    (["10.0.0.0/8"], "10.200.1.1", True),
+    (["10.0.0.0/8"], "11.0.0.1", False),
+    (["10.0.0.0/9"], "10.127.255.255", True),         # non-nibble IPv4 prefix
+    (["10.0.0.0/9"], "10.128.0.0", False),
+    (["192.168.1.5"], "192.168.1.5", True),
+    (["192.168.1.5"], "192.168.1.4", False),
+    (["2001:db8::/61"], "2001:db8:0:7:ffff::1", True),   # /61 ends inside a hex digit
+    (["2001:db8::/61"], "2001:db8:0:8::1", False),
+    (["2001:db8::/61"], "2001:db9::1", False),
+    (["2001:db8::1"], "2001:db8::1", True),
+    (["2001:db8::1"], "2001:db8::2", False),
+    (["10.0.0.0/8"], "::ffff:10.1.1.1", True),        # IPv4-mapped client
+    (["::ffff:10.0.0.0/104"], "10.1.1.1", True),      # IPv4-mapped rule
+    (["0.0.0.0/0"], "203.0.113.1", True),
+    (["0.0.0.0/0"], "2001:db8::1", False),            # all of IPv4 is not IPv6
+    (["192.168.1.5", "2001:db8::/32"], "2001:db8:1::1", True),
+    (["192.168.1.5", "2001:db8::/32"], "192.168.1.5", True),
+    (["10.0.0.0/8"], "", False),                      # unknown client IP
+    (["10.0.0.0/8"], "not-an-ip", False),
+    ([], "", True),                                   # no restriction
+])
+async def test_client_ip(call, store, ips, ip, allowed):
+    _, key = await make(store, unlimited=True, ips=ips)
+    if allowed:
+        assert (await call(key, ip=ip))[0] == Code.allow
+    else:
+        await assert_denied_untouched(call, store, key, Code.ip_not_allowed, ip=ip)
+
+
+# -- row 6: model whitelist --------------------------------------------------------
+
+@pytest.mark.parametrize("call_,model,allowed", [
+    (CHAT, "gpt-5.5", True),
+    (CHAT, "claude-sonnet-4-6", True),
+    (CHAT, "gpt-4o", False),
+    (CHAT, "gpt-5", False),                          # a prefix of an allowed name
+    (CHAT, "pt-5.5", False),                         # a suffix
+    (CHAT, "gpt-5.5,claude-sonnet-4-6", False),      # two allowed names glued together
+    (CHAT, "", False),                               # a write call must name a model
+    (MODELS, "", True),                              # a read call may name none
+    (("GET", "/v1/models/gpt-4o"), "gpt-4o", False),  # a read naming another model
+])
+async def test_model_whitelist(call, store, call_, model, allowed):
+    _, key = await make(store, unlimited=True, models=["gpt-5.5", "claude-sonnet-4-6"])
+    if allowed:
+        assert (await call(key, route=call_, model=model))[0] == Code.allow
+    else:
+        await assert_denied_untouched(call, store, key, Code.model_not_allowed, route=call_,
+                                      model=model)
+
+
+async def test_no_whitelist_allows_any_model_and_none(call, store):
+    _, key = await make(store, unlimited=True)
+    assert (await call(key, model="anything"))[0] == Code.allow
+    assert (await call(key, model=""))[0] == Code.allow
+
+
+# -- row 7: permissions -------------------------------------------------------------
+
+def org_key(permission: str, scopes: list[str] | None = None) -> dict:
+    return dict(type=KeyType.org, unlimited=True, permission=permission, scopes=scopes or [],
+                org="default", project="default")
+
+
+async def test_read_only_key(call, store):
+    _, key = await make(store, **org_key("read-only"))
+    assert (await call(key, route=MODELS, model=""))[0] == Code.allow
+    await assert_denied_untouched(call, store, key, Code.permission_denied)
+
+
+@pytest.mark.parametrize("scopes,call_,allowed", [
+    (["models:read"], MODELS, True),
+    (["models:read"], CHAT, False),
+    (["chat.completions:write"], CHAT, True),
+    (["chat.completions:write"], ("GET", "/v1/chat/completions"), True),  # write grants read
+    (["models:write"], MODELS, True),
+    (["chat.completions:write"], ("POST", "/v1/embeddings"), False),
+    (["chat.completions:read"], CHAT, False),         # read does not grant write
+    # A path shaped like the scope list cannot match two scopes at once.
+    (["models:read", "chat.completions:write"], ("POST", "/v1/models:read,chat.completions"),
+     False),
+])
+async def test_restricted_key(call, store, scopes, call_, allowed):
+    _, key = await make(store, **org_key("restricted", scopes))
+    if allowed:
+        assert (await call(key, route=call_))[0] == Code.allow
+    else:
+        await assert_denied_untouched(call, store, key, Code.permission_denied, route=call_)
+
+
+async def test_all_permission_and_identity_reply(call, store):
+    view, key = await make(store, **org_key("all"))
+    reply = await call(key, route=("DELETE", "/v1/files/f1"))
+    assert reply[:5] == [Code.allow, view["id"].encode(), b"o", b"default", b"default"]
+
+
+# -- row 8: quota ------------------------------------------------------------------
+
+async def test_quota_exhausted_consumes_nothing(call, store):
+    view, key = await make(store, quota=2)
+    for _ in range(2):
+        assert (await call(key))[0] == Code.allow
+    for _ in range(3):
+        await assert_denied_untouched(call, store, key, Code.quota_exhausted)
+    shown = await store.get(view["id"])
+    assert (shown["quota_remaining"], shown["quota_used"], shown["request_count"]) == (0, 2, 2)
+
+
+async def test_cost_larger_than_one(call, store):
+    view, key = await make(store, quota=5)
+    assert (await call(key, cost=3))[0] == Code.allow
+    await assert_denied_untouched(call, store, key, Code.quota_exhausted, cost=3)
+    assert (await call(key, cost=2))[0] == Code.allow
+    shown = await store.get(view["id"])
+    assert (shown["quota_remaining"], shown["quota_used"]) == (0, 5)
+
+
+async def test_largest_quota_stays_exact(call, store):
+    view, key = await make(store, quota=10**12)
+    assert (await call(key))[0] == Code.allow
+    rec = (await store.record(view["id"]))[1]
+    assert rec["qr"] == str(10**12 - 1)
+
+
+async def test_set_quota_takes_effect_on_next_call(call, store):
+    view, key = await make(store, quota=0)
+    await assert_denied_untouched(call, store, key, Code.quota_exhausted)
+    await store.set_quota(view["id"], 1)
+    assert (await call(key))[0] == Code.allow
+
+
+@pytest.mark.parametrize("typ", [KeyType.standard, KeyType.subscription])
+async def test_unlimited(call, store, typ):
+    view, key = await make(store, type=typ, unlimited=True)
+    for _ in range(3):
+        assert (await call(key, cost=1000))[0] == Code.allow
+    shown = await store.get(view["id"])
+    assert shown["unlimited"] is True and shown["quota_remaining"] is None
+    assert (shown["quota_used"], shown["request_count"]) == (3000, 3)
+
+
+async def test_set_quota_unlimited_lifts_exhaustion(call, store):
+    view, key = await make(store, type=KeyType.subscription, quota=0)
+    await assert_denied_untouched(call, store, key, Code.quota_exhausted)
+    await store.set_quota(view["id"], None)
+    assert (await call(key))[0] == Code.allow
+
+
+# -- subscription cycles and PAYG ----------------------------------------------------
+
+async def test_subscription_cycle_and_renewal(call, store):
+    view, key = await make(store, type=KeyType.subscription, quota=2, cycle_days=30)
+    key_hash, rec = await store.record(view["id"])
+    ce, cp = int(rec["ce"]), int(rec["cp"])
+    assert cp == 30 * DAY_MS
+    now = mid_window()
+    assert (await call(key, now=now))[0] == Code.allow
+    assert (await call(key, now=now))[0] == Code.allow
+    await assert_denied_untouched(call, store, key, Code.quota_exhausted, now=now)
+    assert (await store.get(view["id"]))["subscription"]["cycle_used"] == 2
+
+    # Renewal at the cycle's end: reset and one period on, in the same call.
+    assert (await call(key, now=ce))[0] == Code.allow
+    rec = (await store.record(view["id"]))[1]
+    assert (int(rec["cu"]), int(rec["ce"])) == (1, ce + cp)
+
+    # Long idle: the end advances by whole periods, past now.
+    later = ce + cp + 2 * cp + cp // 2
+    assert (await call(key, now=later))[0] == Code.allow
+    rec = (await store.record(view["id"]))[1]
+    assert (int(rec["cu"]), int(rec["ce"])) == (1, ce + 4 * cp)
+    assert int(rec["qu"]) == 4
+
+
+async def test_subscription_denied_at_renewal_time_writes_nothing(call, store):
+    view, key = await make(store, type=KeyType.subscription, quota=1, cycle_days=1,
+                           models=["gpt-5.5"])
+    ce = int((await store.record(view["id"]))[1]["ce"])
+    await assert_denied_untouched(call, store, key, Code.model_not_allowed, now=ce + 1,
+                                  model="other")
+
+
+async def test_payg_fallback_spends_the_wallet(call, store):
+    account = "acct-payg"
+    view, key = await make(store, type=KeyType.subscription, quota=1, account=account,
+                           payg_fallback=True)
+    await store.set_balance(account, 2)
+    for _ in range(3):                                # 1 from the cycle, 2 from the wallet
+        assert (await call(key))[0] == Code.allow
+    assert await store.balance(account) == 0
+    await assert_denied_untouched(call, store, key, Code.quota_exhausted, account=account)
+    rec = (await store.record(view["id"]))[1]
+    assert (rec["cu"], rec["pu"], rec["qu"]) == ("1", "2", "3")
+    # The wallet cannot cover a larger cost: refused whole, not overdrawn.
+    await store.set_balance(account, 2)
+    await assert_denied_untouched(call, store, key, Code.quota_exhausted, account=account,
+                                  cost=3)
+
+
+async def test_no_payg_without_the_flag(call, store):
+    account = "acct-nopayg"
+    _, key = await make(store, type=KeyType.subscription, quota=1, account=account)
+    await store.set_balance(account, 100)
+    assert (await call(key))[0] == Code.allow
+    await assert_denied_untouched(call, store, key, Code.quota_exhausted, account=account)
+    assert await store.balance(account) == 100
+
+
+# -- rows 9-10: rate limits ------------------------------------------------------------
+
+async def test_requests_per_minute(call, store):
+    _, key = await make(store, unlimited=True, rpm=2)
+    now = mid_window()
+    first = await call(key, now=now)
+    assert first[0] == Code.allow
+    assert first[5:10] == [2, 1, 0, 0, MINUTE // 2]
+    assert (await call(key, now=now + 1))[5:7] == [2, 0]
+    denied = await assert_denied_untouched(call, store, key, Code.rate_limited, now=now + 2)
+    assert denied[5:10] == [2, 0, 0, 0, MINUTE // 2 - 2]
+    # The next window starts counting from zero.
+    assert (await call(key, now=now + MINUTE))[:7] == first[:5] + [2, 1]
+
+
+async def test_tokens_per_minute(call, store):
+    view, key = await make(store, unlimited=True, tpm=100)
+    key_hash = store.hasher(key)
+    now = mid_window()
+    window = now // MINUTE
+    await store.redis.hset(names.record(key_hash), mapping={"tw": window, "tc": 99})
+    reply = await call(key, now=now)
+    assert reply[0] == Code.allow and reply[7:9] == [100, 1]
+    await store.redis.hset(names.record(key_hash), mapping={"tw": window, "tc": 100})
+    denied = await assert_denied_untouched(call, store, key, Code.rate_limited_tokens, now=now)
+    assert denied[7:10] == [100, 0, MINUTE // 2]
+    # Counts of an older window do not apply.
+    await store.redis.hset(names.record(key_hash), mapping={"tw": window - 1, "tc": 10**6})
+    assert (await call(key, now=now))[0] == Code.allow
+
+
+# -- recent activity -----------------------------------------------------------------
+
+async def test_recent_activity_written_on_allow_only(call, store):
+    view, key = await make(store, quota=10, models=["gpt-5.5"])
+    fresh = await store.get(view["id"])
+    assert (fresh["last_used_at"], fresh["last_ip"], fresh["last_model"],
+            fresh["request_count"]) == (None, None, None, 0)
+    now = mid_window()
+    assert (await call(key, now=now, ip="2001:db8::7", model="gpt-5.5"))[0] == Code.allow
+    await assert_denied_untouched(call, store, key, Code.model_not_allowed, now=now + 5,
+                                  ip="198.51.100.1", model="gpt-4o")
+    shown = await store.get(view["id"])
+    expected_at = datetime.fromtimestamp(now / 1000, UTC).isoformat().replace("+00:00", "Z")
+    assert (shown["last_used_at"], shown["last_ip"], shown["last_model"],
+            shown["request_count"]) == (expected_at, "2001:db8::7", "gpt-5.5", 1)
+
+
+# -- first match wins ---------------------------------------------------------------
+
+async def test_order_of_checks(call, store, aredis):
+    """Each step adds the next denial's cause to a key that already has the earlier one."""
+    expires = datetime.now(UTC) + timedelta(seconds=30)
+    after = int(expires.timestamp() * 1000) + 1
+    cases = [
+        # (spec, call kwargs, expected code)
+        (dict(quota=0, rpm=1, ips=["10.0.0.0/8"], models=["gpt-5.5"], expires_at=expires),
+         dict(now=after, ip="11.0.0.1", model="gpt-4o"), "disable", Code.key_disabled),
+        (dict(type=KeyType.admin, unlimited=True, expires_at=expires, ips=["10.0.0.0/8"]),
+         dict(now=after, ip="11.0.0.1"), None, Code.key_expired),
+        (dict(type=KeyType.admin, unlimited=True, ips=["10.0.0.0/8"], models=["x"]),
+         dict(ip="11.0.0.1"), None, Code.admin_key_not_allowed),
+        (dict(quota=0, ips=["10.0.0.0/8"], models=["gpt-5.5"]),
+         dict(ip="11.0.0.1", model="gpt-4o"), None, Code.ip_not_allowed),
+        (dict(type=KeyType.org, quota=0, models=["gpt-5.5"], permission="read-only"),
+         dict(model="gpt-4o"), None, Code.model_not_allowed),
+        (dict(type=KeyType.org, quota=0, permission="read-only"),
+         dict(), None, Code.permission_denied),
+        (dict(quota=0, rpm=1), dict(), "use-rpm", Code.quota_exhausted),
+        (dict(unlimited=True, rpm=1, tpm=1), dict(), "use-rpm+tpm", Code.rate_limited),
+    ]
+    for spec, kw, prepare, expected in cases:
+        view, key = await make(store, **spec)
+        kw.setdefault("now", mid_window())
+        key_hash = store.hasher(key)
+        if prepare == "disable":
+            await store.set_status(view["id"], False)
+        elif prepare and prepare.startswith("use-rpm"):
+            fields = {"rw": kw["now"] // MINUTE, "rc": 1}
+            if prepare.endswith("tpm"):
+                fields |= {"tw": kw["now"] // MINUTE, "tc": 1}
+            await aredis.hset(names.record(key_hash), mapping=fields)
+        await assert_denied_untouched(call, store, key, expected, **kw)
+
+
+# -- cluster-safe layout -------------------------------------------------------------
+
+async def test_record_and_wallet_share_a_cluster_slot(store):
+    for spec in (dict(), dict(type=KeyType.subscription, account="acct-slot",
+                              payg_fallback=True)):
+        for _ in range(5):
+            _, key = await make(store, **spec)
+            key_hash = store.hasher(key)
+            assert key_slot(names.record(key_hash).encode()) == key_slot(
+                names.wallet(shard_of(key_hash)).encode())
+    # A PAYG key's wallet is the one set-balance writes to.
+    assert names.wallet(shard_of(key_hash)) == names.wallet(
+        store.hasher.account_tag("acct-slot"))
