@@ -47,6 +47,9 @@ class Settings:
     default_cost: int = 1
     model_costs: dict[str, int] = field(default_factory=dict)
     cost_header: str | None = None       # honoured only from a trusted proxy
+    # Usage settlement (POST /settle on the data plane): off until a token is set.
+    settlement_token: str | None = None  # the gateway sends it as `Authorization: Bearer`
+    token_costs: dict[str, int] = field(default_factory=dict)  # units per 1000 tokens
     log_level: str = "info"
     # Benchmark-only routes on the data plane: /bench/baseline (authorize's request work
     # against a fixed record, no Redis) and /bench/bare (200 "ok"). Off in production.
@@ -55,6 +58,7 @@ class Settings:
     def __repr__(self) -> str:  # never print the pepper or Redis credentials
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
         shown["key_pepper"] = "***" if self.key_pepper else None
+        shown["settlement_token"] = "***" if self.settlement_token else None
         if self.redis_url:
             shown["redis_url"] = mask_url(self.redis_url)
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
@@ -192,6 +196,10 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("trusted_hops: must be at least 1")
     if s.default_cost < 0 or any(c < 0 for c in s.model_costs.values()):
         raise ConfigError("model_costs/default_cost: costs must not be negative")
+    if s.settlement_token is not None and len(s.settlement_token) < 16:
+        raise ConfigError("settlement_token: must be at least 16 characters")
+    if any(c < 0 for c in s.token_costs.values()):
+        raise ConfigError("token_costs: units per 1000 tokens must not be negative")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
     return s

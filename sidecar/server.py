@@ -54,11 +54,17 @@ def data_plane(settings: Settings, runner) -> web.Server:
     authorize = Authorizer(settings, hasher, runner)
     baseline = Authorizer(settings, hasher, FixedRecordRunner()) \
         if settings.bench_endpoints else None
+    settle = None
+    if settings.settlement_token:  # POST /settle exists only once a token is configured
+        from .settle import Settler
+        settle = Settler(settings, hasher, runner, authorize.model_cost)
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         if path.startswith("/authz") and (len(path) == 6 or path[6] == "/"):
             return await authorize(request)
+        if path == "/settle" and settle is not None:
+            return await settle(request)
         if path == "/healthz":
             return web.Response(text="ok")
         if baseline is not None:

@@ -14,4 +14,5 @@ class Script:
 
 
 AUTHORIZE = Script("authorize")
-ALL = (AUTHORIZE,)
+SETTLE = Script("settle")
+ALL = (AUTHORIZE, SETTLE)

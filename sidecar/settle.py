@@ -1,0 +1,206 @@
+"""Usage settlement: `POST /settle` on the data plane, top to bottom.
+
+    authenticate the gateway (settlement_token, constant-time compare)
+    -> parse the report                            parse_report, pure
+    -> find the key: hash the client's key, or look its key id up in the index
+    -> price it: reserved = what authorize charged for the model (Authorizer.model_cost),
+       actual = the reported cost, else tokens x token_costs, else = reserved
+    -> one script call: settle.lua (refund / extra charge, tokens per minute, once per
+       request id, atomically)
+
+A report that cannot be settled (bad token, bad JSON, unknown key, negative tokens) gets a
+4xx and changes nothing. A retried report (same key, same request id, within a day)
+answers 200 `already_settled` and changes nothing, so a gateway may retry freely.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import metrics
+from .config import Settings
+from .keys import KeyHasher, key_type, shard_of
+from .store import names
+from .store.keystore import MAX_QUOTA
+from .store.pipeline import RedisUnavailable
+from .store.runner import ScriptRunner, control_client
+from .store.scripts import SETTLE
+
+log = logging.getLogger("sidecar.settle")
+
+MAX_REPORT_BYTES = 16_384
+MAX_TOKENS = 10**9
+MARKER_TTL_MS = 86_400_000       # a report retried within a day is not settled again
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_JSON = "application/json"
+
+_SCRIPT_UNKNOWN, _SCRIPT_DUPLICATE = 1, 2        # settle.lua's return codes
+
+
+class BadReport(ValueError):
+    """The report is malformed; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    request_id: str
+    key: str | None          # the client's key (hashed at once, never kept) ...
+    key_id: str | None       # ... or its id, as the sidecar told the upstream (x-key-id)
+    model: str
+    tokens: int              # prompt + completion
+    cost: int | None         # units the call really cost, when the gateway knows
+
+
+def parse_report(body: bytes) -> Report:
+    """The report in a /settle body, or BadReport naming the bad field. Pure."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadReport("body: not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadReport("body: expected a JSON object")
+    request_id = doc.get("request_id")
+    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+        raise BadReport("request_id: required, 1-128 characters of [A-Za-z0-9._:/+=-]")
+    key, key_id = doc.get("key"), doc.get("key_id")
+    if (key is None) == (key_id is None):
+        raise BadReport("key / key_id: give exactly one")
+    if key is not None and not (isinstance(key, str) and key_type(key)):
+        raise BadReport("key: not a well-formed API key")
+    if key_id is not None and not (isinstance(key_id, str) and _KEY_ID.fullmatch(key_id)):
+        raise BadReport("key_id: not a key id")
+    model = doc.get("model", "")
+    if not isinstance(model, str) or len(model) > 256:
+        raise BadReport("model: a string of at most 256 characters")
+    tokens = 0
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = doc.get(name, 0)
+        if not _whole(value, MAX_TOKENS):
+            raise BadReport(f"{name}: a whole number between 0 and {MAX_TOKENS}")
+        tokens += value
+    cost = doc.get("cost")
+    if cost is not None and not _whole(cost, MAX_QUOTA):
+        raise BadReport(f"cost: whole quota units between 0 and {MAX_QUOTA}")
+    return Report(request_id, key, key_id, model, tokens, cost)
+
+
+def actual_cost(report: Report, reserved: int, token_costs: dict[str, int]) -> int:
+    """Units the call really cost: the reported cost, else its tokens priced per 1000 for
+    the model (rounded up), else what was reserved. Pure."""
+    if report.cost is not None:
+        return report.cost
+    per_1k = token_costs.get(report.model)
+    if per_1k is not None:
+        return -(-report.tokens * per_1k // 1000)
+    return reserved
+
+
+def _whole(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+class Settler:
+    def __init__(self, settings: Settings, hasher: KeyHasher, runner: ScriptRunner,
+                 reserved_cost: Callable[[str], int]):
+        assert settings.settlement_token, "the endpoint is off without a token"
+        self.runner = runner
+        self.hasher = hasher
+        self.reserved_cost = reserved_cost
+        self.token_costs = settings.token_costs
+        self._token = ("Bearer " + settings.settlement_token).encode()
+        self._redis_url = settings.redis_url
+        self._timeout = settings.redis_timeout_ms / 1000
+        self._index = None      # control client, only for reports that give a key id
+
+    async def __call__(self, request: web.BaseRequest) -> web.Response:
+        if request.method != "POST":
+            return _error(405, "method_not_allowed", "Use POST.", {"Allow": "POST"})
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, self._token):
+            metrics.settlement("unauthorized")
+            return _error(401, "invalid_settlement_token",
+                          "Send the settlement token as 'Authorization: Bearer <token>'.",
+                          {"WWW-Authenticate": 'Bearer realm="settle"'})
+        body = await _bounded_body(request)
+        if body is None:
+            metrics.settlement("rejected")
+            return _error(413, "report_too_large", f"At most {MAX_REPORT_BYTES} bytes.")
+        try:
+            report = parse_report(body)
+        except BadReport as exc:
+            metrics.settlement("rejected")
+            return _error(400, "invalid_report", str(exc))
+        try:
+            return await self._settle(report)
+        except (RedisUnavailable, RedisError, OSError, TimeoutError) as exc:
+            # Nothing was settled: the gateway should retry the same report later; the
+            # request id keeps a retry from settling twice.
+            log.warning("settlement not applied, redis unavailable: %s", exc)
+            metrics.settlement("unavailable")
+            return _error(503, "service_unavailable", "Usage could not be settled now; "
+                          "retry the same report.")
+
+    async def _settle(self, report: Report) -> web.Response:
+        key_hash = self.hasher(report.key) if report.key else await self._hash_of(report.key_id)
+        if key_hash is None:
+            return self._unknown()
+        reserved = self.reserved_cost(report.model)
+        actual = actual_cost(report, reserved, self.token_costs)
+        reply = await self.runner.run(
+            SETTLE, (names.record(key_hash), names.wallet(shard_of(key_hash)),
+                     names.settlement(key_hash, report.request_id)),
+            [int(time.time() * 1000), reserved, actual, report.tokens, MARKER_TTL_MS])
+        if reply[0] == _SCRIPT_UNKNOWN:
+            return self._unknown()
+        if reply[0] == _SCRIPT_DUPLICATE:
+            metrics.settlement("duplicate")
+            return _json(200, {"request_id": report.request_id, "status": "already_settled"})
+        metrics.settlement("refund" if reply[1] < 0 else "charge" if reply[1] > 0 else "exact")
+        return _json(200, {"request_id": report.request_id, "status": "settled",
+                           "reserved": reserved, "actual": actual, "delta": int(reply[1]),
+                           "from_wallet": int(reply[2]), "tokens": report.tokens})
+
+    async def _hash_of(self, key_id: str) -> str | None:
+        if self._index is None:
+            self._index = control_client(self._redis_url, self._timeout, 4)
+        found = await self._index.hget(names.KEY_INDEX, key_id)
+        return found.decode() if isinstance(found, bytes) else found
+
+    @staticmethod
+    def _unknown() -> web.Response:
+        metrics.settlement("unknown_key")
+        return _error(422, "unknown_key", "No such key (unknown, or deleted).")
+
+
+async def _bounded_body(request: web.BaseRequest) -> bytes | None:
+    """The body, or None when it is larger than a report may be."""
+    if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
+        return None
+    body = await request.content.read(MAX_REPORT_BYTES + 1)
+    while len(body) <= MAX_REPORT_BYTES:
+        chunk = await request.content.read(MAX_REPORT_BYTES + 1 - len(body))
+        if not chunk:
+            return body
+        body += chunk
+    return None
+
+
+def _json(status: int, doc: dict, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), headers=headers,
+                        content_type=_JSON)
+
+
+def _error(status: int, code: str, message: str,
+           headers: dict[str, str] | None = None) -> web.Response:
+    return _json(status, {"error": {"message": message, "type": "invalid_request_error",
+                                    "code": code}}, headers)
