@@ -129,8 +129,8 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
                 return False
             raise ValueError
         if typ.startswith("int"):
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError  # YAML `true` or `2.5` is no count: int() would truncate
             return int(value)
         if typ.startswith("float"):
             return float(value)
@@ -179,8 +179,10 @@ def validate(s: Settings) -> Settings:
     parse_hostport(s.admin_listen, "admin_listen")
     if not 1 <= s.workers <= 256:
         raise ConfigError("workers: must be between 1 and 256")
-    if s.keepalive_timeout_s <= 0 or s.shutdown_timeout_s < 0:
-        raise ConfigError("keepalive_timeout_s/shutdown_timeout_s: must be positive")
+    if s.keepalive_timeout_s <= 0:
+        raise ConfigError("keepalive_timeout_s: must be positive")
+    if s.shutdown_timeout_s < 0:
+        raise ConfigError("shutdown_timeout_s: must not be negative")
     if not 0 <= s.max_body_bytes <= 1_048_576:
         raise ConfigError("max_body_bytes: must be between 0 and 1048576")
     if s.key_pepper is not None and len(s.key_pepper) < 16:
@@ -194,8 +196,10 @@ def validate(s: Settings) -> Settings:
             raise ConfigError(f"trusted_proxies: {net!r} is not an IP or CIDR") from None
     if s.trusted_hops < 1:
         raise ConfigError("trusted_hops: must be at least 1")
-    if s.default_cost < 0 or any(c < 0 for c in s.model_costs.values()):
-        raise ConfigError("model_costs/default_cost: costs must not be negative")
+    if s.default_cost < 0:
+        raise ConfigError("default_cost: must not be negative")
+    if any(c < 0 for c in s.model_costs.values()):
+        raise ConfigError("model_costs: costs must not be negative")
     if s.settlement_token is not None and len(s.settlement_token) < 16:
         raise ConfigError("settlement_token: must be at least 16 characters")
     if any(c < 0 for c in s.token_costs.values()):
