@@ -32,6 +32,10 @@ from .store.scripts import AUTHORIZE
 
 log = logging.getLogger("sidecar.authorize")
 _JSON = "application/json"
+# On an allow, Envoy removes the request headers named here before the upstream sees the
+# call: the client's key never leaves the edge. NGINX and Traefik ignore it (their
+# configs strip the key themselves).
+_STRIP_FROM_UPSTREAM = "authorization,x-api-key"
 
 
 class Authorizer:
@@ -89,6 +93,7 @@ class Authorizer:
         if code == Code.allow:
             out = identity_headers(reply)
             out.update(limit_headers(reply))
+            out["x-envoy-auth-headers-to-remove"] = _STRIP_FROM_UPSTREAM
             return self._answer(200, "ok", start, out, b"")
         return self._deny(Code(code), endpoint.anthropic, start, reply)
 
