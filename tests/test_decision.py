@@ -424,7 +424,6 @@ def test_valid_formats(key, typ):
     "pk-" + BODY32,
     BODY32,
     "",
-    "sk-" + "a" * 300,                    # absurdly long
 ])
 def test_invalid_formats(key):
     assert key_type(key) is None
