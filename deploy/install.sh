@@ -15,8 +15,10 @@ if [ $dev = 1 ]; then
   command -v nginx >/dev/null || need+=(nginx)
   [ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || need+=(libnginx-mod-http-js)
   [ -e /usr/lib/nginx/modules/ndk_http_module.so ] || need+=(libnginx-mod-http-lua)
-  [ -d /usr/share/lua/5.1/resty/redis.lua ] || [ -e /usr/share/lua/5.1/resty/redis.lua ] \
+  # Debian's lua-nginx-redis installs resty.redis as nginx/redis.lua
+  [ -e /usr/share/lua/5.1/resty/redis.lua ] || [ -e /usr/share/lua/5.1/nginx/redis.lua ] \
     || need+=(lua-nginx-redis)
+  dpkg -s lua-cjson >/dev/null 2>&1 || need+=(lua-cjson)   # benchmarks/nginx_lua peer
   command -v promtool >/dev/null || need+=(prometheus)
   command -v wrk >/dev/null || need+=(wrk)
 fi

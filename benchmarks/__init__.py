@@ -1,0 +1,1 @@
+"""Performance benchmarks (issue 5): `python -m benchmarks.run --help`."""

@@ -1,0 +1,268 @@
+"""Turn one run's results into results.json, plot.png, RESULTS.md and PROFILE.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LABELS = {"authorize": "sidecar authorize", "baseline": "baseline (no Redis)",
+          "bare": "bare handler", "nginx_lua": "NGINX + Lua peer"}
+STYLES = {"authorize": ("tab:blue", "o"), "baseline": ("tab:green", "s"),
+          "bare": ("tab:gray", "^"), "nginx_lua": ("tab:red", "D")}
+
+
+def publish(results: dict, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "results.json"]
+    written[0].write_text(json.dumps(results, indent=2) + "\n")
+    plot = plot_sweep(results, folder / "plot.png")
+    if plot:
+        written.append(plot)
+    md = folder / "RESULTS.md"
+    md.write_text(results_markdown(results))
+    written.append(md)
+    if "profile" in results:
+        from .profile import render_markdown
+        prof = folder / "PROFILE.md"
+        prof.write_text(render_markdown(results["profile"], results["meta"]["command"],
+                                        machine_line(results["meta"])))
+        written.append(prof)
+    return written
+
+
+def plot_sweep(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib not installed: no plot (pip install -e '.[dev]')")
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, runs in results["sweep"].items():
+        runs = sorted(runs, key=lambda r: r["connections"])
+        xs = [r["connections"] for r in runs]
+        color, marker = STYLES.get(name, ("black", "x"))
+        label = LABELS.get(name, name)
+        left.plot(xs, [r["rps"] for r in runs], marker=marker, color=color, label=label)
+        right.plot(xs, [r["latency_ms"]["p99"] for r in runs], marker=marker, color=color,
+                   label=label)
+    for ax, title, ylabel in ((left, "Throughput", "requests / s"),
+                              (right, "p99 latency", "ms (log)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent connections (wrk -c)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        xs = sorted({r["connections"] for runs in results["sweep"].values() for r in runs})
+        ax.set_xticks(xs, [str(x) for x in xs])
+    left.set_ylim(bottom=0)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    meta = results["meta"]
+    fig.suptitle(f"1 sidecar worker, {results['keys']['count']:,} keys, "
+                 f"{meta['settings']['duration_s']:g} s runs — {machine_line(meta)}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def machine_line(meta: dict) -> str:
+    return (f"{meta['cpu_model']}, {meta['cores']} cores, Linux {meta['kernel']}, "
+            f"Python {meta['python']}, {meta['redis_server'].split(' sha=')[0]}")
+
+
+def _mib(n: float | None) -> str:
+    return f"{n / 1048576:.1f} MiB" if n else "-"
+
+
+def _run_row(label: str, r: dict) -> str:
+    lat = r["latency_ms"]
+    return (f"| {label} | {r['rps']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
+            f"{_cpu(r)} |")
+
+
+def _cpu(r: dict) -> str:
+    return ", ".join(f"{k} {v:.0f}%" for k, v in r["cpu_percent"].items() if v >= 1) + \
+        f"; machine {r['machine_busy_percent']:.0f}%"
+
+
+def _ok(value: float | None, target: float, higher: bool = True) -> str:
+    if value is None:
+        return "-"
+    met = value >= target if higher else value <= target
+    return "met" if met else "not met"
+
+
+def results_markdown(results: dict) -> str:
+    meta, main, keys = results["meta"], results["main"], results["keys"]
+    c = main["concurrency"]
+    ratios = main["ratios"]
+    rt = results["round_trips"]
+    mem = results["memory"]
+    targets = results["targets"]
+    quick = meta["mode"] == "quick"
+    p99_ok = _ok(ratios["p99_authorize_over_baseline"],
+                 targets["p99_authorize_over_baseline_max"], higher=False)
+    out = [
+        "# Benchmark results",
+        "",
+        ("> **Quick run** (short runs, one concurrency): a smoke figure, not the measurement."
+         if quick else
+         "> Full run. The machine is shared (2 cores): absolute numbers drift ±10% between "
+         "runs; the ratios, measured in the same run, are what carries."),
+        "",
+        f"Command: `{meta['command']}` ({meta['seconds']:.0f} s, {meta['timestamp']})  ",
+        f"Machine: {machine_line(meta)}; {meta['nginx']}; {meta['wrk'].split(' [')[0]}  ",
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in meta["packages"].items()) + "  ",
+        f"Load: wrk -t{meta['settings']['wrk_threads']}, "
+        f"{meta['settings']['duration_s']:g} s per run, every request a `POST "
+        "/v1/chat/completions` JSON body with a Bearer key drawn at random from "
+        f"{keys['count']:,} keys (standard keys with a finite quota, so each call runs every "
+        "check and the quota decrement). All processes on the same 2 cores.",
+        "",
+        f"## The authorize path at c{c} (1 sidecar worker)",
+        "",
+        "| handler | req/s | p50 ms | p99 ms | CPU during the run |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name in ("authorize", "baseline", "bare", "nginx_lua"):
+        if name in main:
+            out.append(_run_row(LABELS[name], main[name]))
+    out += [
+        "",
+        "| ratio | value | issue 5 target |",
+        "|---|---:|---|",
+        f"| authorize / baseline req/s | {ratios['authorize_over_baseline']} | "
+        f"≥ {targets['authorize_over_baseline']} "
+        f"({_ok(ratios['authorize_over_baseline'], targets['authorize_over_baseline'])}) |",
+        f"| authorize / baseline p99 | {ratios['p99_authorize_over_baseline']} | "
+        f"≤ {targets['p99_authorize_over_baseline_max']} ({p99_ok}) |",
+        f"| authorize / bare req/s | {ratios['authorize_over_bare']} | reported |",
+        f"| baseline / bare req/s | {ratios['baseline_over_bare']} | reported |",
+    ]
+    if "authorize_over_nginx_lua" in ratios:
+        out.append(f"| authorize / NGINX+Lua, 1 worker | {ratios['authorize_over_nginx_lua']} "
+                   f"| ≥ {targets['authorize_over_nginx_lua']} with all workers (below) |")
+    out += [
+        "",
+        "Baseline: `/bench/baseline/...` runs the same `Authorizer` (body read, key hash, "
+        "model extraction, the same response headers and metrics) against a fixed record "
+        "instead of Redis. Bare: `/bench/bare`, a 200 \"ok\" from the same process, same "
+        "request bytes. The NGINX + Lua peer runs the same `authorize.lua` with the same "
+        "KEYS/ARGV, one EVALSHA per request (benchmarks/nginx_lua/).",
+        "",
+        "## Round trips and Redis cost",
+        "",
+        f"- Calls per Redis round trip at c{c}: **{rt['calls_per_round_trip']}** "
+        f"({rt['redis_calls']:,} calls in {rt['redis_round_trips']:,} pipelined writes; "
+        "from `sidecar_redis_batch_calls` sum/count). Worst case is one round trip per call.",
+        f"- Redis CPU per decision: **{rt['redis_cpu_us_per_decision']} µs** (sidecar, "
+        "batched)" + (f" vs {rt['nginx_lua_redis_cpu_us_per_decision']} µs for the NGINX + "
+                      "Lua peer (one EVALSHA per request)"
+                      if rt.get("nginx_lua_redis_cpu_us_per_decision") is not None else "")
+        + " — `INFO cpu` user+sys delta / requests.",
+        "",
+        "## Concurrency sweep",
+        "",
+        "![throughput and p99 latency against concurrency](plot.png)",
+        "",
+        "| handler | c | req/s | p50 ms | p99 ms | calls/round trip |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in results["sweep"].items():
+        for r in sorted(runs, key=lambda r: r["connections"]):
+            out.append(f"| {LABELS.get(name, name)} | {r['connections']} | {r['rps']:,.0f} | "
+                       f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | "
+                       f"{r.get('calls_per_round_trip') or '-'} |")
+    if "workers" in results:
+        out += ["", f"## Workers (c{c})", "",
+                "| workers | sidecar req/s | NGINX+Lua req/s | sidecar / peer | bare req/s | "
+                "who saturates (sidecar run) | CPU during the sidecar run |",
+                "|---:|---:|---:|---:|---:|---|---|"]
+        for row in results["workers"]:
+            a = row["authorize"]
+            peer = row.get("nginx_lua")
+            peer_rps = f"{peer['rps']:,.0f}" if peer else "-"
+            out.append(
+                f"| {row['workers']} | {a['rps']:,.0f} | {peer_rps} | "
+                f"{row.get('authorize_over_nginx_lua') or '-'} | "
+                f"{row['bare']['rps']:,.0f} | {a['saturation']['verdict']} | {_cpu(a)} |")
+        out += ["", "CPU% is per process group, 100% = one core (sidecar = all its workers; "
+                "nginx_lua = the peer's workers; wrk = the load generator). A single-threaded "
+                "process at ≥ 85% is named as saturated."]
+    if "edge" in results:
+        e = results["edge"]
+        out += ["", f"## At the edge (NGINX auth_request, c{c})", "",
+                "| front | req/s | p50 ms | p99 ms | CPU |", "|---|---:|---:|---:|---|",
+                _run_row("NGINX → upstream, no auth", e["plain"]),
+                _run_row("NGINX auth_request → sidecar, → upstream", e["authz"]),
+                "",
+                f"NGINX + sidecar keeps **{e['authz_over_plain']:.0%}** of the same NGINX's "
+                "throughput without auth (anchor: Kong keeps 76% with key-auth + "
+                f"rate-limiting). {e['note']} Config: benchmarks/edge/nginx.conf."]
+    rec_load, rec_used = keys["record_after_load"], mem["record_after_traffic"]
+    record_ok = _ok(rec_used["bytes_beyond_hash"], targets["record_bytes_beyond_hash_max"],
+                    higher=False)
+    out += [
+        "", "## Memory", "",
+        f"- Sidecar RSS after the run (1 worker, {keys['count']:,} keys in Redis): "
+        f"**{_mib(mem['sidecar_rss_bytes'])}**"
+        + (f"; NGINX + Lua peer workers: {_mib(mem.get('nginx_lua_rss_bytes'))}"
+           if mem.get("nginx_lua_rss_bytes") else "") + ".",
+        f"- Redis `used_memory` grew {keys['used_memory_per_key']:.0f} bytes per key while "
+        "loading (record + id index entry + keyspace overhead).",
+        f"- `MEMORY USAGE` of a key record (avg of {rec_load['sampled']}, "
+        f"{rec_load['encoding']}): {rec_load['memory_usage_avg']:.0f} bytes as created "
+        f"({rec_load['fields_avg']:.0f} fields), {rec_used['memory_usage_avg']:.0f} bytes "
+        f"after traffic ({rec_used['fields_avg']:.0f} fields, with recent activity and "
+        "counters).",
+        f"- Beyond the 64-hex hash: **{rec_used['bytes_beyond_hash']:.0f} bytes** per used "
+        f"record ({rec_load['bytes_beyond_hash']:.0f} fresh); target ≤ "
+        f"{targets['record_bytes_beyond_hash_max']} ({record_ok}).",
+    ]
+    if "profile" in results and "error" not in results["profile"]:
+        p = results["profile"]
+        out += ["", "## Profile", "",
+                f"py-spy on the worker under load: {p['cpu_us_per_call']} µs of CPU per call; "
+                "top areas: " + ", ".join(f"{a['area']} {a['percent']}%"
+                                           for a in p["by_area"][:5])
+                + ". Details in [PROFILE.md](PROFILE.md)."]
+    out += ["", "Raw figures: [results.json](results.json) (this run); every run also writes "
+            "benchmarks/results/<timestamp>.json (not committed).", ""]
+    return "\n".join(out)
+
+
+def summary_lines(results: dict) -> list[str]:
+    main = results["main"]
+    r = main["ratios"]
+    lines = ["", f"== c{main['concurrency']}, 1 worker =="]
+    for name in ("authorize", "baseline", "bare", "nginx_lua"):
+        if name in main:
+            run = main[name]
+            lines.append(f"  {LABELS[name]:<22} {run['rps']:>9,.0f} req/s  "
+                         f"p50 {run['latency_ms']['p50']:6.2f} ms  "
+                         f"p99 {run['latency_ms']['p99']:6.2f} ms")
+    lines.append(f"  authorize/baseline {r['authorize_over_baseline']}  "
+                 f"authorize/bare {r['authorize_over_bare']}  "
+                 f"p99 authorize/baseline {r['p99_authorize_over_baseline']}"
+                 + (f"  authorize/nginx_lua {r['authorize_over_nginx_lua']}"
+                    if "authorize_over_nginx_lua" in r else ""))
+    rt = results["round_trips"]
+    lines.append(f"  calls/round trip {rt['calls_per_round_trip']}  "
+                 f"redis CPU/decision {rt['redis_cpu_us_per_decision']} us")
+    for row in results.get("workers", []):
+        peer = row.get("nginx_lua")
+        lines.append(f"  workers {row['workers']}: sidecar {row['authorize']['rps']:,.0f}"
+                     + (f"  peer {peer['rps']:,.0f}  ratio {row['authorize_over_nginx_lua']}"
+                        if peer else "")
+                     + f"  ({row['authorize']['saturation']['verdict']})")
+    if "edge" in results:
+        lines.append(f"  edge: auth_request keeps {results['edge']['authz_over_plain']:.0%}")
+    rec = results["memory"]["record_after_traffic"]
+    lines.append(f"  memory: sidecar RSS {_mib(results['memory']['sidecar_rss_bytes'])}, "
+                 f"record {rec['memory_usage_avg']:.0f} B ({rec['bytes_beyond_hash']:.0f} B "
+                 "beyond the hash)")
+    return lines

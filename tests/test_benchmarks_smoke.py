@@ -1,0 +1,76 @@
+"""The benchmark harness runs end to end in a tiny mode and writes what it promises.
+
+Speed is never asserted here (benchmarks/ measures it); only that every section ran
+against real servers, answered allows (a run of 401s would look fast and mean nothing),
+and left a complete results file, plot and RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_tiny_run_writes_complete_results(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--keys", "200", "--duration", "1",
+         "--concurrency", "64", "--warmup", "0", "--workers", "1,2", "--profile",
+         "--results-dir", str(out / "results"), "--publish", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    stamped = [p for p in (out / "results").glob("*.json") if ".speedscope" not in p.name]
+    assert len(stamped) == 1
+    results = json.loads(stamped[0].read_text())
+    assert json.loads((out / "results.json").read_text()) == results
+
+    main = results["main"]
+    assert main["concurrency"] == 64
+    for name in ("authorize", "baseline", "bare", "nginx_lua"):
+        run = main[name]
+        assert run["rps"] > 0 and run["requests"] > 0, name
+        assert run["non_2xx"] == 0, (name, run)
+        assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"], name
+        assert set(run["cpu_percent"]) >= {"sidecar", "redis", "wrk"}, name
+    assert main["authorize"]["allowed"] > 0
+    assert set(main["ratios"]) >= {"authorize_over_baseline", "authorize_over_bare",
+                                   "p99_authorize_over_baseline", "authorize_over_nginx_lua"}
+
+    trips = results["round_trips"]
+    assert trips["redis_round_trips"] > 0
+    assert trips["calls_per_round_trip"] >= 1
+    assert trips["redis_cpu_us_per_decision"] > 0
+
+    assert results["keys"]["count"] == 200
+    memory = results["memory"]
+    assert memory["sidecar_rss_bytes"] > 0
+    assert memory["record_after_traffic"]["memory_usage_avg"] > 64
+    # Traffic adds recent activity and counters to the records it touched.
+    assert (memory["record_after_traffic"]["fields_avg"]
+            > results["keys"]["record_after_load"]["fields_avg"])
+
+    edge = results["edge"]
+    assert edge["plain"]["rps"] > 0 and edge["authz"]["rps"] > 0
+    assert edge["authz"]["non_2xx"] == 0
+    assert edge["authz_over_plain"] > 0
+
+    assert [row["workers"] for row in results["workers"]] == [1, 2]
+    for row in results["workers"]:
+        assert row["authorize"]["rps"] > 0 and row["nginx_lua"]["rps"] > 0
+        assert row["authorize"]["non_2xx"] == 0
+        assert row["authorize"]["saturation"]["verdict"]
+
+    profile = results["profile"]
+    assert "error" not in profile, profile
+    assert profile["samples"] > 0 and profile["by_area"]
+    assert json.loads((out / "results" / stamped[0].name.replace(
+        ".json", ".speedscope.json")).read_text())["profiles"]
+
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "RESULTS.md").read_text()
+    assert results["meta"]["command"] in text and results["meta"]["cpu_model"] in text
+    assert "Profile of the authorize path" in (out / "PROFILE.md").read_text()
