@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from . import metrics
+from .admin import setup_admin_api
 from .config import Settings
 from .store.runner import ScriptRunner
 
@@ -33,4 +34,5 @@ async def admin_app(settings: Settings, runner: ScriptRunner) -> web.Application
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    setup_admin_api(app, settings)
     return app

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     bal.add_argument("units", type=_non_negative)
     show = accounts.add_parser("show", parents=[common])
     show.add_argument("account")
+    from .cli_admin import add_admin_commands  # orgs, members, projects, ... (cli_admin.py)
+    add_admin_commands(sub, keys, common)
     return parser
 
 
@@ -189,6 +191,10 @@ async def _run_action(args: argparse.Namespace, store):
     from .keys import KeyType
     from .store.keystore import InvalidKeySpec, KeySpec
 
+    if getattr(args, "run_admin", None):  # control-plane commands (cli_admin.py)
+        result = await args.run_admin(args, store)
+        if result is not None:
+            return result
     if args.command == "accounts":
         if args.action == "set-balance":
             return {"account": args.account,
@@ -246,6 +252,8 @@ def _print(result, args: argparse.Namespace) -> None:
     if args.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
+    if getattr(args, "print_admin", None):
+        return args.print_admin(result)
     if isinstance(result, list):
         print(f"{'ID':<22} {'TYPE':<13} {'STATUS':<9} {'REMAINING':>10} {'USED':>8}  NAME")
         for v in result:

@@ -4,6 +4,7 @@ A record is one Redis hash `k:{tag}:<hmac>`. Field names are short on purpose: a
 is kept in memory for every key. The authorize script reads and writes the same fields:
 
   id  key id            t   type s/b/o/a        st  status a(ctive)/d(isabled)
+  dr  why it is disabled (CASCADE_REASONS cannot be undone by enabling)
   nm  name              ca  created ms          cb  created by
   ex  expires ms (0 = never)
   ul  unlimited 1/0     qr  quota remaining     qu  quota used (units)
@@ -14,6 +15,8 @@ is kept in memory for every key. The authorize script reads and writes the same 
   pg  PAYG fallback 1/0 ow  owning account (wallet field)   pu  units paid by the wallet
   org, prj, mem, sa     organization, project, member, service account
   la, lip, lm, n        recent activity: last used ms, IP, model; request count
+  rt, rf                rotation: rotated to / rotated from (key ids)
+  sub                   the subscription (plan) an sk-sub- key belongs to
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ MAX_QUOTA = 10**12        # Lua numbers are doubles: stay well inside exact inte
 PERMISSIONS = {"all": "a", "restricted": "r", "read-only": "ro"}
 PERMISSION_NAMES = {v: k for k, v in PERMISSIONS.items()}
 DAY_MS = 86_400_000
+# Owner gone: enabling the key again would resurrect access the owner's removal revoked.
+CASCADE_REASONS = frozenset({"member_removed", "service_account_deleted", "project_deleted",
+                             "subscription_cancelled"})
+# Settings a rotated key keeps (copied to its successor); counters and activity start anew.
+ROTATION_COPIED = ("t", "nm", "ex", "ul", "qr", "ips", "m", "pm", "sc", "rpm", "tpm", "cq",
+                   "cu", "ce", "cp", "pg", "ow", "org", "prj", "mem", "sa", "sub")
+# Editable settings: KeyStore.edit argument -> the record fields it rewrites.
+EDITABLE = {"name": ("nm",), "permission": ("pm", "sc"), "scopes": ("sc",), "models": ("m",),
+            "ips": ("ips",), "rpm": ("rpm",), "tpm": ("tpm",), "expires_at": ("ex",)}
 
 
 class KeyError_(LookupError):
@@ -39,6 +51,10 @@ class KeyError_(LookupError):
 
 class InvalidKeySpec(ValueError):
     """A key setting is wrong; the message names the field."""
+
+
+class KeyConflict(InvalidKeySpec):
+    """The change contradicts the key's state (e.g. enabling a key whose owner is gone)."""
 
 
 @dataclass
@@ -61,6 +77,7 @@ class KeySpec:
     project: str = ""
     member: str = ""
     service_account: str = ""
+    subscription: str = ""            # the plan an sk-sub- key belongs to
     created_by: str = "cli"
 
 
@@ -115,7 +132,7 @@ def validate_spec(spec: KeySpec, now: datetime | None = None) -> dict[str, str]:
     optional = {"ips": ",".join(nets), "m": _set(spec.models), "sc": _set(spec.scopes),
                 "rpm": str(spec.rpm or ""), "tpm": str(spec.tpm or ""),
                 "ow": spec.account or "", "org": spec.org, "prj": spec.project,
-                "mem": spec.member, "sa": spec.service_account}
+                "mem": spec.member, "sa": spec.service_account, "sub": spec.subscription}
     rec.update({k: v for k, v in optional.items() if v})
     return rec
 
@@ -146,6 +163,10 @@ def view(rec: dict[str, str], now_ms: int | None = None) -> dict:
         "project_id": rec.get("prj") or None,
         "member_id": rec.get("mem") or None,
         "service_account_id": rec.get("sa") or None,
+        "owner": _owner_kind(rec),
+        "subscription_id": rec.get("sub") or None,
+        "rotated_to": rec.get("rt") or None,
+        "rotated_from": rec.get("rf") or None,
         "created_at": _iso(rec.get("ca")),
         "created_by": rec.get("cb") or None,
         "last_used_at": _iso(rec.get("la")),
@@ -229,7 +250,10 @@ class KeyStore:
         return views, int(cursor)
 
     async def set_status(self, key_id: str, active: bool, reason: str = "") -> dict:
-        key_hash, _ = await self.record(key_id)
+        key_hash, rec = await self.record(key_id)
+        if active and rec.get("dr") in CASCADE_REASONS:
+            raise KeyConflict(f"status: {key_id} was disabled because {rec['dr']} "
+                              "(its owner is gone); create a new key instead")
         fields = {"st": "a" if active else "d", "dr": "" if active else reason}
         await self.redis.hset(names.record(key_hash), mapping=fields)
         return await self.get(key_id)
@@ -242,6 +266,93 @@ class KeyStore:
         if remove:
             await self.redis.hdel(names.record(key_hash), *remove)
         return await self.get(key_id)
+
+    async def edit(self, key_id: str, changes: dict) -> tuple[dict, dict]:
+        """Change settings (keys of EDITABLE; ips as text); returns (before, after) views.
+
+        The merged settings are validated as a whole (a restricted key keeps a scope) before
+        one HSET/HDEL pair rewrites only the fields the change touches.
+        """
+        unknown = set(changes) - set(EDITABLE)
+        if unknown:
+            raise InvalidKeySpec(f"{sorted(unknown)[0]}: not an editable setting")
+        key_hash, rec = await self.record(key_id)
+        before = view(rec)
+        merged = {"name": before["name"], "permission": before["permission"],
+                  "scopes": before["scopes"], "models": before["models"],
+                  "ips": before["allowed_ips"], "rpm": before["rpm"], "tpm": before["tpm"],
+                  "expires_at": None}
+        if "permission" in changes and changes["permission"] != "restricted" \
+                and "scopes" not in changes:
+            merged["scopes"] = []   # scopes mean something only to a restricted key
+        merged.update(changes)
+        fields = validate_spec(KeySpec(
+            type=TYPE_OF_CODE.get(rec.get("t", "s"), KeyType.standard),
+            name=merged["name"], permission=merged["permission"], scopes=merged["scopes"],
+            models=merged["models"], ips=merged["ips"], rpm=merged["rpm"],
+            tpm=merged["tpm"], expires_at=merged["expires_at"]))
+        touched = {f for name in changes for f in EDITABLE[name]}
+        if "permission" in changes:
+            touched.add("sc")
+        put = {f: fields[f] for f in touched if fields.get(f)}
+        drop = tuple(f for f in touched if not fields.get(f))
+        rkey = names.record(key_hash)
+        if put:
+            await self.redis.hset(rkey, mapping=put)
+        if drop:
+            await self.redis.hdel(rkey, *drop)
+        return before, await self.get(key_id)
+
+    async def rotate(self, key_id: str, grace_ms: int, created_by: str,
+                     expected_type: KeyType | None = None) -> tuple[dict, str, dict]:
+        """Mint a successor with the same settings; the old key ends now or after grace_ms.
+
+        Returns (new view, plaintext, old view). The successor is complete (record, index,
+        owner sets) before the old key is touched, so a failure in between leaves the old
+        key working and no half-made key reachable. During the grace window each key draws
+        on its own copy of the remaining quota (the hot path reads one record only).
+        """
+        key_hash, rec = await self.record(key_id)
+        if rec.get("st") != "a":
+            raise KeyConflict(f"status: {key_id} is disabled; enable it before rotating")
+        if rec.get("rt"):
+            raise KeyConflict(f"rotated_to: {key_id} was already rotated into {rec['rt']}")
+        now = now_ms()
+        ex = int(rec.get("ex") or 0)
+        if ex and ex <= now:
+            raise KeyConflict(f"expires_at: {key_id} has expired")
+        typ = TYPE_OF_CODE.get(rec.get("t", "s"), KeyType.standard)
+        new = {f: rec[f] for f in ROTATION_COPIED if rec.get(f)}
+        new.update(id=new_id("key"), st="a", ca=str(now), cb=created_by, qu="0", rf=key_id)
+        shard = self.hasher.account_tag(rec["ow"]) if rec.get("ow") else None
+        plaintext, new_hash = mint(typ, self.hasher, shard)
+        await self.redis.hset(names.record(new_hash), mapping=new)
+        await self.redis.hset(names.KEY_INDEX, new["id"], new_hash)
+        for owner in _owners(new):
+            await self.redis.sadd(names.OWNER_INDEX + owner, new["id"])
+        old = {"rt": new["id"]}
+        if grace_ms <= 0:
+            old.update(st="d", dr="rotated")
+        else:
+            old["ex"] = str(min(ex, now + grace_ms) if ex else now + grace_ms)
+        await self.redis.hset(names.record(key_hash), mapping=old)
+        return view(new), plaintext, await self.get(key_id)
+
+    async def disable_owned(self, owner: str, reason: str) -> list[str]:
+        """Cascade: disable every key in an owner index ('mem:<id>', 'sa:<id>', 'prj:<id>').
+
+        Each key's own record is written (st='d', dr=reason), because the authorize script
+        reads only the record: the next call in every process sees it.
+        """
+        ids = sorted(_s(i) for i in await self.redis.smembers(names.OWNER_INDEX + owner))
+        done = []
+        for key_id in ids:
+            key_hash = await self.redis.hget(names.KEY_INDEX, key_id)
+            if key_hash:
+                await self.redis.hset(names.record(_s(key_hash)),
+                                      mapping={"st": "d", "dr": reason})
+                done.append(key_id)
+        return done
 
     async def set_quota(self, key_id: str, quota: int | None, add: bool = False) -> dict:
         """Set (or add to) the remaining quota; None makes the key unlimited."""
@@ -282,13 +393,24 @@ class KeyStore:
 
 
 def _owners(rec: dict[str, str]) -> list[str]:
-    """Index entries a key belongs to: its member, service account, project, account."""
+    """Index entries a key belongs to: member, service account, project, account, org."""
     out = []
     for prefix, fieldname in (("mem:", "mem"), ("sa:", "sa"), ("prj:", "prj"),
-                              ("acct:", "ow")):
+                              ("acct:", "ow"), ("org:", "org")):
         if rec.get(fieldname):
             out.append(prefix + rec[fieldname])
     return out
+
+
+def _owner_kind(rec: dict[str, str]) -> str | None:
+    """Who owns an org key: its service account, its member (user key), or its project."""
+    if rec.get("t") != "o":
+        return None
+    if rec.get("sa"):
+        return "service_account"
+    if rec.get("mem"):
+        return "user"
+    return "project"
 
 
 def _set(items: list[str]) -> str:

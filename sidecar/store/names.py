@@ -33,3 +33,71 @@ def settlement(key_hash: str, request_id: str) -> str:
 KEY_INDEX = "idx:keys"          # hash: key id -> key hash (admin lookups, listing)
 OWNER_INDEX = "idx:owner:"      # set per owner (member, service account, project): key ids
 
+
+
+# Control plane (organizations and what they hold). Everything of one organization shares
+# the hash tag `{<org id>}`, so an entity and the org's indexes change together in one
+# MULTI/EXEC (or one script) even on Redis Cluster. Ids are generated ([a-z0-9_]) or the
+# built-in `default`, so they never contain a brace.
+ORG_INDEX = "idx:orgs"          # hash: org id -> name (listing)
+ORG_NAMES = "idx:org-names"     # hash: org name -> org id (names are unique)
+
+
+def org(org_id: str) -> str:
+    """Hash: the organization (id, nm name, ca created ms, cb created by)."""
+    return f"o:{{{org_id}}}"
+
+
+def org_members(org_id: str) -> str:
+    """Set: member ids of the organization."""
+    return f"o:{{{org_id}}}:members"
+
+
+def org_users(org_id: str) -> str:
+    """Hash: user (e-mail or login) -> member id; one membership per user and org."""
+    return f"o:{{{org_id}}}:users"
+
+
+def member(org_id: str, member_id: str) -> str:
+    """Hash: a membership (id, org, user, nm, role, ca, cb)."""
+    return f"o:{{{org_id}}}:mem:{member_id}"
+
+
+def org_projects(org_id: str) -> str:
+    """Set: project ids of the organization."""
+    return f"o:{{{org_id}}}:projects"
+
+
+def project(org_id: str, project_id: str) -> str:
+    """Hash: a project (id, org, nm, ca, cb)."""
+    return f"o:{{{org_id}}}:prj:{project_id}"
+
+
+def org_service_accounts(org_id: str) -> str:
+    """Set: service account ids of the organization (each names its project)."""
+    return f"o:{{{org_id}}}:sas"
+
+
+def service_account(org_id: str, sa_id: str) -> str:
+    """Hash: a service account (id, org, prj, nm, ca, cb)."""
+    return f"o:{{{org_id}}}:sa:{sa_id}"
+
+
+def org_subscriptions(org_id: str) -> str:
+    """Hash: account -> subscription id (one subscription per account and org)."""
+    return f"o:{{{org_id}}}:subs"
+
+
+def subscription(org_id: str, sub_id: str) -> str:
+    """Hash: a subscription plan (id, org, acct, plan, key = its sk-sub- key id, ca, cb)."""
+    return f"o:{{{org_id}}}:sub:{sub_id}"
+
+
+def audit(org_id: str) -> str:
+    """Stream: the organization's audit log (XADD MAXLEN ~, read with XREVRANGE)."""
+    return f"o:{{{org_id}}}:audit"
+
+
+def idempotency(org_id: str, digest: str) -> str:
+    """String: a rotation request's result by the sha256 of its Idempotency-Key (1 day)."""
+    return f"o:{{{org_id}}}:idem:{digest}"

@@ -1,0 +1,145 @@
+"""The admin API's frame: the route table, one wrapper for every endpoint, the setup.
+
+Each endpoint is a `Route`: method, path, the admin scope it needs, its request schemas
+and a handler `(Call) -> (status, payload)`. The wrapper runs the same steps for all:
+
+    authenticate the admin key -> check its grant has the route's scope
+    -> check path ids, query and body against the schemas -> handler -> JSON
+
+Every check runs before the handler, and handlers validate fully before writing, so a
+refused request leaves nothing behind. The OpenAPI document is built from the same table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from ..control.errors import NotFound
+from ..control.policy import Actor
+from ..control.store import ControlStore
+from ..keys import KeyHasher
+from . import schemas
+from .auth import authenticate
+from .http import ApiError, json_errors, json_response, read_json
+from .validation import validate
+
+PREFIX = "/admin/v1"
+_ID = re.compile(schemas.ID_PATTERN.strip("^$"))
+
+
+@dataclass
+class Call:
+    store: ControlStore
+    actor: Actor
+    params: dict[str, str]
+    query: dict[str, Any]
+    body: dict[str, Any]
+    headers: Any
+
+    @property
+    def org(self) -> str:
+        return self.actor.org or ""
+
+
+Handler = Callable[[Call], Awaitable[tuple[int, Any]]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str                       # below PREFIX, e.g. "/keys/{key_id}"
+    scope: str                      # admin scope needed, e.g. "keys:write"
+    summary: str
+    handler: Handler
+    response: str                   # component schema of the success body
+    status: int = 200
+    also: int | None = None         # a second success status (a replayed rotation: 200)
+    body: dict | None = None        # request body schema (None: no body)
+    query: dict = field(default_factory=lambda: schemas.obj({}))
+    list_of: bool = False           # the response is a page of `response`
+    tag: str = ""
+
+    @property
+    def operation_id(self) -> str:
+        words = [p.strip("{}") for p in self.path.split("/") if p]
+        return "_".join([self.method.lower(), *words])
+
+
+def routes() -> list[Route]:
+    from . import routes_audit, routes_keys, routes_org, routes_subscriptions
+    return [*routes_org.ROUTES, *routes_keys.ROUTES, *routes_subscriptions.ROUTES,
+            *routes_audit.ROUTES]
+
+
+def endpoint(route: Route, app: web.Application) -> Callable:
+    async def handle(request: web.Request) -> web.Response:
+        store: ControlStore = app["control_store"]
+        actor = await authenticate(request.headers.get("Authorization"), store,
+                                   app["control_hasher"])
+        if not actor.grant.allows(route.scope):
+            mode = actor.grant.permission
+            why = ("a read-only admin key cannot make changes" if mode == "read-only" else
+                   f"this admin key lacks the scope {route.scope}")
+            raise ApiError(403, "permission_denied", why, "scope")
+        params = {}
+        for name, value in request.match_info.items():
+            if not _ID.fullmatch(value):       # no such id can exist
+                raise NotFound(f"no {name.removesuffix('_id')} with id {value[:64]!r}", name)
+            params[name] = value
+        query = {}
+        for name in request.query:
+            values = request.query.getall(name)
+            if len(values) > 1:
+                raise ApiError(400, "invalid_value", f"{name}: given more than once", name)
+            query[name] = values[0]
+        query = validate(route.query, query, "query", strings=True)
+        body = validate(route.body, await read_json(request)) if route.body else {}
+        call = Call(store, actor, params, query, body, request.headers)
+        status, payload = await route.handler(call)
+        return json_response(payload, status)
+
+    return handle
+
+
+def page(items: list, query: dict) -> dict:
+    """Offset pagination over a full list: {"object": "list", "data", "next_cursor"}."""
+    start = int(query.get("cursor") or 0)
+    limit = query.get("limit") or 100
+    end = start + limit
+    return {"object": "list", "data": items[start:end],
+            "next_cursor": str(end) if end < len(items) else None}
+
+
+def setup_admin_api(app: web.Application, settings) -> None:
+    """Mount /admin/v1 on the admin listener, with its own redis-py control client."""
+    from ..store.runner import control_client
+    from .openapi import document
+
+    table = routes()
+    spec = document(table)
+    app.middlewares.append(json_errors)
+
+    async def start(app: web.Application) -> None:
+        client = control_client(settings.redis_url, settings.redis_timeout_ms / 1000 * 8,
+                                settings.redis_pool_size)
+        app["control_hasher"] = KeyHasher(settings.key_pepper)
+        app["control_store"] = ControlStore(client, app["control_hasher"])
+
+    async def stop(app: web.Application) -> None:
+        store = app.get("control_store")
+        if store is not None:
+            await store.redis.aclose()
+
+    async def openapi(_: web.Request) -> web.Response:
+        return json_response(spec)
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    app.router.add_get(PREFIX + "/openapi.json", openapi)
+    for route in table:
+        app.router.add_route(route.method, PREFIX + route.path, endpoint(route, app))

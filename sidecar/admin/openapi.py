@@ -1,0 +1,82 @@
+"""The OpenAPI 3.1 document of the admin API, built from the route table and the very
+schemas requests are validated against."""
+
+from __future__ import annotations
+
+import re
+
+from .api import PREFIX, Route
+from .schemas import ID, RESPONSES
+
+_ERRORS = {"400": "invalid request: unknown field, wrong type, bad value, conflicting "
+                  "options (the error names the field)",
+           "401": "missing, malformed, unknown, disabled or expired admin key",
+           "403": "the admin key's permission mode or its member's role does not allow it",
+           "404": "unknown id (or one of another organization)",
+           "409": "conflicts with the current state",
+           "413": "body larger than 64 KiB",
+           "503": "Redis did not answer"}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _operation(route: Route) -> dict:
+    params = [{"name": name, "in": "path", "required": True, "schema": ID}
+              for name in re.findall(r"{(\w+)}", route.path)]
+    for name, schema in route.query.get("properties", {}).items():
+        params.append({"name": name, "in": "query", "required": False, "schema": schema})
+    result = _ref(route.response)
+    if route.list_of:
+        result = {"type": "object", "required": ["object", "data", "next_cursor"],
+                  "properties": {"object": {"const": "list"},
+                                 "data": {"type": "array", "items": result},
+                                 "next_cursor": {"type": ["string", "null"]}}}
+    responses = {str(route.status): _json(result, "success")}
+    if route.also:
+        responses[str(route.also)] = _json(result, "success (a replay)")
+    for status, text in _ERRORS.items():
+        if status == "413" and route.body is None:
+            continue
+        responses[status] = _json(_ref("Error"), text)
+    op = {"operationId": route.operation_id, "summary": route.summary,
+          "tags": [route.tag] if route.tag else [],
+          "description": f"Needs the admin scope `{route.scope}` (or permission mode all"
+                         + (", or read-only" if route.scope.endswith(":read") else "") + ").",
+          "parameters": params, "responses": responses}
+    if route.path.endswith("/rotate"):
+        op["parameters"].append({"name": "Idempotency-Key", "in": "header", "required": False,
+                                 "schema": {"type": "string", "minLength": 1,
+                                            "maxLength": 200}})
+    if route.body is not None:
+        op["requestBody"] = {"required": bool(route.body.get("required")),
+                             "content": {"application/json": {"schema": route.body}}}
+    return op
+
+
+def document(routes: list[Route]) -> dict:
+    paths: dict[str, dict] = {}
+    for route in routes:
+        paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llm-key-sidecar admin API", "version": "1",
+                 "description": "Organizations, members, projects, service accounts, keys, "
+                                "subscriptions and the audit log. Authenticate with an "
+                                "organization admin key: `Authorization: Bearer sk-admin_...`."
+                                " Errors: {\"error\": {\"message\", \"type\", \"code\", "
+                                "\"param\"}}."},
+        "servers": [{"url": "/"}],
+        "security": [{"adminKey": []}],
+        "paths": paths,
+        "components": {
+            "schemas": RESPONSES,
+            "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer",
+                                             "description": "an sk-admin_ key"}},
+        },
+    }

@@ -1,0 +1,47 @@
+"""Admin API: subscriptions, a plan with a cycle quota and renewal date, each with its
+auto-created sk-sub- key (plaintext once) and its PAYG-fallback switch."""
+
+from __future__ import annotations
+
+from . import schemas as s
+from .api import Call, Route, page
+
+
+async def list_subscriptions(c: Call):
+    return 200, page(await c.store.list_subscriptions(c.org), c.query)
+
+
+async def create_subscription(c: Call):
+    sub, plaintext = await c.store.create_subscription(c.org, c.body, c.actor)
+    return 201, {**sub, "key": plaintext}
+
+
+async def get_subscription(c: Call):
+    return 200, await c.store.subscription(c.org, c.params["subscription_id"])
+
+
+async def update_subscription(c: Call):
+    return 200, await c.store.update_subscription(c.org, c.params["subscription_id"],
+                                                  c.body, c.actor)
+
+
+async def cancel_subscription(c: Call):
+    return 200, await c.store.cancel_subscription(c.org, c.params["subscription_id"],
+                                                  c.actor)
+
+
+S = "/subscriptions/{subscription_id}"
+ROUTES = [
+    Route("GET", "/subscriptions", "subscriptions:read", "List subscriptions",
+          list_subscriptions, "Subscription", query=s.PAGE_QUERY, list_of=True,
+          tag="subscriptions"),
+    Route("POST", "/subscriptions", "subscriptions:write", "Start a subscription; its "
+          "sk-sub- key is created with it and returned once", create_subscription,
+          "SubscriptionCreated", status=201, body=s.SUB_CREATE, tag="subscriptions"),
+    Route("GET", S, "subscriptions:read", "Get a subscription (cycle, renewal, balance)",
+          get_subscription, "Subscription", tag="subscriptions"),
+    Route("PATCH", S, "subscriptions:write", "Change plan, cycle quota or PAYG fallback",
+          update_subscription, "Subscription", body=s.SUB_UPDATE, tag="subscriptions"),
+    Route("DELETE", S, "subscriptions:write", "Cancel: disables its key",
+          cancel_subscription, "Deleted", tag="subscriptions"),
+]

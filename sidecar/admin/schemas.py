@@ -1,0 +1,157 @@
+"""Request and response schemas of the admin API (JSON Schema, OpenAPI 3.1 dialect).
+
+Requests are checked against these very dicts (validation.py), so the document cannot
+drift from what the server accepts. Responses are described, not enforced.
+"""
+
+from __future__ import annotations
+
+from ..control.policy import ROLES
+from ..store.keystore import MAX_QUOTA
+
+ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": 64}
+NAME = {"type": "string", "maxLength": 200}
+REQUIRED_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+UNITS = {"type": "integer", "minimum": 0, "maximum": MAX_QUOTA}
+WHEN = {"type": ["string", "null"], "format": "date-time", "maxLength": 64}
+PERMISSION = {"type": "string", "enum": ["all", "restricted", "read-only"]}
+KEY_TYPES = ["standard", "subscription", "org", "admin"]
+OWNERS = ["project", "user", "service_account"]
+MODELS = {"type": "array", "maxItems": 100,
+          "items": {"type": "string", "minLength": 1, "maxLength": 256}}
+IPS = {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 64}}
+SCOPES = {"type": "array", "maxItems": 50,
+          "items": {"type": "string", "minLength": 3, "maxLength": 100}}
+LIMIT = {"type": "integer", "minimum": 1, "maximum": 500}
+OFFSET_CURSOR = {"type": "string", "pattern": "^[0-9]{1,12}$"}
+
+
+def obj(properties: dict, required: tuple[str, ...] = (), min_properties: int = 0) -> dict:
+    out: dict = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        out["required"] = list(required)
+    if min_properties:
+        out["minProperties"] = min_properties
+    return out
+
+
+# -- requests -------------------------------------------------------------------------
+
+ORG_UPDATE = obj({"name": REQUIRED_NAME}, ("name",))
+MEMBER_CREATE = obj({"user": {"type": "string", "minLength": 1, "maxLength": 320},
+                     "name": NAME, "role": {"type": "string", "enum": list(ROLES)}},
+                    ("user",))
+MEMBER_UPDATE = obj({"name": NAME, "role": {"type": "string", "enum": list(ROLES)}},
+                    min_properties=1)
+PROJECT_CREATE = obj({"name": REQUIRED_NAME}, ("name",))
+SA_CREATE = obj({"project_id": ID, "name": REQUIRED_NAME}, ("project_id", "name"))
+NAME_UPDATE = obj({"name": REQUIRED_NAME}, ("name",))
+KEY_CREATE = obj({
+    "type": {"type": "string", "enum": ["standard", "org", "admin"], "default": "org"},
+    "name": NAME,
+    "owner": {"type": "string", "enum": OWNERS},
+    "project_id": ID, "member_id": ID, "service_account_id": ID,
+    "quota": UNITS, "unlimited": {"type": "boolean"},
+    "models": MODELS, "allowed_ips": IPS, "expires_at": WHEN,
+    "rpm": UNITS, "tpm": UNITS, "permission": PERMISSION, "scopes": SCOPES,
+    "account": {"type": "string", "minLength": 1, "maxLength": 200},
+})
+KEY_EDIT = obj({"name": NAME, "permission": PERMISSION, "scopes": SCOPES, "models": MODELS,
+                "allowed_ips": IPS, "rpm": UNITS, "tpm": UNITS, "expires_at": WHEN},
+               min_properties=1)
+KEY_QUOTA = obj({"set": UNITS,
+                 "add": {"type": "integer", "minimum": -MAX_QUOTA, "maximum": MAX_QUOTA},
+                 "unlimited": {"type": "boolean"}}, min_properties=1)
+KEY_ROTATE = obj({"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 2_592_000},
+                  "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200}})
+SUB_CREATE = obj({"account": {"type": "string", "minLength": 1, "maxLength": 200},
+                  "plan": REQUIRED_NAME, "cycle_quota": UNITS,
+                  "cycle_days": {"type": "integer", "minimum": 1, "maximum": 3660},
+                  "payg_fallback": {"type": "boolean"}, "name": NAME},
+                 ("account", "plan", "cycle_quota"))
+SUB_UPDATE = obj({"plan": REQUIRED_NAME, "cycle_quota": UNITS,
+                  "payg_fallback": {"type": "boolean"}}, min_properties=1)
+
+# Query strings.
+PAGE = {"limit": LIMIT, "cursor": OFFSET_CURSOR}
+MEMBER_QUERY = obj({"role": {"type": "string", "enum": list(ROLES)}, **PAGE})
+PAGE_QUERY = obj(PAGE)
+SA_QUERY = obj({"project_id": ID, **PAGE})
+KEY_QUERY = obj({"type": {"type": "string", "enum": KEY_TYPES},
+                 "status": {"type": "string", "enum": ["active", "disabled"]},
+                 "owner": {"type": "string", "enum": OWNERS},
+                 "project_id": ID, "member_id": ID, "service_account_id": ID, **PAGE})
+AUDIT_QUERY = obj({"action": {"type": "string", "minLength": 1, "maxLength": 100},
+                   "actor_id": ID, "resource_type": {"type": "string", "enum": [
+                       "organization", "member", "project", "service_account", "key",
+                       "subscription"]},
+                   "resource_id": ID,
+                   "since": {"type": "string", "format": "date-time", "maxLength": 64},
+                   "until": {"type": "string", "format": "date-time", "maxLength": 64},
+                   "limit": LIMIT,
+                   "cursor": {"type": "string", "pattern": "^[0-9]{1,19}-[0-9]{1,19}$"}})
+
+# -- responses (described in the document) -----------------------------------------------
+
+_S = {"type": "string"}
+_SN = {"type": ["string", "null"]}
+_I = {"type": "integer"}
+_IN = {"type": ["integer", "null"]}
+_B = {"type": "boolean"}
+_STRS = {"type": "array", "items": _S}
+
+
+def _entity(obj_name: str, **props) -> dict:
+    return {"type": "object", "required": ["object", "id"],
+            "properties": {"object": {"const": obj_name}, "id": _S,
+                           "created_at": _SN, "created_by": _SN, **props}}
+
+
+RESPONSES = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "code"],
+        "properties": {"message": _S, "type": _S, "code": _SN, "param": _SN}}}},
+    "Organization": _entity("organization", name=_S),
+    "Member": _entity("member", org_id=_S, user=_S, name=_S,
+                      role={"type": "string", "enum": list(ROLES)}),
+    "Project": _entity("project", org_id=_S, name=_S),
+    "ServiceAccount": _entity("service_account", org_id=_S, project_id=_S, name=_S),
+    "Key": {"type": "object", "required": ["id", "type", "status"], "properties": {
+        "id": _S, "type": {"type": "string", "enum": KEY_TYPES}, "name": _S,
+        "status": {"type": "string", "enum": ["active", "disabled"]},
+        "disabled_reason": _SN, "unlimited": _B, "quota_remaining": _IN, "quota_used": _I,
+        "expires_at": _SN, "expired": _B, "models": _STRS, "allowed_ips": _STRS,
+        "permission": {"type": "string", "enum": ["all", "restricted", "read-only"]},
+        "scopes": _STRS, "rpm": _I, "tpm": _I, "account": _SN, "org_id": _SN,
+        "project_id": _SN, "member_id": _SN, "service_account_id": _SN,
+        "owner": {"type": ["string", "null"], "enum": [*OWNERS, None]},
+        "subscription_id": _SN, "rotated_to": _SN, "rotated_from": _SN,
+        "created_at": _SN, "created_by": _SN, "last_used_at": _SN, "last_ip": _SN,
+        "last_model": _SN, "request_count": _I, "subscription": {"type": "object"}}},
+    "KeyActivity": {"type": "object", "required": ["id"], "properties": {
+        "id": _S, "last_used_at": _SN, "last_ip": _SN, "last_model": _SN,
+        "request_count": _I, "quota_used": _I, "quota_remaining": _IN}},
+    "Subscription": _entity("subscription", org_id=_S, account=_S, plan=_S, key_id=_S,
+                            status=_S, cycle_quota=_I, cycle_used=_I, cycle_remaining=_I,
+                            cycle_days=_I, renews_at=_SN, payg_fallback=_B, payg_used=_I,
+                            payg_balance=_I),
+    "AuditEvent": {"type": "object", "required": ["id", "action"], "properties": {
+        "object": {"const": "audit_event"}, "id": _S, "time": _S, "action": _S,
+        "actor": {"type": "object", "properties": {"type": _S, "id": _S,
+                                                   "member_id": _SN}},
+        "resource": {"type": "object", "properties": {"type": _S, "id": _S}},
+        "before": {}, "after": {}}},
+    "Deleted": {"type": "object", "required": ["id", "deleted"],
+                "properties": {"id": _S, "deleted": {"const": True},
+                               "disabled_keys": _STRS}},
+}
+RESPONSES["KeyCreated"] = {"allOf": [{"$ref": "#/components/schemas/Key"}, {
+    "type": "object", "required": ["key"], "properties": {"key": {
+        "type": ["string", "null"], "description": "the plaintext, shown this once"}}}]}
+RESPONSES["KeyRotated"] = {"allOf": [{"$ref": "#/components/schemas/KeyCreated"}, {
+    "type": "object", "required": ["replayed", "old_key"], "properties": {
+        "replayed": _B, "old_key": {"$ref": "#/components/schemas/Key"}}}]}
+RESPONSES["SubscriptionCreated"] = {"allOf": [
+    {"$ref": "#/components/schemas/Subscription"},
+    {"type": "object", "required": ["key"], "properties": {"key": _S}}]}
