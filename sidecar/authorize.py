@@ -12,6 +12,7 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import metrics
 from .config import Settings
@@ -22,8 +23,8 @@ from .request import (
     bearer_or_api_key,
     classify,
     ip_hex,
-    model_of,
     original_call,
+    read_model,
 )
 from .store import names
 from .store.pipeline import RedisUnavailable
@@ -62,7 +63,7 @@ class Authorizer:
             return self._deny(Code.malformed_api_key, endpoint.anthropic, start)
 
         body = await self._body(request)
-        model = model_of(body, headers, endpoint.path)
+        model, certain = read_model(body, headers, endpoint.path)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         peer_ip = peer[0] if isinstance(peer, tuple) else ""
         ip = self.client_ip(peer_ip, headers)
@@ -73,11 +74,15 @@ class Authorizer:
                                      content_type=_JSON)
 
         key_hash = self.hasher(key)
+        hexed = ip_hex(ip)
         try:
+            # An IP header a trusted proxy filled with something else is no IP: keys with
+            # an IP list are refused, and recent activity records no junk.
             reply = await self.runner.run(
                 AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
-                [int(time.time() * 1000), cost, ip_hex(ip), ip, model, endpoint.scope,
-                 endpoint.granting, 1 if endpoint.write else 0])
+                [int(time.time() * 1000), cost, hexed, ip if hexed else "", model,
+                 endpoint.scope, endpoint.granting, 1 if endpoint.write else 0,
+                 0 if certain else 1])
         except RedisUnavailable as exc:
             # Failure policy: Redis could not decide within redis_timeout_ms. Closed (the
             # default) answers 503, which proxies treat as an error, never as a business
@@ -101,23 +106,29 @@ class Authorizer:
         if not request.body_exists:
             return b""
         length = request.content_length
-        if length is not None and length <= self.max_body:
-            return await request.read()
-        # Unknown or large: the model sits near the start of a JSON body; read a prefix.
-        chunks, size = [], 0
-        while size < self.max_body:
-            chunk = await request.content.read(self.max_body - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+        try:
+            if length is not None and length <= self.max_body:
+                return await request.read()
+            # Unknown or large: the model sits near the start of a JSON body; read a prefix.
+            chunks, size = [], 0
+            while size < self.max_body:
+                chunk = await request.content.read(self.max_body - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        except RequestPayloadError:
+            # A body aiohttp cannot decode (a bad Content-Encoding): no model from the
+            # body, like a truncated one; the header and path may still name it.
+            return b""
 
     def _cost(self, model: str, headers, trusted: bool) -> int | None:
         if self.cost_header and trusted:
             given = headers.get(self.cost_header)
             if given is not None:
-                return int(given) if given.isdigit() and len(given) < 13 else None
+                ok = given.isascii() and given.isdigit() and len(given) < 13  # not '²'
+                return int(given) if ok else None
         return self.model_cost(model)
 
     def model_cost(self, model: str) -> int:

@@ -53,7 +53,15 @@ def original_call(method: str, raw_path: str, headers: Mapping[str, str]) -> tup
     if uri is None:
         uri = raw_path[len(AUTHZ_PREFIX):] if raw_path.startswith(AUTHZ_PREFIX) else raw_path
         uri = uri or "/"
-    return (original_method or method).upper(), uri
+    return (original_method or method).upper(), utf8(uri)
+
+
+def utf8(text: str) -> str:
+    """Text that encodes as UTF-8. aiohttp decodes header bytes that are not UTF-8 into
+    lone surrogates, which no Redis command can carry: they become U+FFFD."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @lru_cache(maxsize=4096)
@@ -84,13 +92,21 @@ def classify(method: str, path: str) -> Endpoint:
 
 
 def model_of(body: bytes, headers: Mapping[str, str], path: str) -> str:
-    """The model named by the call ('' for none): JSON body, then x-model, then the path.
+    """The model named by the call ('' for none): JSON body, then x-model, then the path."""
+    return read_model(body, headers, path)[0]
 
-    Envoy may send a truncated body (allow_partial_message): when it is not valid JSON the
-    top-level-looking `"model": "..."` is still read from the bytes that arrived.
+
+def read_model(body: bytes, headers: Mapping[str, str], path: str) -> tuple[str, bool]:
+    """(model, certain). JSON body first, then x-model, then the path.
+
+    Envoy may send a truncated body (allow_partial_message): when it is not valid JSON, a
+    `"model": "..."` is still read from the bytes that arrived, for attribution and cost,
+    but it is *uncertain*: it may be nested, and a second "model" past the cut (the one an
+    upstream parser keeps) is unseen. authorize.lua refuses uncertain models on write calls
+    of whitelisted keys, so padding a body cannot smuggle a model past a whitelist.
     """
     if body:
-        model = None
+        model, certain = None, True
         try:
             doc = orjson.loads(body)
             if isinstance(doc, dict):
@@ -99,19 +115,20 @@ def model_of(body: bytes, headers: Mapping[str, str], path: str) -> str:
         except orjson.JSONDecodeError:
             match = _MODEL_IN_BODY.search(body)
             if match:
+                certain = False
                 try:
                     model = orjson.loads(b'"' + match.group(1) + b'"')
                 except orjson.JSONDecodeError:
                     model = None
         if model:
-            return model[:MAX_MODEL_LEN]
+            return utf8(model[:MAX_MODEL_LEN]), certain
     header = headers.get("x-model")
     if header:
-        return header.strip()[:MAX_MODEL_LEN]
+        return utf8(header.strip()[:MAX_MODEL_LEN]), True
     match = _MODEL_IN_PATH.search(path)
     if match:
-        return match.group(1)
-    return ""
+        return match.group(1), True
+    return "", True
 
 
 @lru_cache(maxsize=65536)

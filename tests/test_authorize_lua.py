@@ -32,7 +32,7 @@ def mid_window() -> int:
 
 
 async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str = "gpt-5.5",
-                    ip: str = "127.0.0.1", cost: int = 1) -> list:
+                    ip: str = "127.0.0.1", cost: int = 1, certain: bool = True) -> list:
     """One authorize call, KEYS and ARGV as sidecar/authorize.py builds them."""
     key_hash = store.hasher(key)
     endpoint = classify(*route)
@@ -40,7 +40,7 @@ async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str
     return await runner.run(
         AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
         [now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,
-         1 if endpoint.write else 0])
+         1 if endpoint.write else 0, 0 if certain else 1])
 
 
 @pytest.fixture
@@ -423,3 +423,14 @@ async def test_record_and_wallet_share_a_cluster_slot(store):
     # A PAYG key's wallet is the one set-balance writes to.
     assert names.wallet(shard_of(key_hash)) == names.wallet(
         store.hasher.account_tag("acct-slot"))
+
+
+async def test_model_from_cut_off_body_is_refused_for_whitelisted_writes(call, store):
+    """A model read from a truncated body may be nested or overridden past the cut:
+    whitelisted keys refuse it on write calls; other keys and read calls are unaffected."""
+    _, listed = await make(store, unlimited=True, models=["gpt-5.5"])
+    _, free = await make(store, unlimited=True)
+    assert (await call(listed, model="gpt-5.5", certain=False))[0] == Code.model_not_allowed
+    assert (await call(listed, model="gpt-5.5", route=MODELS, certain=False))[0] == 0
+    assert (await call(listed, model="gpt-5.5"))[0] == 0
+    assert (await call(free, model="gpt-5.5", certain=False))[0] == 0

@@ -41,6 +41,7 @@ from sidecar.request import (
     model_of,
     network_entry,
     original_call,
+    read_model,
 )
 
 # -- the decision table ------------------------------------------------------------------
@@ -281,6 +282,16 @@ def test_original_call(method, raw_path, headers, expected):
 ])
 def test_model(body, headers, path, expected):
     assert model_of(body, CIMultiDict(headers), path) == expected
+
+
+@pytest.mark.parametrize("body,certain", [
+    (b'{"model": "gpt-5.5", "messages": []}', True),
+    # Cut off: the "model" seen may be nested, or a later one (past the cut) may win.
+    (b'{"metadata": {"model": "gpt-5.5"}, "model": "o3", "messages": [{"content": "x', False),
+    (b'{"model": "gpt-5.5", "messages": [{"role": "user", "content": "Hel', False),
+])
+def test_model_from_a_cut_off_body_is_uncertain(body, certain):
+    assert read_model(body, CIMultiDict(), "/v1/chat/completions")[1] is certain
 
 
 # -- request.py: scope classification ---------------------------------------------------

@@ -13,6 +13,7 @@
 -- ARGV[6]  scope               e.g. chat.completions:write
 -- ARGV[7]  granting scope      a scope that also grants ARGV[6] ('' if none)
 -- ARGV[8]  write               '1' for a write call
+-- ARGV[9]  model uncertain     '1' when the model was read from a cut-off body
 --
 -- Returns {code, id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining, reset_ms}
 -- code: 0 allow, 1 unknown key, 2 disabled, 3 expired, 4 admin key, 5 ip, 6 model,
@@ -54,12 +55,15 @@ if ips then
   if not ok then return {5} end
 end
 
--- Model whitelist ',a,b,'; a read call may name no model, a write call must.
+-- Model whitelist ',a,b,'; a read call may name no model, a write call must. A model
+-- with a comma would match across entries ('a,b' in ',a,b,'): no listed model has one.
 local models, model, write = f[6], ARGV[5], ARGV[8] == '1'
 if models then
   if model == '' then
     if write then return {6} end
-  elseif not string.find(models, ',' .. model .. ',', 1, true) then
+  elseif string.find(model, ',', 1, true)
+      or not string.find(models, ',' .. model .. ',', 1, true)
+      or (write and ARGV[9] == '1') then
     return {6}
   end
 end
@@ -69,7 +73,8 @@ local pm = f[7]
 if pm == 'ro' and write then return {7} end
 if pm == 'r' then
   local sc = f[8] or ''
-  if not (string.find(sc, ',' .. ARGV[6] .. ',', 1, true)
+  if string.find(ARGV[6], ',', 1, true)   -- a path with a comma, as with models above
+      or not (string.find(sc, ',' .. ARGV[6] .. ',', 1, true)
       or (ARGV[7] ~= '' and string.find(sc, ',' .. ARGV[7] .. ',', 1, true))) then
     return {7}
   end
