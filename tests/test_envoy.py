@@ -59,6 +59,15 @@ def sidecar_defaults() -> dict:
     return yaml.safe_load((ROOT / "config" / "sidecar.yaml").read_text())
 
 
+def deployed_max_body() -> int:
+    """The smallest max_body_bytes among the deployed sidecars (compose and k8s)."""
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    env = compose["services"]["sidecar"]["environment"]
+    configmap = yaml.safe_load((ROOT / "deploy" / "k8s" / "configmap.yaml").read_text())
+    k8s = yaml.safe_load(configmap["data"]["sidecar.yaml"])
+    return min(int(env["SIDECAR_MAX_BODY_BYTES"]), int(k8s["max_body_bytes"]))
+
+
 # -- structure ----------------------------------------------------------------------------
 
 def test_every_referenced_cluster_exists():
@@ -95,7 +104,8 @@ def test_timeouts_and_body_limits_agree_with_the_sidecar():
     assert idle < defaults["keepalive_timeout_s"]
     body = authz["with_request_body"]
     assert body["allow_partial_message"] is True
-    assert 1024 <= body["max_request_bytes"] <= defaults["max_body_bytes"]
+    # The sidecars the deploy files run read at least what Envoy sends.
+    assert 1024 <= body["max_request_bytes"] <= deployed_max_body()
 
 
 def test_headers_in_and_out():
@@ -196,8 +206,10 @@ class EnvoyReplay:
 
 @pytest.fixture(scope="module")
 def envoy(tmp_path_factory, redis_server):
+    """A sidecar set up as the deploy files run it behind this Envoy."""
     car = start_sidecar(tmp_path_factory.mktemp("envoy"), redis_server.url,
-                        trusted_proxies="127.0.0.1/32")
+                        trusted_proxies="127.0.0.1/32", max_body_bytes=deployed_max_body(),
+                        model_costs="gpt-big=10")
     yield EnvoyReplay(load(), car.url)
     stop_process(car.proc)
 
@@ -220,10 +232,9 @@ def client(key: str | None = None, **extra: str) -> dict[str, str]:
     return headers
 
 
-async def test_truncated_body_still_names_the_model(envoy, store, http):
+async def test_whole_body_names_the_model(envoy, store, http):
     key = await make(store, unlimited=True, models=["gpt-a"])
-    big = chat("gpt-a", pad=200_000)
-    assert len(big) > envoy.max_body
+    big = chat("gpt-a", pad=200_000)                  # large, but under the limit
     allowed = await envoy.call(http, "POST", "/v1/chat/completions?stream=true",
                                client(key, **{"x-api-key": key}), big)
     assert allowed.status == 200
@@ -237,6 +248,21 @@ async def test_truncated_body_still_names_the_model(envoy, store, http):
     assert denied.status == 403 and denied.json["error"]["code"] == "model_not_allowed"
     assert denied.client_headers["content-type"].startswith("application/json")
     assert orjson.loads(denied.client_headers["x-auth-error"]) == denied.json
+
+
+async def test_truncated_body_still_names_the_model(envoy, store, http):
+    """Past max_request_bytes Envoy sends a cut-off body with x-envoy-auth-partial-body:
+    the model is still read (it is charged at its cost), but it is uncertain, so a key
+    with a model whitelist refuses the write call rather than trust it."""
+    huge = chat("gpt-big", pad=envoy.max_body + 100_000)
+    assert len(huge) > envoy.max_body
+    view, key = await store.create(KeySpec(quota=100))
+    allowed = await envoy.call(http, "POST", "/v1/chat/completions", client(key), huge)
+    assert allowed.status == 200
+    assert (await store.get(view["id"]))["quota_remaining"] == 90      # gpt-big: 10
+    listed = await make(store, unlimited=True, models=["gpt-big"])
+    refused = await envoy.call(http, "POST", "/v1/chat/completions", client(listed), huge)
+    assert refused.status == 403 and refused.json["error"]["code"] == "model_not_allowed"
 
 
 async def test_forged_identity_headers_are_replaced(envoy, store, http):
