@@ -6,14 +6,16 @@ this module only holds the small request/CLI helpers those tests share.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import orjson
-from conftest import ROOT, Sidecar, sidecar_env
+from conftest import ROOT, Sidecar, sidecar_env, start_sidecar, stop_process, wait_for
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -97,3 +99,66 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
         if all(found.get(k) == v for k, v in (labels or {}).items()):
             total += float(value)
     return total
+
+
+# -- processes and their sockets (Linux /proc), for --workers N -------------------------
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def tcp_inodes(local_port: int, state: str, remote_port: int | None = None) -> set[str]:
+    """Inodes of TCP sockets on `local_port` in `state` ('0A' listen, '01' established)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                local, remote, st, inode = cols[1], cols[2], cols[3], cols[9]
+                if int(local.rsplit(":", 1)[1], 16) != local_port or st != state:
+                    continue
+                if remote_port is not None and int(remote.rsplit(":", 1)[1], 16) != remote_port:
+                    continue
+                found.add(inode)
+    return found
+
+
+def start_workers(tmp: Path, redis_url: str, workers: int, **settings) -> Sidecar:
+    """`serve --workers N`, returned once all N workers listen on the data-plane port."""
+    car = start_sidecar(tmp, redis_url, "--workers", str(workers), **settings)
+
+    def all_listening() -> bool:
+        pids = children(car.proc.pid)
+        listening = tcp_inodes(car.port, "0A")
+        return len(pids) == workers and all(socket_inodes(p) & listening for p in pids)
+    try:
+        wait_for(all_listening, 20, f"{workers} workers listening")
+    except TimeoutError:
+        stop_process(car.proc)
+        raise
+    return car
