@@ -63,10 +63,11 @@ class RedisServer:
         self.proc.send_signal(signal.SIGCONT)
 
 
-def start_redis(tmp: Path, *extra: str) -> RedisServer:
+def start_redis(tmp: Path, *extra: str, port: int | None = None) -> RedisServer:
+    """A private redis-server; `port` to start one again where a stopped one was."""
     binary = shutil.which("redis-server")
     assert binary, "redis-server is required (.ci/run installs it)"
-    port = free_port()
+    port = port or free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
