@@ -40,6 +40,10 @@ AREAS = (
 )
 
 
+# The process's start-up frames: under every synchronous callback, they say nothing.
+_ENTRY = frozenset(("<module>", "main", "_serve", "serve", "_run_loop"))
+
+
 def _area(path: str) -> str:
     for fragment, name in AREAS:
         if fragment in path:
@@ -135,19 +139,27 @@ def summarise(doc: dict, cpu_us_per_call: float, top: int = 25) -> dict:
                      "us_per_call": per_call_us(n)} for a, n in areas.most_common()],
         "top_self": [row(f, n) for f, n in self_s.most_common(top)],
         "sidecar_inclusive": [row(f, n) for f, n in total_s.most_common()
-                              if "/sidecar/" in f[1]][:top],
+                              if "/sidecar/" in f[1] and f[0] not in _ENTRY][:top],
     }
 
 
-def render_markdown(summary: dict, command: str, machine: str) -> str:
+def render_markdown(summary: dict, command: str, machine: str,
+                    main: dict | None = None) -> str:
     if "error" in summary:
         return f"# Profile of the authorize path\n\nNot recorded: {summary['error']}\n"
     w = summary["wrk"]
+    per_call = []
+    for name, label in (("bare", "bare handler"), ("baseline", "baseline (no Redis)"),
+                        ("authorize", "authorize"), ("nginx_lua", "NGINX + Lua peer")):
+        run = (main or {}).get(name)
+        if run and run.get("server_cpu_us_per_call") is not None:
+            per_call.append(f"| {label} | {run['rps']:,.0f} | {run['server_cpu_us_per_call']} |")
     lines = [
         "# Profile of the authorize path",
         "",
         f"py-spy `record --nonblocking --rate {summary['rate_hz']}` on the one sidecar worker "
-        f"for {summary['seconds']} s while wrk drove `POST /authz/v1/chat/completions` "
+        f"for {summary['seconds']} s while wrk drove `POST "
+        f"{summary.get('path', '/authz/v1/chat/completions')}` "
         f"(random keys, c{w['connections']}): {w['rps']:,.0f} req/s, "
         f"{summary['samples']:,} samples. The worker's CPU per call over that run (from "
         f"/proc): **{summary['cpu_us_per_call']} µs**; a row's µs/call is its share of the "
@@ -157,9 +169,16 @@ def render_markdown(summary: dict, command: str, machine: str) -> str:
         f"Machine: {machine}",
         "",
         "C code is charged to the Python frame that called it (uvloop's loop to the runner, "
-        "socket writes to the caller). Numbers are from a shared 2-core machine: compare "
-        "shares, not absolutes.",
+        "socket writes to the caller). A coroutine's stack starts at the coroutine (a task "
+        "has no caller chain), so inclusive times cover synchronous calls only. Numbers are "
+        "from a shared 2-core machine: compare shares, not absolutes.",
         "",
+        *(["## CPU per call of the serving process (same run, c"
+            f"{w['connections']}, from /proc)", "",
+            "| handler | req/s | µs CPU / call |", "|---|---:|---:|", *per_call, "",
+            "authorize − baseline is what Redis costs the sidecar per call; baseline − bare "
+            "is authorize's request work (body, key, model, headers, metrics).", ""]
+          if per_call else []),
         "## By area (self time)",
         "",
         "| area | % of samples | µs/call |",

@@ -25,7 +25,7 @@ def publish(results: dict, folder: Path) -> list[Path]:
         from .profile import render_markdown
         prof = folder / "PROFILE.md"
         prof.write_text(render_markdown(results["profile"], results["meta"]["command"],
-                                        machine_line(results["meta"])))
+                                        machine_line(results["meta"]), results["main"]))
         written.append(prof)
     return written
 
@@ -35,6 +35,7 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("[bench] matplotlib not installed: no plot (pip install -e '.[dev]')")
         return None
@@ -58,6 +59,9 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
         ax.set_xticks(xs, [str(x) for x in xs])
     left.set_ylim(bottom=0)
     right.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    right.yaxis.set_major_formatter(plain)
+    right.yaxis.set_minor_formatter(plain)
     left.legend(fontsize=8)
     meta = results["meta"]
     fig.suptitle(f"1 sidecar worker, {results['keys']['count']:,} keys, "

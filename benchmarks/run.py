@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="seconds of warm-up per target (full: 2)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="py-spy profile of the sidecar (default: on for full runs)")
+    p.add_argument("--profile-target", choices=("authorize", "baseline", "bare"),
+                   default="authorize", help="the route profiled (authorize)")
     p.add_argument("--skip", type=_names, default=[],
                    help=f"sections to leave out: {','.join(SECTIONS)}")
     p.add_argument("--results-dir", type=Path, default=HERE / "results",
@@ -168,19 +170,34 @@ class Bench:
                 "used_memory_per_key": round((after - before) / len(self.keys), 1),
                 "record_after_load": self.record_sizes()}
 
-    def record_sizes(self, sample: int = 200) -> dict:
-        """MEMORY USAGE of a sample of key records (the key name holds the 64-hex hash)."""
+    def record_sizes(self, sample: int = 200, used_only: bool = False) -> dict:
+        """MEMORY USAGE of a sample of key records (the key name holds the 64-hex hash).
+
+        used_only: records that served calls (they carry counters and recent activity),
+        looked for among up to 25x the sample so a short run over 1M keys still finds some.
+        """
         client = self.redis.client()
         hasher = KeyHasher(self.pepper)
-        step = max(1, len(self.keys) // sample)
-        chosen = [names.record(hasher(k)) for k in self.keys[::step][:sample]]
-        sizes = [client.memory_usage(k, samples=0) or 0 for k in chosen]
-        fields = [client.hlen(k) for k in chosen]
-        avg = sum(sizes) / len(sizes)
+        pool = sample * (25 if used_only else 1)
+        step = max(1, len(self.keys) // pool)
+        candidates = [names.record(hasher(k)) for k in self.keys[::step][:pool]]
+        if used_only:
+            pipe = client.pipeline(transaction=False)
+            for k in candidates:
+                pipe.hexists(k, "n")
+            used = [k for k, hit in zip(candidates, pipe.execute(), strict=True) if hit]
+            candidates = used[:sample] or candidates[:sample]
+        pipe = client.pipeline(transaction=False)
+        for k in candidates:
+            pipe.memory_usage(k, samples=0)
+            pipe.hlen(k)
+        replies = pipe.execute()
+        sizes, fields = replies[0::2], replies[1::2]
+        avg = sum(s or 0 for s in sizes) / len(sizes)
         return {"sampled": len(sizes), "memory_usage_avg": round(avg, 1),
                 "bytes_beyond_hash": round(avg - 64, 1),
                 "fields_avg": round(sum(fields) / len(fields), 1),
-                "encoding": client.object("encoding", chosen[0])}
+                "encoding": client.object("encoding", candidates[0])}
 
     def start_stack(self, workers: int) -> Stack:
         car = self.procs.sidecar(self.redis.url, self.pepper, workers=workers)
@@ -290,7 +307,7 @@ class Bench:
             "sidecar_rss_bytes": sum(rss_bytes(p) for p in stack.sidecar.worker_pids()),
             "sidecar_workers": 1,
             "redis_used_memory": int(self.redis.client().info("memory")["used_memory"]),
-            "record_after_traffic": self.record_sizes(),
+            "record_after_traffic": self.record_sizes(used_only=True),
         }
         if stack.peer:
             results["memory"]["nginx_lua_rss_bytes"] = sum(
@@ -308,8 +325,8 @@ class Bench:
 
     def profile(self, stack: Stack) -> dict:
         from .profile import profile_worker
-        self.log("profiling the sidecar worker with py-spy")
-        url, path = stack.target("authorize")
+        self.log(f"profiling the sidecar worker with py-spy ({self.args.profile_target})")
+        url, path = stack.target(self.args.profile_target)
         self.args.results_dir.mkdir(parents=True, exist_ok=True)
         summary = profile_worker(stack.sidecar.worker_pids()[0], url, path, self.key_file,
                                  Load(self.args.main_concurrency, self.args.duration,
@@ -317,6 +334,8 @@ class Bench:
                                  self.args.results_dir / f"{self.stamp}.speedscope.json")
         if "error" in summary:
             self.log(summary["error"])
+        summary["target"] = self.args.profile_target
+        summary["path"] = path
         return summary
 
     def edge(self, stack: Stack) -> dict:
@@ -461,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         settings={"duration_s": args.duration, "concurrency": args.concurrency,
                   "main_concurrency": args.main_concurrency, "keys": args.keys,
                   "workers": args.workers, "wrk_threads": args.wrk_threads,
-                  "warmup_s": args.warmup, "profile": args.profile, "skip": args.skip})
+                  "warmup_s": args.warmup, "profile": args.profile,
+                  "profile_target": args.profile_target, "skip": args.skip})
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"{stamp}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
