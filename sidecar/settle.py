@@ -3,8 +3,9 @@
     authenticate the gateway (settlement_token, constant-time compare)
     -> parse the report                            parse_report, pure
     -> find the key: hash the client's key, or look its key id up in the index
-    -> price it: reserved = what authorize charged for the model (Authorizer.model_cost),
-       actual = the reported cost, else tokens x token_costs, else = reserved
+    -> price it: reserved = what authorize charged for the model (Authorizer.model_cost)
+       unless the report says (a cost header set it), actual = the reported cost, else
+       tokens x token_costs, else = reserved
     -> one script call: settle.lua (refund / extra charge, tokens per minute, once per
        request id, atomically)
 
@@ -59,6 +60,7 @@ class Report:
     model: str
     tokens: int              # prompt + completion
     cost: int | None         # units the call really cost, when the gateway knows
+    reserved: int | None = None  # units authorize reserved, when a cost header set them
 
 
 def parse_report(body: bytes) -> Report:
@@ -88,10 +90,12 @@ def parse_report(body: bytes) -> Report:
         if not _whole(value, MAX_TOKENS):
             raise BadReport(f"{name}: a whole number between 0 and {MAX_TOKENS}")
         tokens += value
-    cost = doc.get("cost")
-    if cost is not None and not _whole(cost, MAX_QUOTA):
-        raise BadReport(f"cost: whole quota units between 0 and {MAX_QUOTA}")
-    return Report(request_id, key, key_id, model, tokens, cost)
+    units = {}
+    for name in ("cost", "reserved"):
+        units[name] = doc.get(name)
+        if units[name] is not None and not _whole(units[name], MAX_QUOTA):
+            raise BadReport(f"{name}: whole quota units between 0 and {MAX_QUOTA}")
+    return Report(request_id, key, key_id, model, tokens, units["cost"], units["reserved"])
 
 
 def actual_cost(report: Report, reserved: int, token_costs: dict[str, int]) -> int:
@@ -154,7 +158,8 @@ class Settler:
         key_hash = self.hasher(report.key) if report.key else await self._hash_of(report.key_id)
         if key_hash is None:
             return self._unknown()
-        reserved = self.reserved_cost(report.model)
+        reserved = report.reserved if report.reserved is not None \
+            else self.reserved_cost(report.model)
         actual = actual_cost(report, reserved, self.token_costs)
         reply = await self.runner.run(
             SETTLE, (names.record(key_hash), names.wallet(shard_of(key_hash)),

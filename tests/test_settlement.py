@@ -63,6 +63,7 @@ async def allowed(http, car, key: str, model: str = BIG) -> None:
     (b'{"request_id":"r","key_id":"key_1","prompt_tokens":-1}', "prompt_tokens"),
     (b'{"request_id":"r","key_id":"key_1","completion_tokens":1.5}', "completion_tokens"),
     (b'{"request_id":"r","key_id":"key_1","cost":true}', "cost"),
+    (b'{"request_id":"r","key_id":"key_1","reserved":-3}', "reserved"),
 ])
 def test_parse_report_names_the_bad_field(body, field):
     with pytest.raises(BadReport, match=f"^{field}"):
@@ -114,6 +115,17 @@ async def test_tokens_priced_per_model_when_no_cost_is_given(car, store, http):
                                             "completion_tokens": 500})
     assert status == 200 and (body["reserved"], body["actual"]) == (1, 3)
     assert (await store.get(key_id))["quota_remaining"] == 47
+
+
+async def test_reserved_units_given_by_the_report(car, store, http):
+    """A call whose cost came from a trusted cost header reserved that cost, not the
+    model's: the gateway says so in `reserved`."""
+    key_id, key = await make(store, quota=100)
+    await store.set_quota(key_id, 70)            # as if a cost header had reserved 30
+    status, body = await settle(http, car, {"request_id": "req-res", "key": key,
+                                            "model": BIG, "reserved": 30, "cost": 12})
+    assert status == 200 and (body["reserved"], body["delta"]) == (30, -18)
+    assert (await store.get(key_id))["quota_remaining"] == 88
 
 
 async def test_unlimited_key_only_counts_usage(car, store, http):
