@@ -44,7 +44,8 @@ class Answer:
 async def authz(http: aiohttp.ClientSession, car: Sidecar, path: str = CHAT, *,
                 method: str = "POST", key: str | None = None, api_key: str | None = None,
                 headers: dict[str, str] | None = None, body: dict | bytes | None = None,
-                authz_path: str | None = None) -> Answer:
+                authz_path: str | None = None,
+                timeout: aiohttp.ClientTimeout = CLIENT_TIMEOUT) -> Answer:
     """One authorize call the way Envoy makes it: original method, /authz + path."""
     sent = dict(headers or {})
     if key is not None:
@@ -56,7 +57,7 @@ async def authz(http: aiohttp.ClientSession, car: Sidecar, path: str = CHAT, *,
         sent.setdefault("Content-Type", "application/json")
     url = car.url + (authz_path if authz_path is not None else "/authz" + path)
     async with http.request(method, url, headers=sent, data=data,
-                            timeout=CLIENT_TIMEOUT) as resp:
+                            timeout=timeout) as resp:
         raw = await resp.read()
         return Answer(resp.status, {k.lower(): v for k, v in resp.headers.items()}, raw)
 
