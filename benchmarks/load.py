@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -53,6 +54,9 @@ def run_wrk(url: str, path: str, key_file: Path | None, load: Load,
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {err.strip() or out.strip()}")
     raw = json.loads(line[len("WRK_JSON "):])
+    busy = 100 * (busy1 - busy0) / max(total1 - total0, 1)
+    # CPU that processes outside this benchmark took meanwhile (100 = one core): the noise.
+    others = max(0.0, busy * (os.cpu_count() or 1) - sum(cpu.values()))
     seconds = raw["duration_us"] / 1e6
     lat = raw["latency_us"]
     pct = lat["percentiles"]
@@ -72,5 +76,6 @@ def run_wrk(url: str, path: str, key_file: Path | None, load: Load,
                        "p99.9": round(pct["99.9"] / 1000, 3),
                        "max": round(lat["max"] / 1000, 3)},
         "cpu_percent": cpu,
-        "machine_busy_percent": round(100 * (busy1 - busy0) / max(total1 - total0, 1), 1),
+        "machine_busy_percent": round(busy, 1),
+        "other_processes_cpu_percent": round(others, 1),
     }

@@ -73,6 +73,28 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
     return path
 
 
+def all_runs(results: dict) -> list[dict]:
+    runs = [r for rs in results["sweep"].values() for r in rs]
+    runs += [results["edge"][k] for k in ("plain", "authz") if k in results.get("edge", {})]
+    for row in results.get("workers", []):
+        runs += [v for v in row.values() if isinstance(v, dict) and "rps" in v]
+    return runs
+
+
+def noise_line(results: dict) -> str:
+    """How much of the machine other processes took while this run measured."""
+    others = [r.get("other_processes_cpu_percent") for r in all_runs(results)]
+    others = [o for o in others if o is not None]
+    if not others:
+        return ""
+    avg, top = sum(others) / len(others), max(others)
+    verdict = ("a quiet machine" if top < 15 else
+               "a busy machine: treat absolute figures, and ratios of runs taken minutes "
+               "apart, with care")
+    return (f"Noise: processes outside the benchmark used {avg:.0f}% of a core on average "
+            f"during the runs (max {top:.0f}%): {verdict}.")
+
+
 def machine_line(meta: dict) -> str:
     return (f"{meta['cpu_model']}, {meta['cores']} cores, Linux {meta['kernel']}, "
             f"Python {meta['python']}, {meta['redis_server'].split(' sha=')[0]}")
@@ -82,9 +104,10 @@ def _mib(n: float | None) -> str:
     return f"{n / 1048576:.1f} MiB" if n else "-"
 
 
-def _run_row(label: str, r: dict) -> str:
+def _run_row(label: str, r: dict, cost: bool = False) -> str:
     lat = r["latency_ms"]
-    return (f"| {label} | {r['rps']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
+    extra = f" {r.get('server_and_redis_cpu_us_per_call', '-')} |" if cost else ""
+    return (f"| {label} | {r['rps']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} |{extra} "
             f"{_cpu(r)} |")
 
 
@@ -124,17 +147,21 @@ def results_markdown(results: dict) -> str:
         f"Load: wrk -t{meta['settings']['wrk_threads']}, "
         f"{meta['settings']['duration_s']:g} s per run, every request a `POST "
         "/v1/chat/completions` JSON body with a Bearer key drawn at random from "
-        f"{keys['count']:,} keys (standard keys with a finite quota, so each call runs every "
-        "check and the quota decrement). All processes on the same 2 cores.",
+        f"{keys['count']:,} keys (standard keys with a finite quota and an rpm limit far above "
+        "the load, so each call runs every check, the quota decrement and the rate window). "
+        "All processes on the same 2 cores.",
+        "",
+        noise_line(results),
         "",
         f"## The authorize path at c{c} (1 sidecar worker)",
         "",
-        "| handler | req/s | p50 ms | p99 ms | CPU during the run |",
-        "|---|---:|---:|---:|---|",
+        "| handler | req/s | p50 ms | p99 ms | µs CPU/call (server + Redis) | "
+        "CPU during the run |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name in ("authorize", "baseline", "bare", "nginx_lua"):
         if name in main:
-            out.append(_run_row(LABELS[name], main[name]))
+            out.append(_run_row(LABELS[name], main[name], cost=True))
     out += [
         "",
         "| ratio | value | issue 5 target |",
@@ -150,13 +177,21 @@ def results_markdown(results: dict) -> str:
     if "authorize_over_nginx_lua" in ratios:
         out.append(f"| authorize / NGINX+Lua, 1 worker | {ratios['authorize_over_nginx_lua']} "
                    f"| ≥ {targets['authorize_over_nginx_lua']} with all workers (below) |")
+    for key, label in (("cpu_baseline_over_authorize", "baseline / authorize"),
+                       ("cpu_bare_over_authorize", "bare / authorize"),
+                       ("cpu_nginx_lua_over_authorize", "NGINX+Lua / authorize")):
+        if ratios.get(key) is not None:
+            out.append(f"| CPU per call, {label} | {ratios[key]} | reported |")
     out += [
         "",
         "Baseline: `/bench/baseline/...` runs the same `Authorizer` (body read, key hash, "
         "model extraction, the same response headers and metrics) against a fixed record "
         "instead of Redis. Bare: `/bench/bare`, a 200 \"ok\" from the same process, same "
         "request bytes. The NGINX + Lua peer runs the same `authorize.lua` with the same "
-        "KEYS/ARGV, one EVALSHA per request (benchmarks/nginx_lua/).",
+        "KEYS/ARGV, one EVALSHA per request (benchmarks/nginx_lua/). µs CPU/call: CPU "
+        "the serving process(es) and redis-server used during the run (/proc), per answered "
+        "call; on a busy machine it is steadier than req/s (the CPU-per-call ratios are "
+        "cost ratios: above 1 means authorize is cheaper).",
         "",
         "## Round trips and Redis cost",
         "",
@@ -173,13 +208,14 @@ def results_markdown(results: dict) -> str:
         "",
         "![throughput and p99 latency against concurrency](plot.png)",
         "",
-        "| handler | c | req/s | p50 ms | p99 ms | calls/round trip |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| handler | c | req/s | p50 ms | p99 ms | µs CPU/call | calls/round trip |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results["sweep"].items():
         for r in sorted(runs, key=lambda r: r["connections"]):
             out.append(f"| {LABELS.get(name, name)} | {r['connections']} | {r['rps']:,.0f} | "
                        f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | "
+                       f"{r.get('server_and_redis_cpu_us_per_call', '-')} | "
                        f"{r.get('calls_per_round_trip') or '-'} |")
     if "workers" in results:
         out += ["", f"## Workers (c{c})", "",
@@ -254,6 +290,9 @@ def summary_lines(results: dict) -> list[str]:
                  f"p99 authorize/baseline {r['p99_authorize_over_baseline']}"
                  + (f"  authorize/nginx_lua {r['authorize_over_nginx_lua']}"
                     if "authorize_over_nginx_lua" in r else ""))
+    lines.append("  µs CPU/call (server + Redis): " + ", ".join(
+        f"{n} {main[n].get('server_and_redis_cpu_us_per_call')}"
+        for n in ("authorize", "baseline", "bare", "nginx_lua") if n in main))
     rt = results["round_trips"]
     lines.append(f"  calls/round trip {rt['calls_per_round_trip']}  "
                  f"redis CPU/decision {rt['redis_cpu_us_per_decision']} us")

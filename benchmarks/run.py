@@ -256,9 +256,11 @@ class Bench:
         run["workers"] = stack.workers
         server = "nginx_lua" if name == "nginx_lua" else "sidecar"
         if run["requests"]:  # CPU the serving processes spent per answered call
-            run["server_cpu_us_per_call"] = round(
-                run["cpu_percent"].get(server, 0.0) / 100 * run["duration_s"]
-                / run["requests"] * 1e6, 1)
+            def per_call(percent: float) -> float:
+                return round(percent / 100 * run["duration_s"] / run["requests"] * 1e6, 1)
+            run["server_cpu_us_per_call"] = per_call(run["cpu_percent"].get(server, 0.0))
+            run["server_and_redis_cpu_us_per_call"] = per_call(
+                run["cpu_percent"].get(server, 0.0) + run["cpu_percent"].get("redis", 0.0))
         if name in ("authorize", "nginx_lua") and run["requests"]:
             run["redis_cpu_us_per_decision"] = round(redis_used / run["requests"] * 1e6, 2)
         if counters is not None:
@@ -414,6 +416,14 @@ def ratios(main: dict) -> dict:
                                                  b["latency_ms"]["p99"])}
     if "nginx_lua" in main:
         out["authorize_over_nginx_lua"] = _ratio(a["rps"], main["nginx_lua"]["rps"])
+    # The same comparisons by CPU per call (server + Redis): less sensitive to what other
+    # processes do to the machine meanwhile than req/s is. > 1 means authorize is cheaper.
+    cost = {n: r.get("server_and_redis_cpu_us_per_call") for n, r in main.items()}
+    if cost.get("authorize"):
+        out["cpu_baseline_over_authorize"] = _ratio(cost.get("baseline") or 0, cost["authorize"])
+        out["cpu_bare_over_authorize"] = _ratio(cost.get("bare") or 0, cost["authorize"])
+        if cost.get("nginx_lua"):
+            out["cpu_nginx_lua_over_authorize"] = _ratio(cost["nginx_lua"], cost["authorize"])
     return out
 
 
