@@ -290,7 +290,9 @@ def test_malformed_bodies(plane: Plane):
     assert (broken.status, broken.code) == (400, "invalid_json")
     dup = plane.admin("GET", "/keys?limit=1&limit=2")
     assert (dup.status, dup.param) == (400, "limit")
-    assert plane.admin("PUT", "/projects").status == 405
+    put = plane.admin("PUT", "/projects")
+    assert (put.status, put.code) == (405, "method_not_allowed")
+    assert set(put.headers["allow"].split(",")) >= {"GET", "POST"}
     nowhere = plane.admin("GET", "/nowhere")
     assert (nowhere.status, nowhere.code) == (404, "not_found")
 

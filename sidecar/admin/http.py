@@ -77,7 +77,10 @@ async def json_errors(request: web.Request, handler):
             raise
         code = {404: "not_found", 405: "method_not_allowed",
                 413: "body_too_large"}.get(exc.status, "invalid_request")
-        return error_response(exc.status, code, exc.reason or "request refused")
+        reply = error_response(exc.status, code, exc.reason or "request refused")
+        if "Allow" in exc.headers:      # a 405 names the methods the path has
+            reply.headers["Allow"] = exc.headers["Allow"]
+        return reply
     except (RedisError, OSError) as exc:
         log.warning("admin api: redis unavailable: %s", type(exc).__name__)
         return error_response(503, "service_unavailable", "Redis did not answer; retry")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from .api import PREFIX, Route
-from .schemas import ID, RESPONSES
+from .schemas import ID, REQUIRED_TEXT, RESPONSES
 
 _ERRORS = {"400": "invalid request: unknown field, wrong type, bad value, conflicting "
                   "options (the error names the field)",
@@ -51,10 +51,10 @@ def _operation(route: Route) -> dict:
           "parameters": params, "responses": responses}
     if route.path.endswith("/rotate"):
         op["parameters"].append({"name": "Idempotency-Key", "in": "header", "required": False,
-                                 "schema": {"type": "string", "minLength": 1,
-                                            "maxLength": 200}})
+                                 "schema": REQUIRED_TEXT})
     if route.body is not None:
-        op["requestBody"] = {"required": bool(route.body.get("required")),
+        needed = bool(route.body.get("required") or route.body.get("minProperties"))
+        op["requestBody"] = {"required": needed,
                              "content": {"application/json": {"schema": route.body}}}
     return op
 

@@ -11,18 +11,21 @@ from ..store.keystore import MAX_QUOTA
 
 ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": 64}
-NAME = {"type": "string", "maxLength": 200}
-REQUIRED_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+TEXT = "^[^\\x00-\\x1F]*$"     # printable: no control characters
+NAME = {"type": "string", "maxLength": 200, "pattern": TEXT}
+REQUIRED_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT}
+REQUIRED_TEXT = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT}
 UNITS = {"type": "integer", "minimum": 0, "maximum": MAX_QUOTA}
 WHEN = {"type": ["string", "null"], "format": "date-time", "maxLength": 64}
 PERMISSION = {"type": "string", "enum": ["all", "restricted", "read-only"]}
 KEY_TYPES = ["standard", "subscription", "org", "admin"]
 OWNERS = ["project", "user", "service_account"]
 MODELS = {"type": "array", "maxItems": 100,
-          "items": {"type": "string", "minLength": 1, "maxLength": 256}}
+          "items": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[^,]+$"}}
 IPS = {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 64}}
-SCOPES = {"type": "array", "maxItems": 50,
-          "items": {"type": "string", "minLength": 3, "maxLength": 100}}
+SCOPES = {"type": "array", "maxItems": 50,     # resource:read|write
+          "items": {"type": "string", "minLength": 3, "maxLength": 100,
+                    "pattern": "^[^,:]+:[^,:]+$"}}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 500}
 OFFSET_CURSOR = {"type": "string", "pattern": "^[0-9]{1,12}$"}
 
@@ -39,7 +42,8 @@ def obj(properties: dict, required: tuple[str, ...] = (), min_properties: int = 
 # -- requests -------------------------------------------------------------------------
 
 ORG_UPDATE = obj({"name": REQUIRED_NAME}, ("name",))
-MEMBER_CREATE = obj({"user": {"type": "string", "minLength": 1, "maxLength": 320},
+MEMBER_CREATE = obj({"user": {"type": "string", "minLength": 1, "maxLength": 320,
+                              "pattern": TEXT},
                      "name": NAME, "role": {"type": "string", "enum": list(ROLES)}},
                     ("user",))
 MEMBER_UPDATE = obj({"name": NAME, "role": {"type": "string", "enum": list(ROLES)}},
@@ -55,7 +59,7 @@ KEY_CREATE = obj({
     "quota": UNITS, "unlimited": {"type": "boolean"},
     "models": MODELS, "allowed_ips": IPS, "expires_at": WHEN,
     "rpm": UNITS, "tpm": UNITS, "permission": PERMISSION, "scopes": SCOPES,
-    "account": {"type": "string", "minLength": 1, "maxLength": 200},
+    "account": REQUIRED_TEXT,
 })
 KEY_EDIT = obj({"name": NAME, "permission": PERMISSION, "scopes": SCOPES, "models": MODELS,
                 "allowed_ips": IPS, "rpm": UNITS, "tpm": UNITS, "expires_at": WHEN},
@@ -64,8 +68,8 @@ KEY_QUOTA = obj({"set": UNITS,
                  "add": {"type": "integer", "minimum": -MAX_QUOTA, "maximum": MAX_QUOTA},
                  "unlimited": {"type": "boolean"}}, min_properties=1)
 KEY_ROTATE = obj({"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 2_592_000},
-                  "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200}})
-SUB_CREATE = obj({"account": {"type": "string", "minLength": 1, "maxLength": 200},
+                  "idempotency_key": REQUIRED_TEXT})
+SUB_CREATE = obj({"account": REQUIRED_TEXT,
                   "plan": REQUIRED_NAME, "cycle_quota": UNITS,
                   "cycle_days": {"type": "integer", "minimum": 1, "maximum": 3660},
                   "payg_fallback": {"type": "boolean"}, "name": NAME},
@@ -82,7 +86,8 @@ KEY_QUERY = obj({"type": {"type": "string", "enum": KEY_TYPES},
                  "status": {"type": "string", "enum": ["active", "disabled"]},
                  "owner": {"type": "string", "enum": OWNERS},
                  "project_id": ID, "member_id": ID, "service_account_id": ID, **PAGE})
-AUDIT_QUERY = obj({"action": {"type": "string", "minLength": 1, "maxLength": 100},
+AUDIT_QUERY = obj({"action": {"type": "string", "minLength": 1, "maxLength": 100,
+                              "pattern": TEXT},
                    "actor_id": ID, "resource_type": {"type": "string", "enum": [
                        "organization", "member", "project", "service_account", "key",
                        "subscription"]},

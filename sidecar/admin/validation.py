@@ -43,6 +43,8 @@ def validate(schema: dict, value: Any, name: str = "body", *, strings: bool = Fa
     if strings and isinstance(value, str):
         value = _parse(schema, value, name)
     types = schema.get("type")
+    if isinstance(value, float) and value.is_integer() and "integer" in (types or ()):
+        value = int(value)      # JSON Schema: 1.0 is an integer
     if types is not None:
         types = [types] if isinstance(types, str) else types
         if not any(_is(value, t) for t in types):

@@ -39,6 +39,8 @@ class AuditLog:
                     until_ms: int | None = None, limit: int = 100,
                     cursor: str | None = None) -> tuple[list[dict], str | None]:
         """Matching events, newest first, and the cursor to continue from (None = done)."""
+        if cursor is not None and _before_first(cursor):
+            return [], None     # nothing is older than the first possible id
         high = f"({cursor}" if cursor else (str(until_ms) if until_ms is not None else "+")
         low = str(since_ms) if since_ms is not None else "-"
         found: list[dict] = []
@@ -59,6 +61,11 @@ class AuditLog:
                 return found, None
             high = f"({last}"
         return found, high[1:]
+
+
+def _before_first(cursor: str) -> bool:
+    ms, _, seq = cursor.partition("-")
+    return int(ms) == 0 and int(seq or 0) == 0
 
 
 def _matches(event: dict, action, actor_id, resource_type, resource_id) -> bool:
