@@ -39,7 +39,7 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
     except ImportError:
         print("[bench] matplotlib not installed: no plot (pip install -e '.[dev]')")
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right, cost) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, runs in results["sweep"].items():
         runs = sorted(runs, key=lambda r: r["connections"])
         xs = [r["connections"] for r in runs]
@@ -48,8 +48,11 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
         left.plot(xs, [r["rps"] for r in runs], marker=marker, color=color, label=label)
         right.plot(xs, [r["latency_ms"]["p99"] for r in runs], marker=marker, color=color,
                    label=label)
+        cost.plot(xs, [r.get("server_and_redis_cpu_us_per_call") or 0 for r in runs],
+                  marker=marker, color=color, label=label)
     for ax, title, ylabel in ((left, "Throughput", "requests / s"),
-                              (right, "p99 latency", "ms (log)")):
+                              (right, "p99 latency", "ms (log)"),
+                              (cost, "CPU per call (server + Redis)", "µs")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent connections (wrk -c)")
         ax.set_ylabel(ylabel)
@@ -58,10 +61,11 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
         xs = sorted({r["connections"] for runs in results["sweep"].values() for r in runs})
         ax.set_xticks(xs, [str(x) for x in xs])
     left.set_ylim(bottom=0)
+    cost.set_ylim(bottom=0)
     right.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    right.yaxis.set_major_formatter(plain)
-    right.yaxis.set_minor_formatter(plain)
+    right.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    right.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.legend(fontsize=8)
     meta = results["meta"]
     fig.suptitle(f"1 sidecar worker, {results['keys']['count']:,} keys, "
@@ -206,7 +210,7 @@ def results_markdown(results: dict) -> str:
         "",
         "## Concurrency sweep",
         "",
-        "![throughput and p99 latency against concurrency](plot.png)",
+        "![throughput, p99 latency and CPU per call against concurrency](plot.png)",
         "",
         "| handler | c | req/s | p50 ms | p99 ms | µs CPU/call | calls/round trip |",
         "|---|---:|---:|---:|---:|---:|---:|",
