@@ -31,7 +31,8 @@ REDIS_ERRORS = Counter("sidecar_redis_errors", "Redis failures by kind", ["kind"
 BATCH_SIZE = Histogram("sidecar_redis_batch_calls", "Authorize calls sharing one round trip",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 FAIL_OPEN = Counter("sidecar_fail_open", "Calls allowed without a decision (failure_mode=open)")
-REDIS_UP = Gauge("sidecar_redis_up", "1 when the last readiness probe reached Redis",
+REDIS_UP = Gauge("sidecar_redis_up",
+                 "1 while the hot-path connection (or the last probe) reaches Redis",
                  multiprocess_mode="min")
 SETTLEMENTS = Counter("sidecar_settlements", "Usage reports by result", ["result"])
 

@@ -203,11 +203,14 @@ class Pipeline:
                     proto.transport.close()
                     raise RedisUnavailable(f"connection setup refused: {reply}")
         self._proto = proto
+        metrics.redis_up(True)
         return proto
 
     def _lost(self, proto: _RespProtocol, exc: Exception | None) -> None:
         if self._proto is proto:
             self._proto = None
+            if not self.closed:
+                metrics.redis_up(False)
 
     async def call(self, *args) -> object:
         """One command outside the hot path (health checks, script loading)."""
