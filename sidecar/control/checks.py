@@ -1,0 +1,59 @@
+"""Pure checks shared by the control-plane operations; each error names its field."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from .errors import Conflicting, Forbidden, Invalid
+from .policy import ROLES, Actor, require
+
+
+def require_key_control(actor: Actor, rec: dict[str, str]) -> None:
+    """Admin keys need admin-key rights; a member controls their own user keys; the rest
+    needs key management."""
+    if rec.get("t") == "a":
+        require(actor, "admin_keys", "changing an admin key", "key_id")
+    elif not (rec.get("t") == "o" and rec.get("mem") and rec["mem"] == actor.member):
+        require(actor, "manage_keys", "changing this key", "key_id")
+
+
+def check_scopes_mode(permission: str, scopes: list[str]) -> None:
+    if scopes and permission != "restricted":
+        raise Conflicting("scopes: only a restricted key has scopes (permission is "
+                          f"{permission!r})", "scopes")
+
+
+def refuse(req: dict, fields: tuple[str, ...], why: str) -> None:
+    for field in fields:
+        if req.get(field) not in (None, False, [], ""):
+            raise Conflicting(f"{field}: {why}", field)
+
+
+def check_text(value, param: str, required: bool = False, limit: int = 200) -> None:
+    if not isinstance(value, str):
+        raise Invalid(f"{param}: must be a string", param)
+    if required and not value.strip():
+        raise Invalid(f"{param}: must not be empty", param)
+    if len(value) > limit:
+        raise Invalid(f"{param}: at most {limit} characters", param)
+    if any(ord(c) < 32 for c in value):
+        raise Invalid(f"{param}: control characters are not allowed", param)
+
+
+def check_role(role: str) -> None:
+    if role not in ROLES:
+        raise Invalid(f"role: one of {', '.join(ROLES)}", "role")
+
+
+def require_owner(actor: Actor, what: str) -> None:
+    if not actor.operator and actor.role not in (None, "owner"):
+        raise Forbidden(f"{what} needs an owner (your role: {actor.role})", "role")
+
+
+def parse_when(text: str, param: str = "expires_at") -> datetime:
+    """An ISO-8601 date-time (Z allowed); naive means UTC."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        raise Invalid(f"{param}: {text!r} is not an ISO-8601 date-time", param) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

@@ -1,0 +1,301 @@
+"""Key operations inside an organization: who may create which key (project, user,
+service-account, admin), edits, status, quota, and rotation with idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import orjson
+
+from ..keys import KeyType
+from ..store import names
+from ..store.keystore import PERMISSION_NAMES, InvalidKeySpec, KeyError_, KeySpec
+from ..store.keystore import view as key_view
+from .checks import check_scopes_mode, check_text, refuse, require_key_control
+from .errors import Conflict, Conflicting, Forbidden, Invalid, NotFound, from_key_error
+from .policy import CLI, Actor, Grant, check_admin_grant, check_user_key_owner, require
+
+IDEMPOTENCY_TTL_S = 86_400
+MAX_GRACE_S = 30 * 86_400
+
+
+class KeyOps:
+    # -- keys --------------------------------------------------------------------------
+
+    async def create_key(self, org: str, req: dict, actor: Actor = CLI) -> tuple[dict, str]:
+        """A standard, org or admin key of the organization; (view, plaintext once).
+
+        req uses the API's names: type, name, owner, project_id, member_id,
+        service_account_id, quota, unlimited, models, allowed_ips, expires_at, rpm, tpm,
+        permission, scopes, account.
+        """
+        await self.org(org)
+        typ = req.get("type", "org")
+        if typ == "subscription":
+            raise Conflicting("type: subscription keys come with their plan: create a "
+                              "subscription instead", "type")
+        permission, scopes = req.get("permission", "all"), list(req.get("scopes") or [])
+        check_scopes_mode(permission, scopes)
+        if req.get("quota") is not None and req.get("unlimited"):
+            raise Conflicting("unlimited: give quota or unlimited, not both", "unlimited")
+        spec = KeySpec(type=KeyType(typ), name=req.get("name", ""), quota=req.get("quota"),
+                       unlimited=bool(req.get("unlimited")), models=req.get("models") or [],
+                       ips=req.get("allowed_ips") or [], expires_at=req.get("expires_at"),
+                       rpm=req.get("rpm") or 0, tpm=req.get("tpm") or 0,
+                       permission=permission, scopes=scopes, org=org,
+                       created_by=actor.created_by)
+        if typ == "admin":
+            await self._admin_key_owner(org, req, actor, spec)
+        elif typ == "org":
+            await self._org_key_owner(org, req, actor, spec)
+        else:
+            refuse(req, ("owner", "project_id", "member_id", "service_account_id"),
+                    "standard keys have no organization owner")
+            spec.account = req.get("account") or None
+        try:
+            out, plaintext = await self.keys.create(spec)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
+        await self._recheck_owner(org, out)
+        await self.audit.record(org, actor, "key.created", "key", out["id"], None, out)
+        return out, plaintext
+
+    async def _admin_key_owner(self, org: str, req: dict, actor: Actor, spec: KeySpec) -> None:
+        refuse(req, ("owner", "project_id", "service_account_id", "quota", "unlimited",
+                      "models", "allowed_ips", "rpm", "tpm", "account"),
+                "admin keys only administer; they carry no data-plane settings")
+        require(actor, "admin_keys", "creating an admin key", "type")
+        check_admin_grant(actor, Grant(spec.permission, frozenset(spec.scopes)))
+        member_id = req.get("member_id")
+        if actor.operator:
+            if not member_id:
+                raise Invalid("member_id: an admin key is tied to the member it is made for",
+                              "member_id")
+        elif member_id and member_id != actor.member:
+            raise Forbidden("member_id: an admin key is tied to the membership of the member "
+                            "who creates it", "member_id")
+        else:
+            member_id = actor.member
+        if member_id:
+            await self.member(org, member_id)
+            spec.member = member_id
+
+    async def _org_key_owner(self, org: str, req: dict, actor: Actor, spec: KeySpec) -> None:
+        """Project, user or service-account key: check the owner and who may create it."""
+        refuse(req, ("account",), "org keys bill to the organization")
+        owner = req.get("owner") or ("service_account" if req.get("service_account_id")
+                                     else "user" if req.get("member_id") else "project")
+        if owner == "project":
+            refuse(req, ("member_id", "service_account_id"), "a project key has no "
+                    "member or service account owner")
+            if not req.get("project_id"):
+                raise Invalid("project_id: a project key needs its project", "project_id")
+            require(actor, "manage_keys", "creating a project key", "owner")
+            spec.project = (await self.project(org, req["project_id"]))["id"]
+        elif owner == "user":
+            refuse(req, ("service_account_id",), "a user key is owned by a member")
+            member_id = req.get("member_id") or actor.member
+            if not member_id:
+                raise Invalid("member_id: a user key needs the member who owns it",
+                              "member_id")
+            check_user_key_owner(actor, member_id)
+            spec.member = (await self.member(org, member_id))["id"]
+            if req.get("project_id"):
+                spec.project = (await self.project(org, req["project_id"]))["id"]
+        else:
+            refuse(req, ("member_id",), "a service-account key is owned by the account")
+            if not req.get("service_account_id"):
+                raise Invalid("service_account_id: a service-account key needs its account",
+                              "service_account_id")
+            require(actor, "manage_keys", "creating a service-account key", "owner")
+            sa = await self.service_account(org, req["service_account_id"])
+            if req.get("project_id") and req["project_id"] != sa["project_id"]:
+                raise Conflicting(f"project_id: service account {sa['id']} belongs to "
+                                  f"project {sa['project_id']}", "project_id")
+            spec.service_account, spec.project = sa["id"], sa["project_id"]
+
+    async def _recheck_owner(self, org: str, key: dict) -> None:
+        """An owner removed while its key was being made: apply the cascade to it too."""
+        checks = (("member_id", names.member, "member_removed"),
+                  ("service_account_id", names.service_account, "service_account_deleted"),
+                  ("project_id", names.project, "project_deleted"))
+        for field, name_of, reason in checks:
+            if key.get(field) and not await self.redis.exists(name_of(org, key[field])):
+                await self.keys.set_status(key["id"], False, reason)
+
+    async def org_key(self, org: str | None, key_id: str) -> dict[str, str]:
+        """A key's record, only if it belongs to the organization (None: any key)."""
+        try:
+            _, rec = await self.keys.record(key_id)
+        except KeyError_:
+            raise NotFound(f"no key with id {key_id!r}", "key_id") from None
+        if org is not None and rec.get("org") != org:
+            raise NotFound(f"no key with id {key_id!r}", "key_id")
+        return rec
+
+    async def key(self, org: str | None, key_id: str) -> dict:
+        return key_view(await self.org_key(org, key_id))
+
+    async def list_keys(self, org: str, *, type_: str | None = None,
+                        status: str | None = None, owner: str | None = None,
+                        project_id: str | None = None, member_id: str | None = None,
+                        service_account_id: str | None = None, limit: int = 100,
+                        cursor: int = 0) -> tuple[list[dict], int]:
+        await self.org(org)
+        index = "org:" + org
+        if service_account_id:
+            index = "sa:" + (await self.service_account(org, service_account_id))["id"]
+        elif member_id:
+            index = "mem:" + (await self.member(org, member_id))["id"]
+        elif project_id:
+            index = "prj:" + (await self.project(org, project_id))["id"]
+        views, cursor = await self.keys.list(type_, status, owner=index, cursor=cursor,
+                                             limit=limit)
+        views = [v for v in views if v["org_id"] == org and (
+            owner is None or v["owner"] == owner) and (
+            not project_id or v["project_id"] == project_id)]
+        return views, cursor
+
+    async def edit_key(self, org: str | None, key_id: str, changes: dict,
+                       actor: Actor = CLI) -> dict:
+        rec = await self.org_key(org, key_id)
+        require_key_control(actor, rec)
+        admin = rec.get("t") == "a"
+        if admin:
+            refuse(changes, ("models", "allowed_ips", "rpm", "tpm"),
+                    "admin keys carry no data-plane settings")
+        permission = changes.get("permission", PERMISSION_NAMES.get(rec.get("pm", "a")))
+        if "scopes" in changes:
+            check_scopes_mode(permission, changes["scopes"])
+        if admin and ("permission" in changes or "scopes" in changes):
+            scopes = changes.get("scopes", [] if "permission" in changes else
+                                 [s for s in rec.get("sc", "").split(",") if s])
+            check_admin_grant(actor, Grant(permission, frozenset(scopes)))
+        edits = {("ips" if k == "allowed_ips" else k): v for k, v in changes.items()}
+        try:
+            before, after = await self.keys.edit(key_id, edits)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
+        await self.audit.record(org or rec.get("org") or "-", actor, "key.updated", "key",
+                                key_id, before, after)
+        return after
+
+    async def set_key_status(self, org: str | None, key_id: str, active: bool,
+                             actor: Actor = CLI) -> dict:
+        rec = await self.org_key(org, key_id)
+        require_key_control(actor, rec)
+        before = await self.key(org, key_id)
+        reason = "disabled by " + actor.created_by
+        try:
+            after = await self.keys.set_status(key_id, active, reason)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
+        await self.audit.record(org or rec.get("org") or "-", actor,
+                                "key.enabled" if active else "key.disabled", "key", key_id,
+                                before, after)
+        return after
+
+    async def delete_key(self, org: str | None, key_id: str, actor: Actor = CLI) -> dict:
+        rec = await self.org_key(org, key_id)
+        require_key_control(actor, rec)
+        before = await self.key(org, key_id)
+        await self.keys.delete(key_id)
+        await self.audit.record(org or rec.get("org") or "-", actor, "key.deleted", "key",
+                                key_id, before, None)
+        return {"id": key_id, "object": "key", "deleted": True}
+
+    async def set_key_quota(self, org: str | None, key_id: str, *, set_to: int | None = None,
+                            add: int | None = None, unlimited: bool = False,
+                            actor: Actor = CLI) -> dict:
+        given = [n for n, v in (("set", set_to), ("add", add)) if v is not None]
+        if unlimited:
+            given.append("unlimited")
+        if len(given) != 1:
+            raise Conflicting("quota: give exactly one of set, add, unlimited",
+                              given[-1] if given else "set")
+        rec = await self.org_key(org, key_id)
+        require_key_control(actor, rec)
+        if rec.get("t") == "a":
+            raise Conflicting("quota: admin keys have no quota", "set")
+        before = await self.key(org, key_id)
+        try:
+            if unlimited:
+                after = await self.keys.set_quota(key_id, None)
+            elif add is not None:
+                after = await self.keys.set_quota(key_id, add, add=True)
+            else:
+                after = await self.keys.set_quota(key_id, set_to)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
+        await self.audit.record(org or rec.get("org") or "-", actor, "key.quota_changed",
+                                "key", key_id, before, after)
+        return after
+
+    async def rotate_key(self, org: str | None, key_id: str, grace_s: int = 0,
+                         idempotency_key: str | None = None,
+                         actor: Actor = CLI) -> dict:
+        """A successor with the same settings; the old key ends now or after grace_s.
+
+        With an idempotency key the result is remembered for a day: the same request
+        again returns the same new key id (without its plaintext, which is never stored)
+        and mints nothing. A concurrent duplicate waits for the first to finish.
+        """
+        if not 0 <= grace_s <= MAX_GRACE_S:
+            raise Invalid(f"grace_seconds: must be between 0 and {MAX_GRACE_S}",
+                          "grace_seconds")
+        rec = await self.org_key(org, key_id)
+        require_key_control(actor, rec)
+        if rec.get("t") == "o" and rec.get("mem"):
+            check_user_key_owner(actor, rec["mem"])
+        if rec.get("t") == "a":
+            check_admin_grant(actor, Grant(PERMISSION_NAMES.get(rec.get("pm", "a"), "all"),
+                                           frozenset(s for s in rec.get("sc", "").split(",")
+                                                     if s)))
+        scope = org or rec.get("org") or "-"
+        slot = None
+        if idempotency_key is not None:
+            check_text(idempotency_key, "idempotency_key", required=True)
+            digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+            slot = names.idempotency(scope, digest)
+            replay = await self._claim(slot, key_id)
+            if replay:
+                return {**await self.key(org, replay), "key": None, "replayed": True,
+                        "old_key": await self.key(org, key_id)}
+        try:
+            new, plaintext, old = await self.keys.rotate(key_id, grace_s * 1000,
+                                                         actor.created_by)
+        except BaseException as exc:
+            if slot:
+                await self.redis.delete(slot)
+            if isinstance(exc, InvalidKeySpec | KeyError_):
+                raise from_key_error(exc) from None
+            raise
+        if slot:
+            await self.redis.set(slot, orjson.dumps({"key_id": key_id, "new_id": new["id"]}),
+                                 ex=IDEMPOTENCY_TTL_S)
+        if rec.get("sub") and rec.get("org"):
+            await self.redis.hset(names.subscription(rec["org"], rec["sub"]), "key", new["id"])
+        await self.audit.record(scope, actor, "key.rotated", "key", key_id,
+                                {"key": key_view(rec)},
+                                {"key": old, "new_key": new, "grace_seconds": grace_s})
+        return {**new, "key": plaintext, "replayed": False, "old_key": old}
+
+    async def _claim(self, slot: str, key_id: str) -> str | None:
+        """Take the idempotency slot, or return the new key id a finished twin made."""
+        pending = orjson.dumps({"key_id": key_id})
+        for _ in range(100):                       # ~2 s at most behind a running twin
+            if await self.redis.set(slot, pending, nx=True, ex=IDEMPOTENCY_TTL_S):
+                return None
+            raw = await self.redis.get(slot)
+            if raw is None:
+                continue
+            held = orjson.loads(raw)
+            if held.get("key_id") != key_id:
+                raise Conflict("idempotency_key: already used to rotate another key",
+                               "idempotency_key")
+            if held.get("new_id"):
+                return held["new_id"]
+            await asyncio.sleep(0.02)
+        raise Conflict("idempotency_key: the same rotation is still running; retry",
+                       "idempotency_key")

@@ -1,0 +1,112 @@
+"""Subscriptions: a plan with a cycle quota and renewal date, its auto-created sk-sub-
+key, and the PAYG-fallback switch (the key record holds the cycle; see keystore.py)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..keys import KeyType, new_id
+from ..store import names
+from ..store.keystore import InvalidKeySpec, KeyError_, KeySpec, _iso, now_ms
+from .checks import check_text
+from .errors import Conflict, Invalid, NotFound, from_key_error
+from .policy import CLI, Actor, require
+from .views import cycle_view, pairs, text
+
+
+class SubscriptionOps:
+    # -- subscriptions -----------------------------------------------------------------
+
+    async def create_subscription(self, org: str, req: dict,
+                                  actor: Actor = CLI) -> tuple[dict, str]:
+        """A plan with a cycle quota and its auto-created sk-sub- key (plaintext once)."""
+        await self.org(org)
+        account = req.get("account", "")
+        check_text(account, "account", required=True)
+        plan = req.get("plan", "")
+        check_text(plan, "plan", required=True)
+        require(actor, "manage_keys", "creating a subscription", "account")
+        if await self.redis.hexists(names.org_subscriptions(org), account):
+            raise Conflict(f"account: {account!r} already has a subscription", "account")
+        sub_id = new_id("sub")
+        spec = KeySpec(type=KeyType.subscription, name=req.get("name") or f"{plan} plan",
+                       quota=req.get("cycle_quota"), cycle_days=req.get("cycle_days", 30),
+                       payg_fallback=bool(req.get("payg_fallback")), account=account,
+                       org=org, subscription=sub_id, created_by=actor.created_by)
+        if spec.quota is None:
+            raise Invalid("cycle_quota: required", "cycle_quota")
+        try:
+            key, plaintext = await self.keys.create(spec)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
+        rec = {"id": sub_id, "org": org, "acct": account, "plan": plan, "key": key["id"],
+               "ca": str(now_ms()), "cb": actor.created_by}
+        held = text(await self._create_unique(
+            keys=[names.org_subscriptions(org), names.subscription(org, sub_id)],
+            args=[account, sub_id, *pairs(rec)]))
+        if held != sub_id:      # a concurrent twin won: take back the key just made
+            await self.keys.delete(key["id"])
+            raise Conflict(f"account: {account!r} already has a subscription", "account")
+        out = await self.subscription(org, sub_id)
+        await self.audit.record(org, actor, "subscription.created", "subscription", sub_id,
+                                None, out)
+        return out, plaintext
+
+    async def subscription(self, org: str, sub_id: str) -> dict:
+        rec = await self._entity(names.subscription(org, sub_id), "subscription", sub_id,
+                                 "subscription_id")
+        try:
+            key = await self.keys.get(rec["key"])
+        except KeyError_:
+            key = None
+        return {"object": "subscription", "id": rec["id"], "org_id": rec["org"],
+                "account": rec["acct"], "plan": rec["plan"], "key_id": rec["key"],
+                "status": key["status"] if key else "deleted",
+                **cycle_view(key), "payg_balance": await self.keys.balance(rec["acct"]),
+                "created_at": _iso(rec.get("ca")), "created_by": rec.get("cb") or None}
+
+    async def list_subscriptions(self, org: str) -> list[dict]:
+        await self.org(org)
+        ids = sorted(text(i) for i in await self.redis.hvals(names.org_subscriptions(org)))
+        out = []
+        for sub_id in ids:
+            try:
+                out.append(await self.subscription(org, sub_id))
+            except NotFound:
+                continue
+        return sorted(out, key=lambda v: (v["created_at"] or "", v["id"]))
+
+    async def update_subscription(self, org: str, sub_id: str, changes: dict,
+                                  actor: Actor = CLI) -> dict:
+        before = await self.subscription(org, sub_id)
+        require(actor, "manage_keys", "changing a subscription", "plan")
+        if "plan" in changes:
+            check_text(changes["plan"], "plan", required=True)
+        try:
+            if changes.get("cycle_quota") is not None:
+                await self.keys.set_quota(before["key_id"], changes["cycle_quota"])
+            if changes.get("payg_fallback") is not None:
+                await self.keys.update(before["key_id"],
+                                       {"pg": "1" if changes["payg_fallback"] else "0"})
+        except (InvalidKeySpec, KeyError_) as exc:
+            raise from_key_error(exc) from None
+        if "plan" in changes:
+            await self.redis.hset(names.subscription(org, sub_id), "plan", changes["plan"])
+        after = await self.subscription(org, sub_id)
+        await self.audit.record(org, actor, "subscription.updated", "subscription", sub_id,
+                                before, after)
+        return after
+
+    async def cancel_subscription(self, org: str, sub_id: str, actor: Actor = CLI) -> dict:
+        before = await self.subscription(org, sub_id)
+        require(actor, "manage_keys", "cancelling a subscription", "subscription_id")
+        with contextlib.suppress(KeyError_):
+            await self.keys.set_status(before["key_id"], False, "subscription_cancelled")
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.delete(names.subscription(org, sub_id))
+            tx.hdel(names.org_subscriptions(org), before["account"])
+            await tx.execute()
+        after = {"deleted": True, "disabled_keys": [before["key_id"]]}
+        await self.audit.record(org, actor, "subscription.cancelled", "subscription", sub_id,
+                                before, after)
+        return {**before, **after}
