@@ -151,9 +151,13 @@ def add_admin_commands(sub, keys, common: argparse.ArgumentParser) -> None:
     create.add_argument("--member", help="org keys: the owning member (a user key)")
     create.add_argument("--service-account", help="org keys: the owning service account")
     create.set_defaults(run_admin=_wrap(_key_create))
+    # Key changes go through the control plane too, so they land in the audit log; the
+    # answers keep cli.py's shapes and printing.
+    for action in ("disable", "enable", "delete", "set-quota"):
+        keys.choices[action].set_defaults(run_admin=_wrap(_key_change, own_output=False))
 
 
-def _wrap(run: Callable) -> Callable:
+def _wrap(run: Callable, own_output: bool = True) -> Callable:
     """ControlStore from the CLI's KeyStore; control errors become one-line CLI errors.
     A handled result is printed by _show (None: cli.py's own path goes on)."""
     async def call(args: argparse.Namespace, keystore):
@@ -166,7 +170,7 @@ def _wrap(run: Callable) -> Callable:
             result = await run(args, store)
         except ControlError as exc:
             raise CliError(exc.message) from None
-        if result is not None:
+        if result is not None and own_output:
             args.print_admin = _show
         return result
     return call
@@ -322,6 +326,25 @@ async def _key_edit(args, store):
     if not changes:
         raise Invalid("edit: give at least one setting to change")
     return await store.edit_key(None, args.id, changes)
+
+
+async def _key_change(args, store):
+    from .control.errors import Invalid
+
+    if args.action == "delete":
+        await store.delete_key(None, args.id)
+        return {"id": args.id, "deleted": True}
+    if args.action in ("disable", "enable"):
+        return await store.set_key_status(None, args.id, args.action == "enable")
+    if args.quota == "unlimited":
+        return await store.set_key_quota(None, args.id, unlimited=True)
+    try:
+        quota = int(args.quota)
+    except ValueError:
+        raise Invalid(f"quota: {args.quota!r} is not a whole number or 'unlimited'") from None
+    if quota < 0:
+        raise Invalid(f"quota: {quota} is negative")
+    return await store.set_key_quota(None, args.id, set_to=quota)
 
 
 async def _key_create(args, store):

@@ -105,8 +105,13 @@ def test_cli_changes_are_audited_and_the_cli_reads_the_log(plane: Plane, story: 
     assert [e["resource"]["id"] for e in filtered] == [story["key"]["id"]]
     api = events(plane, "?limit=3")
     assert [e["id"] for e in api] == [e["id"] for e in listed]
-    text = plane.cli("audit", "list", "--org", plane.org, "--limit", "2")
-    assert text.returncode == 0 and "project.created" in text.stdout
+    key = plane.ok("POST", "/keys", {"project_id": prj["id"]})
+    assert plane.cli("keys", "disable", key["id"]).returncode == 0
+    (disabled,) = cli_json(plane.redis.url, "audit", "list", "--org", plane.org, "--action",
+                           "key.disabled", "--resource-id", key["id"])
+    assert disabled["actor"]["type"] == "cli" and disabled["after"]["status"] == "disabled"
+    text = plane.cli("audit", "list", "--org", plane.org, "--limit", "3")
+    assert text.returncode == 0 and "key.disabled" in text.stdout
     bad = plane.cli("audit", "list", "--org", "no-such-org")
     assert bad.returncode == 1 and bad.stderr.strip() == (
         "sidecar: error: no organization with id or name 'no-such-org'")

@@ -177,7 +177,7 @@ class KeyOps:
             before, after = await self.keys.edit(key_id, edits)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
-        await self.audit.record(org or rec.get("org") or "-", actor, "key.updated", "key",
+        await self._audit_key(rec, actor, "key.updated", "key",
                                 key_id, before, after)
         return after
 
@@ -191,7 +191,7 @@ class KeyOps:
             after = await self.keys.set_status(key_id, active, reason)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
-        await self.audit.record(org or rec.get("org") or "-", actor,
+        await self._audit_key(rec, actor,
                                 "key.enabled" if active else "key.disabled", "key", key_id,
                                 before, after)
         return after
@@ -201,7 +201,7 @@ class KeyOps:
         require_key_control(actor, rec)
         before = await self.key(org, key_id)
         await self.keys.delete(key_id)
-        await self.audit.record(org or rec.get("org") or "-", actor, "key.deleted", "key",
+        await self._audit_key(rec, actor, "key.deleted", "key",
                                 key_id, before, None)
         return {"id": key_id, "object": "key", "deleted": True}
 
@@ -228,7 +228,7 @@ class KeyOps:
                 after = await self.keys.set_quota(key_id, set_to)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
-        await self.audit.record(org or rec.get("org") or "-", actor, "key.quota_changed",
+        await self._audit_key(rec, actor, "key.quota_changed",
                                 "key", key_id, before, after)
         return after
 
@@ -276,10 +276,16 @@ class KeyOps:
                                  ex=IDEMPOTENCY_TTL_S)
         if rec.get("sub") and rec.get("org"):
             await self.redis.hset(names.subscription(rec["org"], rec["sub"]), "key", new["id"])
-        await self.audit.record(scope, actor, "key.rotated", "key", key_id,
+        await self._audit_key(rec, actor, "key.rotated", "key", key_id,
                                 {"key": key_view(rec)},
                                 {"key": old, "new_key": new, "grace_seconds": grace_s})
         return {**new, "key": plaintext, "replayed": False, "old_key": old}
+
+    async def _audit_key(self, rec: dict[str, str], actor: Actor, action: str, *args) -> None:
+        """Into the key's organization's log; keys outside any organization (plain
+        `sidecar keys create` standard keys) have no organization log."""
+        if rec.get("org"):
+            await self.audit.record(rec["org"], actor, action, *args)
 
     async def _claim(self, slot: str, key_id: str) -> str | None:
         """Take the idempotency slot, or return the new key id a finished twin made."""
