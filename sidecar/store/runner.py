@@ -19,7 +19,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .. import metrics
 from .pipeline import Endpoint, Pipeline, RedisUnavailable
@@ -79,28 +79,46 @@ class ClusterRunner:
     async def _flush(self) -> None:
         calls, self._pending = self._pending, []
         metrics.redis_batch(len(calls))
-        pipe = self.cluster.pipeline(transaction=False)
-        for script, keys, args, _ in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
         try:
-            replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout)
-        except (TimeoutError, RedisError, OSError) as exc:
+            replies = await asyncio.wait_for(self._execute(calls), self.timeout)
+            again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if again:
+                # A node lost its script cache (restart, failover, SCRIPT FLUSH): load the
+                # scripts on every primary, then retry only those calls, once.
+                await asyncio.wait_for(self._load_scripts(), self.timeout)
+                retried = await asyncio.wait_for(
+                    self._execute([calls[i] for i in again]), self.timeout)
+                for i, reply in zip(again, retried, strict=True):
+                    replies[i] = reply
+        except Exception as exc:  # noqa: BLE001 - every caller must get an answer
+            # Timeouts, connection and cluster errors (RedisClusterException is not a
+            # RedisError), and anything unforeseen: a future left pending would hang the
+            # proxy's call, so each one fails over to the failure policy instead.
             metrics.redis_error("cluster")
             for *_, future in calls:
                 if not future.done():
                     future.set_exception(RedisUnavailable(str(exc) or type(exc).__name__))
             return
-        for (script, keys, args, future), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, Exception) and "NOSCRIPT" in str(reply):
-                try:
-                    reply = await self.cluster.eval(script.source, len(keys), *keys, *args)
-                except RedisError as exc:
-                    reply = exc
+        for (*_, future), reply in zip(calls, replies, strict=True):
+            if future.done():
+                continue
             if isinstance(reply, Exception):
                 metrics.redis_error("reply")
                 future.set_exception(RedisUnavailable(str(reply)))
             else:
                 future.set_result(reply)
+
+    async def _execute(self, calls: list) -> list:
+        """One cluster pipeline (redis-py groups it by node). `pipe.evalsha` is blocked in
+        cluster pipelines; the raw command routes by its keys, which share one slot."""
+        pipe = self.cluster.pipeline(transaction=False)
+        for script, keys, args, _ in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
+
+    async def _load_scripts(self) -> None:
+        for script in ALL:
+            await self.cluster.script_load(script.source)   # sent to every primary
 
     async def ping(self) -> bool:
         try:
