@@ -1,0 +1,155 @@
+"""A sidecar on a real 3-node Redis Cluster (redis+cluster://): keys made through the
+KeyStore on a cluster client land on different nodes, every call is decided on the node
+holding its key (record and wallet share a hash tag), and the exact-quota race holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import subprocess
+
+import aiohttp
+import pytest
+from conftest import PEPPER, free_port, start_redis, start_sidecar, stop_process, wait_for
+from live import CLIENT_TIMEOUT, authz, avoid_minute_edge
+
+from sidecar.keys import KeyHasher, KeyType
+from sidecar.store.keystore import KeySpec, KeyStore
+from sidecar.store.runner import control_client
+
+BODY = {"model": "gpt-x", "messages": []}
+
+
+def cluster_port() -> int:
+    """Redis refuses ports above 55535 in cluster mode (bus port = port + 10000)."""
+    for _ in range(100):
+        port = free_port()
+        if port <= 55535:
+            return port
+    raise RuntimeError("no free port at or below 55535")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cluster")
+    nodes = []
+    try:
+        for i in range(3):
+            folder = base / f"node{i}"
+            nodes.append(start_redis(
+                folder, "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                "--cluster-config-file", str(folder / "nodes.conf"),
+                "--cluster-node-timeout", "2000", port=cluster_port()))
+        made = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stdout + made.stderr
+        wait_for(lambda: all(n.client().cluster("info")["cluster_state"] == "ok"
+                             for n in nodes), 30, "cluster_state:ok")
+        yield nodes
+    finally:
+        for node in nodes:
+            stop_process(node.proc)
+
+
+@pytest.fixture(scope="module")
+def cluster_url(cluster) -> str:
+    return f"redis+cluster://127.0.0.1:{cluster[0].port}"   # any node; the rest is found
+
+
+@pytest.fixture(scope="module")
+def car(cluster_url, tmp_path_factory):
+    sidecar = start_sidecar(tmp_path_factory.mktemp("car"), cluster_url)
+    yield sidecar
+    stop_process(sidecar.proc)
+
+
+@pytest.fixture
+async def cstore(cluster_url):
+    """The KeyStore on the control plane's cluster client (redis-py RedisCluster)."""
+    client = control_client(cluster_url, 2.0, 8)
+    yield KeyStore(client, KeyHasher(PEPPER))
+    await client.aclose()
+
+
+async def make(store, **spec) -> tuple[str, str]:
+    view, key = await store.create(KeySpec(**spec))
+    return view["id"], key
+
+
+async def statuses(http, car, key: str, n: int, **call) -> list[int]:
+    return [(await authz(http, car, key=key, body=BODY, **call)).status for _ in range(n)]
+
+
+async def test_decisions_on_keys_spread_over_the_nodes(cluster, car, cstore, http):
+    avoid_minute_edge()
+    made = {
+        "quota": await make(cstore, quota=1),
+        "models": await make(cstore, unlimited=True, models=["gpt-other"]),
+        "ips": await make(cstore, unlimited=True, ips=["10.0.0.0/8"]),
+        "rpm": await make(cstore, unlimited=True, rpm=1),
+        "disabled": await make(cstore, unlimited=True),
+        "org": await make(cstore, type=KeyType.org, unlimited=True, org="o1", project="p1"),
+        "payg": await make(cstore, type=KeyType.subscription, quota=1, account="acct_c",
+                           payg_fallback=True),
+    }
+    made.update({f"plain{i}": await make(cstore, quota=3) for i in range(8)})
+    await cstore.set_status(made["disabled"][0], False, reason="test")
+    await cstore.set_balance("acct_c", 1)
+
+    # The records really are spread: more than one node holds key records.
+    holders = [n for n in cluster if n.client().keys("k:*")]
+    assert len(holders) >= 2
+
+    key = {name: plaintext for name, (_, plaintext) in made.items()}
+    assert await statuses(http, car, key["quota"], 2) == [200, 402]
+    assert await statuses(http, car, key["models"], 1) == [403]
+    assert await statuses(http, car, key["ips"], 1) == [403]
+    assert await statuses(http, car, key["rpm"], 2) == [200, 429]
+    assert await statuses(http, car, key["disabled"], 1) == [401]
+    # Subscription cycle, then the wallet (same hash tag as the record), then 402.
+    assert await statuses(http, car, key["payg"], 3) == [200, 200, 402]
+    assert await cstore.balance("acct_c") == 0
+    org = await authz(http, car, key=key["org"], body=BODY)
+    assert (org.status, org.headers["x-org-id"], org.headers["x-project-id"]) == (
+        200, "o1", "p1")
+    for i in range(8):
+        assert await statuses(http, car, key[f"plain{i}"], 4) == [200, 200, 200, 402]
+        view = await cstore.get(made[f"plain{i}"][0])
+        assert (view["quota_used"], view["quota_remaining"], view["last_model"]) == (
+            3, 0, "gpt-x")
+
+    # Revocation through the cluster client is seen on the next call.
+    plain_id, plain = made["plain0"]
+    await cstore.set_quota(plain_id, 5)
+    assert await statuses(http, car, plain, 1) == [200]
+    await cstore.delete(plain_id)
+    assert await statuses(http, car, plain, 1) == [401]
+    listed, _ = await cstore.list(limit=100)
+    assert {v["id"] for v in listed} == {i for name, (i, _) in made.items() if name != "plain0"}
+
+
+async def test_scripts_are_loaded_again_after_a_flush(cluster, car, cstore, http):
+    _, key = await make(cstore, quota=10)
+    assert await statuses(http, car, key, 1) == [200]
+    for node in cluster:
+        node.client().script_flush()
+    assert await statuses(http, car, key, 2) == [200, 200]
+
+
+async def test_exact_quota_race_through_the_cluster(car, cstore):
+    key_id, key = await make(cstore, quota=37)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100),
+                                     timeout=CLIENT_TIMEOUT) as session:
+        async def one() -> int:
+            async with session.post(car.url + "/authz/v1/chat/completions", json=BODY,
+                                    headers=headers) as resp:
+                await resp.read()
+                return resp.status
+        counts = collections.Counter(await asyncio.gather(*(one() for _ in range(300))))
+    assert counts == {200: 37, 402: 263}
+    view = await cstore.get(key_id)
+    assert (view["quota_used"], view["quota_remaining"]) == (37, 0)
