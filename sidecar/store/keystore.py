@@ -343,15 +343,20 @@ class KeyStore:
 
         Each key's own record is written (st='d', dr=reason), because the authorize script
         reads only the record: the next call in every process sees it.
+        Returns the keys it disabled; a key an earlier cascade already took keeps its
+        first reason (the owner gone first is the truer story).
         """
         ids = sorted(_s(i) for i in await self.redis.smembers(names.OWNER_INDEX + owner))
         done = []
         for key_id in ids:
             key_hash = await self.redis.hget(names.KEY_INDEX, key_id)
-            if key_hash:
-                await self.redis.hset(names.record(_s(key_hash)),
-                                      mapping={"st": "d", "dr": reason})
-                done.append(key_id)
+            if not key_hash:
+                continue
+            rkey = names.record(_s(key_hash))
+            if _s(await self.redis.hget(rkey, "dr") or "") in CASCADE_REASONS:
+                continue
+            await self.redis.hset(rkey, mapping={"st": "d", "dr": reason})
+            done.append(key_id)
         return done
 
     async def set_quota(self, key_id: str, quota: int | None, add: bool = False) -> dict:
