@@ -105,6 +105,10 @@ class Authorizer:
     async def _body(self, request: web.BaseRequest) -> bytes:
         if not request.body_exists:
             return b""
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # aiohttp's low-level server leaves this to the handler: without it, a client
+            # that waits for the go-ahead before sending its body waits for nothing.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         length = request.content_length
         try:
             if length is not None and length <= self.max_body:

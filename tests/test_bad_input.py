@@ -223,6 +223,24 @@ async def test_body_shorter_than_content_length_then_eof(car, store):
     assert (await send(car, post(headers=bearer(key), body=b"{}")))[0] == 200
 
 
+async def test_expect_100_continue_gets_the_go_ahead(car, store):
+    """A client that waits for `100 Continue` before its body is not left waiting."""
+    key_id, key = await make(store, KeySpec(unlimited=True))
+    body = b'{"model": "gpt-x"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", car.port)
+    try:
+        writer.write(post(headers={**bearer(key), "Expect": "100-continue",
+                                   "Content-Length": str(len(body))}))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert final.startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+    assert (await store.get(key_id))["last_model"] == "gpt-x"
+
+
 BAD_IPS = ["not-an-ip", "999.1.1.1", "10.0.0.1.5", "", " , ,", "10.0.0.0/8", "1.2.3.4:80",
            "[::1]", "::ffff:zz", "unknown", "1" * 3000, "10.1.2.3\tx", "\udcff\udcfe"]
 
