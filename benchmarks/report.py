@@ -207,6 +207,15 @@ def results_markdown(results: dict) -> str:
                       "Lua peer (one EVALSHA per request)"
                       if rt.get("nginx_lua_redis_cpu_us_per_decision") is not None else "")
         + " — `INFO cpu` user+sys delta / requests.",
+    ]
+    script = results.get("script", {})
+    if script.get("authorize", {}).get("usec_per_call"):
+        out.append(
+            f"- authorize.lua alone inside Redis (redis-benchmark -P 20, one record): "
+            f"**{script['authorize']['usec_per_call']} µs** per call (an empty script: "
+            f"{script['empty_script']['usec_per_call']} µs): Redis's one thread caps "
+            f"decisions at ~{script['decisions_per_s_ceiling']:,}/s for all workers together.")
+    out += [
         "",
         "## Concurrency sweep",
         "",
@@ -300,6 +309,10 @@ def summary_lines(results: dict) -> list[str]:
     rt = results["round_trips"]
     lines.append(f"  calls/round trip {rt['calls_per_round_trip']}  "
                  f"redis CPU/decision {rt['redis_cpu_us_per_decision']} us")
+    script = results.get("script", {})
+    if script.get("decisions_per_s_ceiling"):
+        lines.append(f"  authorize.lua in Redis: {script['authorize']['usec_per_call']} us/call "
+                     f"-> ceiling ~{script['decisions_per_s_ceiling']:,} decisions/s")
     for row in results.get("workers", []):
         peer = row.get("nginx_lua")
         lines.append(f"  workers {row['workers']}: sidecar {row['authorize']['rps']:,.0f}"

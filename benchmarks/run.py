@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
-from sidecar.keys import KeyHasher  # noqa: E402
+from sidecar.keys import KeyHasher, shard_of  # noqa: E402
 from sidecar.store import names  # noqa: E402
 
 from .keyload import load_keys, write_key_file  # noqa: E402
@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE.parent / "sidecar" / "store" / "authorize.lua"
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
-SECTIONS = ("peer", "profile", "edge", "workers")
+SECTIONS = ("peer", "profile", "edge", "workers", "script")
 
 # What issue 5 asks for; reported next to the figures, never asserted by tests.
 TARGET_RATIOS = {"authorize_over_baseline": 0.8, "p99_authorize_over_baseline_max": 1.5,
@@ -323,7 +323,42 @@ class Bench:
             results["workers"] = self.scaling(stack, main)
         else:
             self.stop_stack(stack)
+        if "script" not in args.skip:
+            results["script"] = self.script_cost()
         return results
+
+    def script_cost(self, calls: int = 50_000) -> dict:
+        """authorize.lua inside Redis alone: redis-benchmark, pipelined, on one record.
+
+        Redis runs every script on its one thread, so 1e6 / usec_per_call is the ceiling
+        of decisions per second for all sidecar workers (or peers) together.
+        """
+        binary = shutil.which("redis-benchmark")
+        if binary is None:
+            return {"error": "redis-benchmark not installed (Debian: redis-tools)"}
+        client = self.redis.client()
+        hasher = KeyHasher(self.pepper)
+        key_hash = hasher(self.keys[0])
+        argv = [names.record(key_hash), names.wallet(shard_of(key_hash)),
+                str(int(time.time() * 1000)), "1", "00000000000000000000ffff7f000001",
+                "127.0.0.1", "gpt-4o-mini", "chat.completions:write", "", "1"]
+        out = {}
+        for name, source in (("empty_script", "return 1"), ("authorize", SCRIPT.read_text())):
+            sha = client.script_load(source)
+            client.config_resetstat()
+            done = subprocess.run(
+                [binary, "-p", str(self.redis.port), "-n", str(calls), "-P", "20", "-q",
+                 "EVALSHA", sha, "2", *argv], capture_output=True, text=True, timeout=120)
+            stats = client.info("commandstats").get("cmdstat_evalsha", {})
+            rps = done.stdout.strip().rsplit(": ", 1)[-1].split(" ", 1)[0]
+            out[name] = {"usec_per_call": stats.get("usec_per_call"),
+                         "redis_benchmark_rps": float(rps) if rps.replace(".", "").isdigit()
+                         else None}
+        usec = out["authorize"]["usec_per_call"]
+        out["decisions_per_s_ceiling"] = round(1e6 / usec) if usec else None
+        self.log(f"authorize.lua inside Redis: {usec} us per call "
+                 f"(empty script {out['empty_script']['usec_per_call']} us)")
+        return out
 
     def profile(self, stack: Stack) -> dict:
         from .profile import profile_worker

@@ -64,6 +64,10 @@ def test_tiny_run_writes_complete_results(tmp_path):
         assert row["authorize"]["non_2xx"] == 0
         assert row["authorize"]["saturation"]["verdict"]
 
+    script = results["script"]
+    assert script["authorize"]["usec_per_call"] > script["empty_script"]["usec_per_call"] > 0
+    assert script["decisions_per_s_ceiling"] > 0
+
     profile = results["profile"]
     assert "error" not in profile, profile
     assert profile["samples"] > 0 and profile["by_area"]
