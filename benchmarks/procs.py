@@ -167,6 +167,15 @@ class Processes:
 
     tmp: Path
     started: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def log_tails(self, chars: int = 1500) -> str:
+        """The end of every server log, for an error message (the temp dir goes away)."""
+        out = []
+        for log in self.logs:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            out.append(f"--- {log.name}\n{text[-chars:]}")
+        return "\n".join(out)
 
     def __enter__(self) -> Processes:
         return self
@@ -208,6 +217,7 @@ class Processes:
                    SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin_port}")
         env.update({"SIDECAR_" + k.upper(): str(v) for k, v in settings.items()})
         log = self.tmp / f"sidecar-{port}.log"
+        self.logs.append(log)
         proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "serve", "--workers", str(workers)],
             env=env, cwd=self.tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -239,6 +249,7 @@ class Processes:
         if missing:
             raise ValueError(f"{template}: no value for {missing.group(0)}")
         (prefix / "nginx.conf").write_text(conf)
+        self.logs.append(prefix / "logs" / "error.log")
         proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
                                  "-e", str(prefix / "logs" / "error.log")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

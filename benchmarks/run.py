@@ -233,7 +233,8 @@ class Bench:
         except urllib.error.HTTPError as exc:
             got = exc.code
         if got != status:
-            raise SystemExit(f"benchmarks: {url}{path} answered {got}, expected {status}")
+            raise SystemExit(f"benchmarks: {url}{path} answered {got}, expected {status}\n"
+                             f"{self.procs.log_tails()}")
 
     # -- measuring ------------------------------------------------------------------------
     def cpu_groups(self, stack: Stack) -> dict[str, list[int]]:
