@@ -216,6 +216,8 @@ class Processes:
                    SIDECAR_LISTEN=f"127.0.0.1:{port}",
                    SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin_port}")
         env.update({"SIDECAR_" + k.upper(): str(v) for k, v in settings.items()})
+        # The sidecar of this tree, whatever `pip install -e` points at.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         log = self.tmp / f"sidecar-{port}.log"
         self.logs.append(log)
         proc = subprocess.Popen(

@@ -143,9 +143,16 @@ def results_markdown(results: dict) -> str:
         ("> **Quick run** (short runs, one concurrency): a smoke figure, not the measurement."
          if quick else
          "> Full run. The machine is shared (2 cores): absolute numbers drift ±10% between "
-         "runs; the ratios, measured in the same run, are what carries."),
+         "runs; the ratios, measured in the same run, are what carries."
+         if meta["mode"] == "full" else
+         "> **Custom run** (shorter, smaller or partial, see the command): not the full "
+         "measurement."),
         "",
-        f"Command: `{meta['command']}` ({meta['seconds']:.0f} s, {meta['timestamp']})  ",
+        *([f"> **Invalid runs** — {len(results['problems'])} runs had denials or socket "
+           "errors, so their req/s is not the allow path's: "
+           + "; ".join(results["problems"]), ""] if results.get("problems") else []),
+        f"Command: `{meta['command']}` ({meta['seconds']:.0f} s, {meta['timestamp']}, "
+        f"commit {meta.get('git') or 'unknown'})  ",
         f"Machine: {machine_line(meta)}; {meta['nginx']}; {meta['wrk'].split(' [')[0]}  ",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in meta["packages"].items()) + "  ",
         f"Load: wrk -t{meta['settings']['wrk_threads']}, "
@@ -292,6 +299,8 @@ def summary_lines(results: dict) -> list[str]:
     main = results["main"]
     r = main["ratios"]
     lines = ["", f"== c{main['concurrency']}, 1 worker =="]
+    for problem in results.get("problems", []):
+        lines.append(f"  !! INVALID: {problem}")
     for name in ("authorize", "baseline", "bare", "nginx_lua"):
         if name in main:
             run = main[name]

@@ -249,9 +249,12 @@ class Bench:
         client = self.redis.client()
         counters = sidecar_counters(stack.sidecar.metrics()) if name == "authorize" else None
         redis_cpu = redis_cpu_seconds(client)
-        run = run_wrk(url, path, self.key_file,
-                      Load(connections, duration or self.args.duration, self.args.wrk_threads),
-                      self.cpu_groups(stack))
+        try:
+            run = run_wrk(url, path, self.key_file,
+                          Load(connections, duration or self.args.duration,
+                               self.args.wrk_threads), self.cpu_groups(stack))
+        except RuntimeError as exc:
+            raise SystemExit(f"benchmarks: {name}: {exc}\n{self.procs.log_tails()}") from None
         redis_used = redis_cpu_seconds(client) - redis_cpu
         run["target"] = name
         run["workers"] = stack.workers
@@ -475,6 +478,26 @@ def round_trips(main: dict) -> dict:
     return out
 
 
+def run_mode(args: argparse.Namespace) -> str:
+    if args.quick:
+        return "quick"
+    full = (args.duration >= 8 and 64 in args.concurrency and len(args.concurrency) >= 3
+            and args.keys >= 100_000 and not args.skip)
+    return "full" if full else "custom"
+
+
+def problems(results: dict) -> list[str]:
+    """Runs whose figures do not mean what they claim: denials or broken connections."""
+    from .report import all_runs
+    out = []
+    for run in all_runs(results):
+        if run["non_2xx"] or run["socket_errors"]:
+            out.append(f"w{run.get('workers', 1)} {run.get('target')} c{run['connections']}: "
+                       f"{run['non_2xx']} non-2xx answers, {run['socket_errors']} socket "
+                       f"errors of {run['requests']} requests")
+    return sorted(set(out))
+
+
 def _version(cmd: list[str]) -> str:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -482,6 +505,21 @@ def _version(cmd: list[str]) -> str:
         return "not installed"
     text = (done.stdout + done.stderr).strip().splitlines()
     return text[0].strip() if text else "?"
+
+
+def git_state() -> str | None:
+    """The commit measured, '+dirty' when sidecar/ has uncommitted changes."""
+    root = str(HERE.parent)
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "sidecar"],
+                               capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    if rev.returncode != 0:
+        return os.environ.get("BENCH_GIT_REV")  # a tree exported without .git
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def machine_info() -> dict:
@@ -500,6 +538,7 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             packages[name] = None
     return {
+        "git": git_state(),
         "cpu_model": model,
         "cores": os.cpu_count(),
         "kernel": platform.release(),
@@ -519,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmpdir, \
             Processes(Path(tmpdir)) as procs:
         results = Bench(args, procs, Path(tmpdir), stamp).run()
+    results["problems"] = problems(results)
     results["meta"].update(
-        timestamp=stamp, mode="quick" if args.quick else "full",
+        timestamp=stamp, mode=run_mode(args),
         command="python -m benchmarks.run" + "".join(f" {a}" for a in argv),
         seconds=round(time.monotonic() - started, 1),
         settings={"duration_s": args.duration, "concurrency": args.concurrency,

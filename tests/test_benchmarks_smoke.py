@@ -28,6 +28,7 @@ def test_tiny_run_writes_complete_results(tmp_path):
     results = json.loads(stamped[0].read_text())
     assert json.loads((out / "results.json").read_text()) == results
 
+    assert results["problems"] == []
     main = results["main"]
     assert main["concurrency"] == 64
     for name in ("authorize", "baseline", "bare", "nginx_lua"):
