@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
-
 from . import metrics
 from .config import Settings
 from .decision import Code, denial_answer, identity_headers, limit_headers
+from .edge import Answer, Call, error_answer
 from .keys import KeyHasher, key_type, shard_of
 from .request import (
     ClientIp,
@@ -44,16 +42,15 @@ class Authorizer:
         self.runner = runner
         self.hasher = hasher
         self.client_ip = ClientIp(settings.trusted_networks(), settings.trusted_hops)
-        self.max_body = settings.max_body_bytes
         self.default_cost = settings.default_cost
         self.model_costs = settings.model_costs
         self.cost_header = settings.cost_header
         self.fail_open = settings.failure_mode == "open"
 
-    async def __call__(self, request: web.BaseRequest) -> web.Response:
+    async def __call__(self, call: Call) -> Answer:
         start = time.perf_counter()
-        headers = request.headers
-        method, uri = original_call(request.method, request.raw_path, headers)
+        headers = call.headers
+        method, uri = original_call(call.method, call.target, headers)
         endpoint = classify(method, uri.partition("?")[0])
 
         key = bearer_or_api_key(headers)
@@ -62,16 +59,14 @@ class Authorizer:
         if key_type(key) is None:
             return self._deny(Code.malformed_api_key, endpoint.anthropic, start)
 
-        body = await self._body(request)
-        model, certain = read_model(body, headers, endpoint.path)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        peer_ip = peer[0] if isinstance(peer, tuple) else ""
-        ip = self.client_ip(peer_ip, headers)
-        cost = self._cost(model, headers, self.client_ip.trusts(peer_ip))
+        model, certain = read_model(call.body, headers, endpoint.path)
+        # A cut-off or compressed body hides the model the upstream will see.
+        certain = certain and not call.body_truncated and \
+            headers.get("content-encoding", "identity").lower() == "identity"
+        ip = self.client_ip(call.peer_ip, headers)
+        cost = self._cost(model, headers, self.client_ip.trusts(call.peer_ip))
         if cost is None:
-            raise web.HTTPBadRequest(text='{"error":{"message":"invalid cost header",'
-                                          '"type":"invalid_request_error","code":"bad_cost"}}',
-                                     content_type=_JSON)
+            return error_answer(400, "bad_cost", "invalid cost header")
 
         key_hash = self.hasher(key)
         hexed = ip_hex(ip)
@@ -102,31 +97,6 @@ class Authorizer:
             return self._answer(200, "ok", start, out, b"")
         return self._deny(Code(code), endpoint.anthropic, start, reply)
 
-    async def _body(self, request: web.BaseRequest) -> bytes:
-        if not request.body_exists:
-            return b""
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            # aiohttp's low-level server leaves this to the handler: without it, a client
-            # that waits for the go-ahead before sending its body waits for nothing.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        length = request.content_length
-        try:
-            if length is not None and length <= self.max_body:
-                return await request.read()
-            # Unknown or large: the model sits near the start of a JSON body; read a prefix.
-            chunks, size = [], 0
-            while size < self.max_body:
-                chunk = await request.content.read(self.max_body - size)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            return b"".join(chunks)
-        except RequestPayloadError:
-            # A body aiohttp cannot decode (a bad Content-Encoding): no model from the
-            # body, like a truncated one; the header and path may still name it.
-            return b""
-
     def _cost(self, model: str, headers, trusted: bool) -> int | None:
         if self.cost_header and trusted:
             given = headers.get(self.cost_header)
@@ -140,13 +110,12 @@ class Authorizer:
         return self.model_costs.get(model, self.default_cost)
 
     def _deny(self, code: Code, anthropic: bool, start: float,
-              reply: list | None = None) -> web.Response:
+              reply: list | None = None) -> Answer:
         denial, headers, body = denial_answer(code, anthropic, reply)
         return self._answer(denial.status, denial.code, start, headers, body)
 
     @staticmethod
     def _answer(status: int, code: str, start: float, headers: dict[str, str],
-                body: bytes) -> web.Response:
+                body: bytes) -> Answer:
         metrics.decision(status, code, time.perf_counter() - start)
-        return web.Response(status=status, body=body, headers=headers,
-                            content_type=_JSON if body else None)
+        return Answer(status, headers, body, _JSON if body else None)

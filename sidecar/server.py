@@ -25,9 +25,8 @@ from aiohttp import web
 
 from . import logs
 from .config import Settings, parse_hostport
+from .edge import Answer, Call, EdgeServer
 from .embedded import EmbeddedRedis
-
-_NOT_FOUND = b'{"error":{"message":"not found","type":"invalid_request_error","code":null}}'
 
 
 class FixedRecordRunner:
@@ -45,8 +44,8 @@ class FixedRecordRunner:
         return None
 
 
-def data_plane(settings: Settings, runner) -> web.Server:
-    """The low-level aiohttp server (no router: ~24% cheaper per call than an Application)."""
+def data_plane(settings: Settings, runner) -> EdgeServer:
+    """The data-plane routes on the bare HTTP/1.1 edge (edge.py)."""
     from .authorize import Authorizer
     from .keys import KeyHasher
 
@@ -59,23 +58,25 @@ def data_plane(settings: Settings, runner) -> web.Server:
         from .settle import Settler
         settle = Settler(settings, hasher, runner, authorize.model_cost)
 
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
-        if path.startswith("/authz") and (len(path) == 6 or path[6] == "/"):
-            return await authorize(request)
-        if path == "/settle" and settle is not None:
-            return await settle(request)
-        if path == "/healthz":
-            return web.Response(text="ok")
-        if baseline is not None:
-            if path.startswith("/bench/baseline"):
-                return await baseline(request)
-            if path == "/bench/bare":
-                return web.Response(text="ok")
-        return web.Response(status=404, body=_NOT_FOUND, content_type="application/json")
+    async def ok(_: Call) -> Answer:
+        return Answer(200, {}, b"ok", "text/plain")
 
-    return web.Server(dispatch, keepalive_timeout=settings.keepalive_timeout_s,
-                      access_log=None)
+    # (handler, eager): eager handlers run without a task of their own (see edge.py).
+    routes = {"/healthz": (ok, True)}
+    if settle is not None:
+        routes["/settle"] = (settle, False)
+    if baseline is not None:
+        routes["/bench/bare"] = (ok, True)
+
+    def route(path: str):
+        if path.startswith("/authz") and (len(path) == 6 or path[6] == "/"):
+            return authorize, True
+        if baseline is not None and path.startswith("/bench/baseline"):
+            return baseline, True
+        return routes.get(path)
+
+    return EdgeServer(route, max_body=settings.max_body_bytes,
+                      keepalive_timeout=settings.keepalive_timeout_s)
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -97,13 +98,11 @@ async def run(settings: Settings, *, data: bool, admin: bool,
 
     runner = make_runner(settings.redis_url, settings.redis_timeout_ms / 1000)
     runners: list[web.BaseRunner] = []
+    edge: EdgeServer | None = None
     if data:
         host, port = parse_hostport(settings.listen, "listen")
-        srv = web.ServerRunner(data_plane(settings, runner), handle_signals=False,
-                               shutdown_timeout=settings.shutdown_timeout_s)
-        await srv.setup()
-        await web.TCPSite(srv, host, port, reuse_port=True, backlog=2048).start()
-        runners.append(srv)
+        edge = data_plane(settings, runner)
+        await edge.listen(host, port)
     if admin:
         host, port = parse_hostport(settings.admin_listen, "admin_listen")
         app_runner = web.AppRunner(await admin_app(settings, runner), handle_signals=False,
@@ -118,8 +117,10 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     watch = loop.create_task(_supervise_redis(embedded, stop)) if embedded else None
     await stop.wait()
     logs.event("draining", pid=os.getpid(), timeout_s=settings.shutdown_timeout_s)
+    if edge is not None:
+        await edge.shutdown(settings.shutdown_timeout_s)  # in-flight calls finish first
     for r in runners:
-        await r.cleanup()  # stops accepting, waits for in-flight calls
+        await r.cleanup()
     if watch:
         watch.cancel()
     await runner.close()

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import metrics
 from .config import Settings
+from .edge import Answer, Call, json_answer
 from .keys import KeyHasher, key_type, shard_of
 from .store import names
 from .store.keystore import MAX_QUOTA
@@ -43,7 +43,6 @@ MAX_TOKENS = 10**9
 MARKER_TTL_MS = 86_400_000       # a report retried within a day is not settled again
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_JSON = "application/json"
 
 _SCRIPT_UNKNOWN, _SCRIPT_DUPLICATE = 1, 2        # settle.lua's return codes
 
@@ -126,17 +125,17 @@ class Settler:
         self._timeout = settings.redis_timeout_ms / 1000
         self._index = None      # control client, only for reports that give a key id
 
-    async def __call__(self, request: web.BaseRequest) -> web.Response:
-        if request.method != "POST":
+    async def __call__(self, call: Call) -> Answer:
+        if call.method != "POST":
             return _error(405, "method_not_allowed", "Use POST.", {"Allow": "POST"})
-        given = request.headers.get("Authorization", "").encode()
+        given = call.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, self._token):
             metrics.settlement("unauthorized")
             return _error(401, "invalid_settlement_token",
                           "Send the settlement token as 'Authorization: Bearer <token>'.",
                           {"WWW-Authenticate": 'Bearer realm="settle"'})
-        body = await _bounded_body(request)
-        if body is None:
+        body = call.body
+        if call.body_truncated or len(body) > MAX_REPORT_BYTES:
             metrics.settlement("rejected")
             return _error(413, "report_too_large", f"At most {MAX_REPORT_BYTES} bytes.")
         try:
@@ -154,7 +153,7 @@ class Settler:
             return _error(503, "service_unavailable", "Usage could not be settled now; "
                           "retry the same report.")
 
-    async def _settle(self, report: Report) -> web.Response:
+    async def _settle(self, report: Report) -> Answer:
         key_hash = self.hasher(report.key) if report.key else await self._hash_of(report.key_id)
         if key_hash is None:
             return self._unknown()
@@ -182,30 +181,15 @@ class Settler:
         return found.decode() if isinstance(found, bytes) else found
 
     @staticmethod
-    def _unknown() -> web.Response:
+    def _unknown() -> Answer:
         metrics.settlement("unknown_key")
         return _error(422, "unknown_key", "No such key (unknown, or deleted).")
 
 
-async def _bounded_body(request: web.BaseRequest) -> bytes | None:
-    """The body, or None when it is larger than a report may be."""
-    if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
-        return None
-    body = await request.content.read(MAX_REPORT_BYTES + 1)
-    while len(body) <= MAX_REPORT_BYTES:
-        chunk = await request.content.read(MAX_REPORT_BYTES + 1 - len(body))
-        if not chunk:
-            return body
-        body += chunk
-    return None
-
-
-def _json(status: int, doc: dict, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), headers=headers,
-                        content_type=_JSON)
+_json = json_answer
 
 
 def _error(status: int, code: str, message: str,
-           headers: dict[str, str] | None = None) -> web.Response:
+           headers: dict[str, str] | None = None) -> Answer:
     return _json(status, {"error": {"message": message, "type": "invalid_request_error",
                                     "code": code}}, headers)

@@ -1,0 +1,367 @@
+"""The data-plane HTTP/1.1 server: proxies' calls in, answers out, nothing else.
+
+Why not aiohttp's server here (the admin listener does use aiohttp): measured on the target
+machine, aiohttp's per-request machinery (request/response objects, header multidicts, a
+handler task, the writer) cost about 4x a bare protocol's 200 answer, more than the whole
+authorize decision. This module is that bare protocol: `httptools` (llhttp, the parser
+uvicorn uses) parses, a handler turns a `Call` into an `Answer`, and the answer goes out
+as one `write()`.
+
+Handlers are coroutines. Hot-path handlers run *eagerly*: the coroutine is stepped right
+here until it waits for Redis (a plain future), and resumed by that future's callback —
+no task per request. A denial decided without Redis is written before this call returns.
+Other handlers (settlement) run as ordinary tasks.
+
+HTTP/1.1 details kept: keep-alive (and HTTP/1.0 close), pipelined requests answered in
+order, chunked and Content-Length bodies (read up to `max_body`, the rest discarded),
+`Expect: 100-continue`, an idle timeout, 400/413/414/431 for malformed input, and a drain
+on shutdown that lets in-flight calls finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+import orjson
+
+log = logging.getLogger("sidecar.edge")
+
+MAX_URL = 8192
+MAX_HEADER_BYTES = 65536
+MAX_PIPELINED = 64        # requests queued on one connection before we stop reading it
+
+
+class Headers(dict):
+    """Request headers, names lower-cased; `get` is case-insensitive. Repeated headers are
+    joined with ',' (RFC 9110 5.3), as aiohttp's multidict `get` would not, but proxies
+    send each of ours once."""
+
+    __slots__ = ()
+
+    def get(self, name: str, default=None):  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and dict.__contains__(self, name.lower())
+
+
+@dataclass(slots=True)
+class Call:
+    """One request as a handler sees it."""
+
+    method: str
+    target: str              # path and query, as sent (e.g. /authz/v1/models?x=1)
+    path: str                # target without the query
+    headers: Headers
+    body: bytes
+    peer_ip: str             # '' for a unix-socket peer
+    body_truncated: bool = False
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    content_type: str | None = None
+
+
+Handler = Callable[[Call], Awaitable[Answer]]
+# route(path) -> (handler, eager) or None for 404
+Router = Callable[[str], "tuple[Handler, bool] | None"]
+
+
+def json_answer(status: int, doc: dict, headers: dict[str, str] | None = None) -> Answer:
+    return Answer(status, headers or {}, orjson.dumps(doc), "application/json")
+
+
+def error_answer(status: int, code: str | None, message: str) -> Answer:
+    return json_answer(status, {"error": {"message": message, "type": "invalid_request_error",
+                                          "code": code}})
+
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        reason = _REASONS.get(status, b"Unknown")
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    return line
+
+
+class _Clock:
+    """The Date header, formatted once per second, not once per answer."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self.header = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self.header = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self.header
+
+
+_clock = _Clock()
+
+
+def encode(answer: Answer, keep_alive: bool) -> bytes:
+    parts = [_status_line(answer.status), _clock.date()]
+    for name, value in answer.headers.items():
+        # Values come from our records and our own JSON; a CR/LF would split the header.
+        if "\n" in value or "\r" in value:
+            value = value.replace("\r", " ").replace("\n", " ")
+        parts.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+    if answer.content_type:
+        parts.append(b"Content-Type: " + answer.content_type.encode() + b"\r\n")
+    parts.append(b"Content-Length: %d\r\n" % len(answer.body))
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(answer.body)
+    return b"".join(parts)
+
+
+class EdgeServer:
+    """Owns the listening socket(s) and the open connections; drains on close."""
+
+    def __init__(self, router: Router, *, max_body: int, keepalive_timeout: float):
+        self.router = router
+        self.max_body = max_body
+        self.keepalive_timeout = keepalive_timeout
+        self.connections: set[_Connection] = set()
+        self.inflight = 0
+        self._servers: list[asyncio.AbstractServer] = []
+        self._idle = asyncio.Event()
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self), host, port,
+                                          reuse_port=reuse_port, backlog=2048)
+        self._servers.append(server)
+
+    def request_done(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let in-flight calls finish (up to `timeout`), close the rest."""
+        for server in self._servers:
+            server.close()
+        if self.inflight:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("shutdown: %d calls still in flight after %ss", self.inflight,
+                            timeout)
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        for server in self._servers:
+            await server.wait_closed()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse, dispatch, answer in order."""
+
+    def __init__(self, server: EdgeServer):
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.queue: collections.deque[list] = collections.deque()   # [bytes|None, keep]
+        self.closing = False
+        self.paused = False
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers = Headers()
+        self.header_bytes = 0
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.truncated = False
+        self.too_large: tuple[int, str] | None = None
+
+    # -- connection events -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.server.connections.add(self)
+        self.last_active = self.loop.time()
+        self.timer = self.loop.call_later(self.server.keepalive_timeout, self._idle_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+        if self.timer:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "upgrade_not_supported", "Protocol upgrades are not supported.")
+        except httptools.HttpParserError as exc:
+            status, code, message = 400, "bad_request", f"Malformed HTTP request: {exc}"
+            if self.too_large:
+                status, message = self.too_large
+                code = "request_too_large"
+            self._fail(status, code, message)
+
+    def _idle_check(self) -> None:
+        if self.transport is None:
+            return
+        idle = self.loop.time() - self.last_active
+        if not self.queue and idle >= self.server.keepalive_timeout:
+            self.transport.close()
+            return
+        wait = self.server.keepalive_timeout - idle if not self.queue else 1.0
+        self.timer = self.loop.call_later(max(wait, 0.05), self._idle_check)
+
+    # -- parser callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_URL:
+            self.too_large = (414, "URI too long.")
+            raise httptools.HttpParserError("URI too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self.too_large = (431, "Request headers too large.")
+            raise httptools.HttpParserError("headers too large")
+        key = name.decode("latin-1").lower()
+        text = value.decode("utf-8", "surrogateescape")
+        if key in self.headers:
+            text = dict.__getitem__(self.headers, key) + "," + text
+        dict.__setitem__(self.headers, key, text)
+
+    def on_headers_complete(self) -> None:
+        if dict.get(self.headers, "expect", "").lower() == "100-continue" and self.transport:
+            # The client waits for the go-ahead before it sends the body.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        room = self.server.max_body - self.body_size
+        if room <= 0:
+            self.truncated = True
+            return
+        if len(body) > room:
+            body = body[:room]
+            self.truncated = True
+        self.body.append(body)
+        self.body_size += len(body)
+
+    def on_message_complete(self) -> None:
+        target = self.url.decode("utf-8", "surrogateescape")
+        path = target.partition("?")[0]
+        call = Call(self.parser.get_method().decode("latin-1"), target, path, self.headers,
+                    b"".join(self.body), self.peer_ip, self.truncated)
+        slot = [None, self.parser.should_keep_alive()]
+        self.queue.append(slot)
+        if len(self.queue) > MAX_PIPELINED and not self.paused and self.transport:
+            self.transport.pause_reading()
+            self.paused = True
+        route = self.server.router(path)
+        if route is None:
+            self._finish(slot, error_answer(404, None, "not found"))
+            return
+        handler, eager = route
+        self.server.inflight += 1
+        if eager:
+            self._step(handler(call), slot)
+        else:
+            task = self.loop.create_task(handler(call))
+            task.add_done_callback(lambda t: self._task_done(t, slot))
+
+    # -- running handlers ----------------------------------------------------------------
+    def _step(self, coro, slot: list) -> None:
+        """Run the handler coroutine until it waits, the way a Task would, minus the Task."""
+        try:
+            awaited = coro.send(None)
+        except StopIteration as done:
+            self._handled(slot, done.value)
+            return
+        except Exception:  # a bug, not a decision: say so, keep the connection usable
+            log.exception("handler failed")
+            self._handled(slot, error_answer(500, "internal_error", "Internal error."))
+            return
+        if awaited is None:                       # a bare yield (asyncio.sleep(0))
+            self.loop.call_soon(self._step, coro, slot)
+        else:                                     # an asyncio future: resume when done
+            # As Task.__step does: clear the flag the future set when it was yielded, or
+            # the next coroutine awaiting the same (shared, per-batch) future is refused
+            # with "await wasn't used with future".
+            awaited._asyncio_future_blocking = False
+            awaited.add_done_callback(lambda _f: self._step(coro, slot))
+
+    def _task_done(self, task: asyncio.Task, slot: list) -> None:
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.error("handler failed", exc_info=task.exception())
+            self._handled(slot, error_answer(500, "internal_error", "Internal error."))
+        else:
+            self._handled(slot, task.result())
+
+    def _handled(self, slot: list, answer: Answer) -> None:
+        self.server.request_done()
+        self._finish(slot, answer)
+
+    def _finish(self, slot: list, answer: Answer) -> None:
+        keep = slot[1] and not self.closing
+        slot[0] = encode(answer, keep)
+        slot[1] = keep
+        queue, transport = self.queue, self.transport
+        while queue and queue[0][0] is not None:
+            data, keep = queue.popleft()
+            if transport is None:
+                continue
+            transport.write(data)
+            if not keep:
+                transport.close()
+                self.transport = transport = None
+        if self.paused and len(queue) < MAX_PIPELINED // 4 and transport is not None:
+            transport.resume_reading()
+            self.paused = False
+        if self.closing and not queue and transport is not None:
+            transport.close()
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """A request we cannot parse: answer it (after any queued answers) and close."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        slot = [None, False]
+        self.queue.append(slot)
+        self._finish(slot, error_answer(status, code, message))
+
+    def close_when_idle(self) -> None:
+        self.closing = True
+        if not self.queue and self.transport is not None:
+            self.transport.close()
