@@ -223,7 +223,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "upgrade_not_supported", "Protocol upgrades are not supported.")
+            # The request itself was complete and is answered as any other; we just do
+            # not switch protocols: close once its answer is out.
+            self.close_when_idle()
         except httptools.HttpParserError as exc:
             status, code, message = 400, "bad_request", f"Malformed HTTP request: {exc}"
             if self.too_large:
@@ -363,5 +365,7 @@ class _Connection(asyncio.Protocol):
 
     def close_when_idle(self) -> None:
         self.closing = True
-        if not self.queue and self.transport is not None:
-            self.transport.close()
+        if self.transport is not None:
+            self.transport.pause_reading()
+            if not self.queue:
+                self.transport.close()
