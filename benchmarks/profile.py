@@ -1,7 +1,9 @@
 """Where the sidecar's time per call goes: py-spy on a worker under the authorize load.
 
-py-spy samples the worker's Python stacks (`record --format speedscope --nonblocking`,
-so the target is never paused) while wrk drives /authz at the main concurrency. Self time
+py-spy samples the worker's Python stacks (`record --format speedscope`; each sample pauses
+the worker for a moment: `--nonblocking` read stacks mid-change and charged ~5x too much to
+the frames around socket writes on this machine) while wrk drives /authz at the main
+concurrency. Only the event-loop thread counts (the thread pool's idle waits are noise). Self time
 per function, divided by the calls answered meanwhile, gives microseconds per call. C code
 shows up as the Python frame that called it: uvloop's own loop (epoll, socket reads) as
 the loop runner's self time, a `transport.write` as the caller's, and so on.
@@ -82,7 +84,7 @@ def profile_worker(pid: int, url: str, path: str, key_file: Path, load: Load,
     time.sleep(1.0)
     spy = subprocess.run(
         [binary, "record", "--pid", str(pid), "--rate", str(rate), "--duration",
-         str(seconds), "--nonblocking", "--format", "speedscope", "--output", str(out)],
+         str(seconds), "--format", "speedscope", "--output", str(out)],
         capture_output=True, text=True, timeout=seconds + 60)
     driver.join()
     if spy.returncode != 0 or not out.exists():
@@ -111,6 +113,8 @@ def summarise(doc: dict, cpu_us_per_call: float, top: int = 25) -> dict:
     busy = 0.0
     samples = 0
     for prof in doc["profiles"]:
+        if "MainThread" not in prof.get("name", "MainThread"):
+            continue
         weights = prof.get("weights") or [1.0] * len(prof["samples"])
         for stack, weight in zip(prof["samples"], weights, strict=False):
             if not stack:
@@ -157,7 +161,7 @@ def render_markdown(summary: dict, command: str, machine: str,
     lines = [
         "# Profile of the authorize path",
         "",
-        f"py-spy `record --nonblocking --rate {summary['rate_hz']}` on the one sidecar worker "
+        f"py-spy `record --rate {summary['rate_hz']}` (main thread) on the one sidecar worker "
         f"for {summary['seconds']} s while wrk drove `POST "
         f"{summary.get('path', '/authz/v1/chat/completions')}` "
         f"(random keys, c{w['connections']}): {w['rps']:,.0f} req/s, "

@@ -142,8 +142,9 @@ def results_markdown(results: dict) -> str:
         "",
         ("> **Quick run** (short runs, one concurrency): a smoke figure, not the measurement."
          if quick else
-         "> Full run. The machine is shared (2 cores): absolute numbers drift ±10% between "
-         "runs; the ratios, measured in the same run, are what carries."
+         "> Full run. The ratios, measured in the same run, are what carries; absolute "
+         "numbers depend on what else the 2 cores were doing (see Noise: ±10% between runs "
+         "on a quiet machine)."
          if meta["mode"] == "full" else
          "> **Custom run** (shorter, smaller or partial, see the command): not the full "
          "measurement."),
