@@ -130,6 +130,7 @@ class Pipeline:
         self._connecting: asyncio.Task | None = None
         # This tick's calls: batches of at most `max_batch` commands, one future each.
         self._pending: list[tuple[list[bytes], asyncio.Future]] = []
+        self._scheduled = False
         self._loop = asyncio.get_event_loop()
         self.closed = False
 
@@ -137,12 +138,22 @@ class Pipeline:
     def submit(self, command: bytes) -> tuple[asyncio.Future, int]:
         pending = self._pending
         if not pending or len(pending[-1][0]) >= self.max_batch:
-            if not pending:
-                self._loop.call_soon(self._flush)
             pending.append(([], self._loop.create_future()))
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._flush_tick)
         commands, future = pending[-1]
         commands.append(command)
+        if len(commands) >= self.max_batch:
+            # A full batch leaves now, not at the end of the tick: Redis runs its scripts
+            # while we parse the next calls, instead of the two taking turns.
+            self._flush()
         return future, len(commands) - 1
+
+    def _flush_tick(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            self._flush()
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
