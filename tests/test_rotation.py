@@ -49,6 +49,24 @@ def test_rotation_with_a_grace_window(plane: Plane, project: str):
     assert (again.status, again.param) == (409, "rotated_to")
 
 
+def test_old_and_new_key_share_one_quota_during_grace(plane: Plane, project: str):
+    """The grace window must not double the remaining quota: both keys draw on one pool,
+    raced with real calls; quota shown and set on either key is the pool's."""
+    old = plane.ok("POST", "/keys", {"project_id": project, "quota": 9})
+    assert plane.authz(old["key"]).status == 200                  # 8 left
+    rotated = plane.ok("POST", f"/keys/{old['id']}/rotate", {"grace_seconds": 60})
+    keys = [old["key"], rotated["key"]] * 10
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda k: plane.authz(k).status, keys))
+    assert statuses.count(200) == 8 and statuses.count(402) == 12
+    assert plane.ok("GET", f"/keys/{old['id']}")["quota_remaining"] == 0
+    assert plane.ok("GET", f"/keys/{rotated['id']}")["quota_remaining"] == 0
+    plane.ok("POST", f"/keys/{rotated['id']}/quota", {"set": 2})
+    assert plane.ok("GET", f"/keys/{old['id']}")["quota_remaining"] == 2
+    assert [plane.authz(k).status for k in (old["key"], rotated["key"], old["key"])] == \
+        [200, 200, 402]
+
+
 def test_rotation_without_grace_ends_the_old_key_at_once(plane: Plane, project: str):
     old = plane.ok("POST", "/keys", {"project_id": project, "unlimited": True})
     rotated = plane.ok("POST", f"/keys/{old['id']}/rotate")

@@ -4,7 +4,8 @@
 -- in fixed windows (window id = floor(now / 60000)).
 --
 -- KEYS[1]  key record hash     k:{tag}:<hash>
--- KEYS[2]  wallet hash         w:{tag}        (PAYG balances; field = account id)
+-- KEYS[2]  wallet hash         w:{tag}        (PAYG balances, field = account id; and
+--                                             quota pools, field = 'q:' .. pool id)
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  cost                units this call reserves
 -- ARGV[3]  client ip           32 hex digits (IPv4 mapped into IPv6), '' if unknown
@@ -24,7 +25,7 @@ local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'st', 'ex', 'ips', 'm', 'pm', 'sc',          -- 1..8
   'ul', 'qr', 'rpm', 'rw', 'rc', 'tpm', 'tw', 'tc',      -- 9..16
   'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'org', 'prj',      -- 17..24
-  'qu', 'n', 'pu')                                        -- 25..27
+  'qu', 'n', 'pu', 'qp')                                  -- 25..28
 local id = f[1]
 if not id then return {1} end
 local now = tonumber(ARGV[1])
@@ -94,7 +95,10 @@ end
 
 -- Quota: subscription cycle (renewed here, atomically), PAYG fallback, or own quota.
 local cost, typ = tonumber(ARGV[2]), f[2]
-local qr = tonumber(f[10] or '0')
+-- A rotated key and its successor share one quota pool in the wallet hash (same tag),
+-- so the grace window does not double the remaining quota.
+local pool = f[28] and ('q:' .. f[28])
+local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f[10] or '0')
 local cq, cu = tonumber(f[17] or '0'), tonumber(f[18] or '0')
 local ce, cp = tonumber(f[19] or '0'), tonumber(f[20] or '0')
 local pay_wallet = false
@@ -132,7 +136,11 @@ if typ == 'b' then
     put('cu', cu + cost)
   end
 elseif f[9] ~= '1' then
-  put('qr', qr - cost)
+  if pool then
+    redis.call('HINCRBY', KEYS[2], pool, -cost)
+  else
+    put('qr', qr - cost)
+  end
 end
 redis.call('HSET', KEYS[1], unpack(set))
 return answer(0, 1)

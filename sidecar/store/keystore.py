@@ -22,13 +22,15 @@ is kept in memory for every key. The authorize script reads and writes the same 
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ..keys import TYPE_CODE, TYPE_OF_CODE, KeyHasher, KeyType, mint, new_id
+from ..keys import TYPE_CODE, TYPE_OF_CODE, KeyHasher, KeyType, mint, new_id, shard_of
 from ..request import network_entry
 from . import names
+from .scripts import POOL_QUOTA
 
 MAX_QUOTA = 10**12        # Lua numbers are doubles: stay well inside exact integers
 PERMISSIONS = {"all": "a", "restricted": "r", "read-only": "ro"}
@@ -112,6 +114,8 @@ def validate_spec(spec: KeySpec, now: datetime | None = None) -> dict[str, str]:
             nets.append(network_entry(ip))
         except ValueError:
             raise InvalidKeySpec(f"ips: {ip!r} is not an IP address or CIDR") from None
+    if spec.account is not None:
+        check_account(spec.account)
     if not 1 <= spec.cycle_days <= 3660:
         raise InvalidKeySpec("cycle_days: must be between 1 and 3660")
     if len(spec.name) > 200:
@@ -135,6 +139,15 @@ def validate_spec(spec: KeySpec, now: datetime | None = None) -> dict[str, str]:
                 "mem": spec.member, "sa": spec.service_account, "sub": spec.subscription}
     rec.update({k: v for k, v in optional.items() if v})
     return rec
+
+
+_ACCOUNT = re.compile(r"[A-Za-z0-9_.@+-]{1,128}")
+
+
+def check_account(account: str) -> None:
+    """Account ids are wallet fields; no ':' so they never collide with a quota pool."""
+    if not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
+        raise InvalidKeySpec(f"account: {account!r} is not 1-128 of [A-Za-z0-9_.@+-]")
 
 
 def view(rec: dict[str, str], now_ms: int | None = None) -> dict:
@@ -218,7 +231,12 @@ class KeyStore:
         raw = await self.redis.hgetall(names.record(key_hash))
         if not raw:
             raise KeyError_(f"no key with id {key_id!r}")
-        return key_hash, {_s(k): _s(v) for k, v in raw.items()}
+        rec = {_s(k): _s(v) for k, v in raw.items()}
+        if rec.get("qp"):   # a rotation's shared pool holds the remaining quota
+            pooled = await self.redis.hget(names.wallet(shard_of(key_hash)),
+                                           names.pool_field(rec["qp"]))
+            rec["qr"] = _s(pooled or 0)
+        return key_hash, rec
 
     async def get(self, key_id: str) -> dict:
         return view((await self.record(key_id))[1])
@@ -324,12 +342,22 @@ class KeyStore:
         typ = TYPE_OF_CODE.get(rec.get("t", "s"), KeyType.standard)
         new = {f: rec[f] for f in ROTATION_COPIED if rec.get(f)}
         new.update(id=new_id("key"), st="a", ca=str(now), cb=created_by, qu="0", rf=key_id)
-        shard = self.hasher.account_tag(rec["ow"]) if rec.get("ow") else None
-        plaintext, new_hash = mint(typ, self.hasher, shard)
+        # The successor shares the old key's hash tag, so both records and their shared
+        # quota pool (in the tag's wallet hash) sit in one slot: during the grace window
+        # the two keys draw on one remaining quota, not two copies of it.
+        plaintext, new_hash = mint(typ, self.hasher, shard_of(key_hash))
+        pooled = typ is not KeyType.subscription and rec.get("ul") != "1"
+        if pooled:
+            new["qp"] = rec.get("qp") or key_id
+            new.pop("qr", None)
         await self.redis.hset(names.record(new_hash), mapping=new)
         await self.redis.hset(names.KEY_INDEX, new["id"], new_hash)
         for owner in _owners(new):
             await self.redis.sadd(names.OWNER_INDEX + owner, new["id"])
+        if pooled and not rec.get("qp"):  # the old key's remaining quota becomes the pool
+            await self.redis.eval(POOL_QUOTA.source, 2, names.record(key_hash),
+                                  names.wallet(shard_of(key_hash)),
+                                  names.pool_field(new["qp"]), new["qp"])
         old = {"rt": new["id"]}
         if grace_ms <= 0:
             old.update(st="d", dr="rotated")
@@ -369,7 +397,14 @@ class KeyStore:
         if not (-MAX_QUOTA <= quota <= MAX_QUOTA) or (quota < 0 and not add):
             raise InvalidKeySpec(f"quota: must be between 0 and {MAX_QUOTA}")
         field_ = "cq" if rec.get("t") == "b" else "qr"
-        if add:
+        if field_ == "qr" and rec.get("qp"):   # the rotation pool holds it
+            wallet, pool = names.wallet(shard_of(key_hash)), names.pool_field(rec["qp"])
+            if add:
+                await self.redis.hincrby(wallet, pool, quota)
+            else:
+                await self.redis.hset(wallet, pool, str(quota))
+            await self.redis.hset(rkey, "ul", "0")
+        elif add:
             await self.redis.hincrby(rkey, field_, quota)
         else:
             await self.redis.hset(rkey, mapping={field_: str(quota), "ul": "0"})
@@ -384,6 +419,7 @@ class KeyStore:
 
     async def set_balance(self, account: str, units: int, add: bool = False) -> int:
         """PAYG balance of an account (the wallet its subscription keys fall back to)."""
+        check_account(account)
         if not -MAX_QUOTA <= units <= MAX_QUOTA or (units < 0 and not add):
             raise InvalidKeySpec(f"balance: must be between 0 and {MAX_QUOTA}")
         wallet = names.wallet(self.hasher.account_tag(account))
@@ -393,6 +429,7 @@ class KeyStore:
         return units
 
     async def balance(self, account: str) -> int:
+        check_account(account)
         value = await self.redis.hget(names.wallet(self.hasher.account_tag(account)), account)
         return int(value or 0)
 

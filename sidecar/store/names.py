@@ -17,8 +17,14 @@ def record(key_hash: str) -> str:
 
 
 def wallet(shard: str) -> str:
-    """Hash: PAYG balances, field = account id, for the accounts whose tag is `shard`."""
+    """Hash: PAYG balances, field = account id, for the accounts whose tag is `shard`;
+    and quota pools shared by a rotated key and its successor, field = pool_field(id)."""
     return f"w:{{{shard}}}"
+
+
+def pool_field(pool_id: str) -> str:
+    """Wallet field of a shared quota pool. Account ids cannot contain ':' (keystore)."""
+    return "q:" + pool_id
 
 
 def settlement(key_hash: str, request_id: str) -> str:

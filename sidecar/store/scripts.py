@@ -15,4 +15,5 @@ class Script:
 
 AUTHORIZE = Script("authorize")
 SETTLE = Script("settle")
-ALL = (AUTHORIZE, SETTLE)
+ALL = (AUTHORIZE, SETTLE)          # the hot path's scripts, loaded on every connection
+POOL_QUOTA = Script("pool_quota")  # control plane (rotation), sent with EVAL

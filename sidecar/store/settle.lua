@@ -6,7 +6,8 @@
 -- same fixed windows authorize.lua reads from the record fields tw / tc).
 --
 -- KEYS[1]  key record hash     k:{tag}:<hash>
--- KEYS[2]  wallet hash         w:{tag}             (PAYG balances; field = account id)
+-- KEYS[2]  wallet hash         w:{tag}             (PAYG balances, field = account id;
+--                                                  quota pools, field = 'q:' .. pool id)
 -- KEYS[3]  settlement marker   u:{tag}:<hash16>:<request id>
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  reserved            units authorize reserved for this call
@@ -31,7 +32,7 @@
 
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'ul', 'qu', 'tw', 'tc',                      -- 1..6
-  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu')               -- 7..13
+  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp')         -- 7..14
 if not f[1] then return {1} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
 
@@ -65,7 +66,11 @@ if f[2] == 'b' then
   end
   put('cu', math.max(cu + delta - from_wallet, 0))
 elseif f[3] ~= '1' and delta ~= 0 then
-  redis.call('HINCRBY', KEYS[1], 'qr', -delta)
+  if f[14] then   -- a rotated key's shared quota pool (see authorize.lua)
+    redis.call('HINCRBY', KEYS[2], 'q:' .. f[14], -delta)
+  else
+    redis.call('HINCRBY', KEYS[1], 'qr', -delta)
+  end
 end
 
 redis.call('HSET', KEYS[1], unpack(set))
