@@ -45,7 +45,12 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
         xs = [r["connections"] for r in runs]
         color, marker = STYLES.get(name, ("black", "x"))
         label = LABELS.get(name, name)
-        left.plot(xs, [r["rps"] for r in runs], marker=marker, color=color, label=label)
+        rps = [r["rps"] for r in runs]
+        # error bars: min-max of req/s over the interleaved rounds (none with one round)
+        spans = [(r.get("spread") or {}).get("rps") or [r["rps"], r["rps"]] for r in runs]
+        left.errorbar(xs, rps, yerr=[[v - lo for v, (lo, _) in zip(rps, spans, strict=True)],
+                                     [hi - v for v, (_, hi) in zip(rps, spans, strict=True)]],
+                      marker=marker, color=color, label=label, capsize=3)
         right.plot(xs, [r["latency_ms"]["p99"] for r in runs], marker=marker, color=color,
                    label=label)
         cost.plot(xs, [r.get("server_and_redis_cpu_us_per_call") or 0 for r in runs],
@@ -69,12 +74,41 @@ def plot_sweep(results: dict, path: Path) -> Path | None:
     left.legend(fontsize=8)
     meta = results["meta"]
     fig.suptitle(f"1 sidecar worker, {results['keys']['count']:,} keys, "
-                 f"{meta['settings']['duration_s']:g} s runs — {machine_line(meta)}",
+                 f"{_rounds_text(meta)} — {machine_line(meta)}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _repeat(meta: dict) -> int:
+    return int(meta.get("settings", {}).get("repeat", 1))
+
+
+def _rounds_text(meta: dict) -> str:
+    n, d = _repeat(meta), meta["settings"]["duration_s"]
+    return f"{d:g} s runs" if n == 1 else f"medians of {n} interleaved {d:g} s runs"
+
+
+def _span(values: list[float] | None, fmt: str = "{:,.0f}") -> str:
+    """' (lo–hi)' when there was more than one round, else nothing."""
+    if not values or None in values:
+        return ""
+    return f" ({fmt.format(values[0])}–{fmt.format(values[1])})"
+
+
+def _rps(r: dict) -> str:
+    spread = (r.get("spread") or {}).get("rps") if r.get("repeats", 1) > 1 else None
+    return f"{r['rps']:,.0f}" + _span(spread)
+
+
+def _ratio_cell(medians: dict, spread: dict | None, key: str, rounds: int) -> str:
+    value = medians.get(key)
+    if value is None:
+        return "-"
+    span = (spread or {}).get(key) if rounds > 1 else None
+    return f"{value}" + _span(span, "{}")
 
 
 def all_runs(results: dict) -> list[dict]:
@@ -87,7 +121,9 @@ def all_runs(results: dict) -> list[dict]:
 
 def noise_line(results: dict) -> str:
     """How much of the machine other processes took while this run measured."""
-    others = [r.get("other_processes_cpu_percent") for r in all_runs(results)]
+    # every round counts: the median of a cell would hide a burst during one round
+    others = [o.get("other_processes_cpu_percent") for r in all_runs(results)
+              for o in (r.get("rounds") or [r])]
     others = [o for o in others if o is not None]
     if not others:
         return ""
@@ -111,7 +147,7 @@ def _mib(n: float | None) -> str:
 def _run_row(label: str, r: dict, cost: bool = False) -> str:
     lat = r["latency_ms"]
     extra = f" {r.get('server_and_redis_cpu_us_per_call', '-')} |" if cost else ""
-    return (f"| {label} | {r['rps']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} |{extra} "
+    return (f"| {label} | {_rps(r)} | {lat['p50']:.2f} | {lat['p99']:.2f} |{extra} "
             f"{_cpu(r)} |")
 
 
@@ -131,6 +167,11 @@ def results_markdown(results: dict) -> str:
     meta, main, keys = results["meta"], results["main"], results["keys"]
     c = main["concurrency"]
     ratios = main["ratios"]
+    spread = main.get("ratio_spread") or {}
+    n = _repeat(meta)
+
+    def cell(key: str) -> str:
+        return _ratio_cell(ratios, spread, key, n)
     rt = results["round_trips"]
     mem = results["memory"]
     targets = results["targets"]
@@ -143,8 +184,8 @@ def results_markdown(results: dict) -> str:
         ("> **Quick run** (short runs, one concurrency): a smoke figure, not the measurement."
          if quick else
          "> Full run. The ratios, measured in the same run, are what carries; absolute "
-         "numbers depend on what else the 2 cores were doing (see Noise: ±10% between runs "
-         "on a quiet machine)."
+         "numbers depend on what else the 2 cores were doing (see Noise: a single run "
+         "moves ±20% on this shared machine, hence the medians of interleaved rounds)."
          if meta["mode"] == "full" else
          "> **Custom run** (shorter, smaller or partial, see the command): not the full "
          "measurement."),
@@ -157,7 +198,8 @@ def results_markdown(results: dict) -> str:
         f"Machine: {machine_line(meta)}; {meta['nginx']}; {meta['wrk'].split(' [')[0]}  ",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in meta["packages"].items()) + "  ",
         f"Load: wrk -t{meta['settings']['wrk_threads']}, "
-        f"{meta['settings']['duration_s']:g} s per run, every request a `POST "
+        f"{meta['settings']['duration_s']:g} s per run"
+        + (f", {n} rounds per cell" if n > 1 else "") + ", every request a `POST "
         "/v1/chat/completions` JSON body with a Bearer key drawn at random from "
         f"{keys['count']:,} keys (standard keys with a finite quota and an rpm limit far above "
         "the load, so each call runs every check, the quota decrement and the rate window). "
@@ -165,6 +207,7 @@ def results_markdown(results: dict) -> str:
         "",
         noise_line(results),
         "",
+        *([repeat_method(n), ""] if n > 1 else []),
         f"## The authorize path at c{c} (1 sidecar worker)",
         "",
         "| handler | req/s | p50 ms | p99 ms | µs CPU/call (server + Redis) | "
@@ -176,24 +219,25 @@ def results_markdown(results: dict) -> str:
             out.append(_run_row(LABELS[name], main[name], cost=True))
     out += [
         "",
-        "| ratio | value | issue 5 target |",
+        ("| ratio | median of the per-round ratios (min–max over rounds) | issue 5 target |"
+         if n > 1 else "| ratio | value | issue 5 target |"),
         "|---|---:|---|",
-        f"| authorize / baseline req/s | {ratios['authorize_over_baseline']} | "
+        f"| authorize / baseline req/s | {cell('authorize_over_baseline')} | "
         f"≥ {targets['authorize_over_baseline']} "
         f"({_ok(ratios['authorize_over_baseline'], targets['authorize_over_baseline'])}) |",
-        f"| authorize / baseline p99 | {ratios['p99_authorize_over_baseline']} | "
+        f"| authorize / baseline p99 | {cell('p99_authorize_over_baseline')} | "
         f"≤ {targets['p99_authorize_over_baseline_max']} ({p99_ok}) |",
-        f"| authorize / bare req/s | {ratios['authorize_over_bare']} | reported |",
-        f"| baseline / bare req/s | {ratios['baseline_over_bare']} | reported |",
+        f"| authorize / bare req/s | {cell('authorize_over_bare')} | reported |",
+        f"| baseline / bare req/s | {cell('baseline_over_bare')} | reported |",
     ]
     if "authorize_over_nginx_lua" in ratios:
-        out.append(f"| authorize / NGINX+Lua, 1 worker | {ratios['authorize_over_nginx_lua']} "
+        out.append(f"| authorize / NGINX+Lua, 1 worker | {cell('authorize_over_nginx_lua')} "
                    f"| ≥ {targets['authorize_over_nginx_lua']} with all workers (below) |")
     for key, label in (("cpu_baseline_over_authorize", "baseline / authorize"),
                        ("cpu_bare_over_authorize", "bare / authorize"),
                        ("cpu_nginx_lua_over_authorize", "NGINX+Lua / authorize")):
         if ratios.get(key) is not None:
-            out.append(f"| CPU per call, {label} | {ratios[key]} | reported |")
+            out.append(f"| CPU per call, {label} | {cell(key)} | reported |")
     out += [
         "",
         "Baseline: `/bench/baseline/...` runs the same `Authorizer` (body read, key hash, "
@@ -234,10 +278,24 @@ def results_markdown(results: dict) -> str:
     ]
     for name, runs in results["sweep"].items():
         for r in sorted(runs, key=lambda r: r["connections"]):
-            out.append(f"| {LABELS.get(name, name)} | {r['connections']} | {r['rps']:,.0f} | "
+            out.append(f"| {LABELS.get(name, name)} | {r['connections']} | {_rps(r)} | "
                        f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | "
                        f"{r.get('server_and_redis_cpu_us_per_call', '-')} | "
                        f"{r.get('calls_per_round_trip') or '-'} |")
+    if results.get("sweep_ratios"):
+        peer = any("authorize_over_nginx_lua" in row["ratios"]
+                   for row in results["sweep_ratios"])
+        out += ["", "| c | authorize / baseline | authorize / bare | p99 authorize / baseline"
+                + (" | authorize / NGINX+Lua |" if peer else " |"),
+                "|---:|---:|---:|---:|" + ("---:|" if peer else "")]
+        for row in sorted(results["sweep_ratios"], key=lambda r: r["connections"]):
+            cols = ["authorize_over_baseline", "authorize_over_bare",
+                    "p99_authorize_over_baseline"] + (["authorize_over_nginx_lua"]
+                                                      if peer else [])
+            out.append(f"| {row['connections']} | " + " | ".join(
+                _ratio_cell(row["ratios"], row["spread"], k, n) for k in cols) + " |")
+        if n > 1:
+            out += ["", "Ratios: median of the per-round ratios (min–max over the rounds)."]
     if "workers" in results:
         out += ["", f"## Workers (c{c})", "",
                 "| workers | sidecar req/s | NGINX+Lua req/s | sidecar / peer | bare req/s | "
@@ -246,11 +304,13 @@ def results_markdown(results: dict) -> str:
         for row in results["workers"]:
             a = row["authorize"]
             peer = row.get("nginx_lua")
-            peer_rps = f"{peer['rps']:,.0f}" if peer else "-"
+            peer_rps = _rps(peer) if peer else "-"
+            ratio = _ratio_cell(row, {"authorize_over_nginx_lua":
+                                      row.get("authorize_over_nginx_lua_spread")},
+                                "authorize_over_nginx_lua", n)
             out.append(
-                f"| {row['workers']} | {a['rps']:,.0f} | {peer_rps} | "
-                f"{row.get('authorize_over_nginx_lua') or '-'} | "
-                f"{row['bare']['rps']:,.0f} | {a['saturation']['verdict']} | {_cpu(a)} |")
+                f"| {row['workers']} | {_rps(a)} | {peer_rps} | {ratio} | "
+                f"{_rps(row['bare'])} | {a['saturation']['verdict']} | {_cpu(a)} |")
         out += ["", "CPU% is per process group, 100% = one core (sidecar = all its workers; "
                 "nginx_lua = the peer's workers; wrk = the load generator). A single-threaded "
                 "process at ≥ 85% is named as saturated."]
@@ -296,23 +356,41 @@ def results_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def repeat_method(n: int) -> str:
+    return (f"Method: every cell of the sweep (which holds the c64 comparison) and of the "
+            f"workers section was measured {n} times, interleaved across the targets "
+            "compared (A B C D, A B C D, ...), so each round's runs are seconds apart. "
+            "req/s, p50, p99, CPU% and CPU per call are the medians over the rounds, "
+            "with the min–max of req/s in brackets. Every ratio is the **median of the "
+            "per-round ratios** (each round's ratio divides figures measured seconds "
+            "apart), with its min–max over the rounds in brackets; it is not the ratio of "
+            "the medians. The edge and profile sections are single runs.")
+
+
 def summary_lines(results: dict) -> list[str]:
     main = results["main"]
     r = main["ratios"]
-    lines = ["", f"== c{main['concurrency']}, 1 worker =="]
+    n = main.get("repeat", 1)
+    spread = main.get("ratio_spread") or {}
+
+    def cell(key: str) -> str:
+        return _ratio_cell(r, spread, key, n)
+    lines = ["", f"== c{main['concurrency']}, 1 worker"
+             + (f", medians of {n} interleaved rounds" if n > 1 else "") + " =="]
     for problem in results.get("problems", []):
         lines.append(f"  !! INVALID: {problem}")
     for name in ("authorize", "baseline", "bare", "nginx_lua"):
         if name in main:
             run = main[name]
-            lines.append(f"  {LABELS[name]:<22} {run['rps']:>9,.0f} req/s  "
+            lines.append(f"  {LABELS[name]:<22} {_rps(run):>9} req/s  "
                          f"p50 {run['latency_ms']['p50']:6.2f} ms  "
                          f"p99 {run['latency_ms']['p99']:6.2f} ms")
-    lines.append(f"  authorize/baseline {r['authorize_over_baseline']}  "
-                 f"authorize/bare {r['authorize_over_bare']}  "
-                 f"p99 authorize/baseline {r['p99_authorize_over_baseline']}"
-                 + (f"  authorize/nginx_lua {r['authorize_over_nginx_lua']}"
-                    if "authorize_over_nginx_lua" in r else ""))
+    lines.append(f"  authorize/baseline {cell('authorize_over_baseline')}  "
+                 f"authorize/bare {cell('authorize_over_bare')}  "
+                 f"p99 authorize/baseline {cell('p99_authorize_over_baseline')}"
+                 + (f"  authorize/nginx_lua {cell('authorize_over_nginx_lua')}"
+                    if "authorize_over_nginx_lua" in r else "")
+                 + ("  (median of per-round ratios, min-max)" if n > 1 else ""))
     lines.append("  µs CPU/call (server + Redis): " + ", ".join(
         f"{n} {main[n].get('server_and_redis_cpu_us_per_call')}"
         for n in ("authorize", "baseline", "bare", "nginx_lua") if n in main))
@@ -325,8 +403,10 @@ def summary_lines(results: dict) -> list[str]:
                      f"-> ceiling ~{script['decisions_per_s_ceiling']:,} decisions/s")
     for row in results.get("workers", []):
         peer = row.get("nginx_lua")
-        lines.append(f"  workers {row['workers']}: sidecar {row['authorize']['rps']:,.0f}"
-                     + (f"  peer {peer['rps']:,.0f}  ratio {row['authorize_over_nginx_lua']}"
+        lines.append(f"  workers {row['workers']}: sidecar {_rps(row['authorize'])}"
+                     + (f"  peer {_rps(peer)}  ratio {row['authorize_over_nginx_lua']}"
+                        + (_span(row.get("authorize_over_nginx_lua_spread"), "{}")
+                           if n > 1 else "")
                         if peer else "")
                      + f"  ({row['authorize']['saturation']['verdict']})")
     if "edge" in results:

@@ -1,13 +1,17 @@
 """The performance benchmark (issue 5): one command, every figure, one machine, one run.
 
-    python -m benchmarks.run            # full: c16/64/256, 8 s runs, profile, ~3-4 min
-    python -m benchmarks.run --quick    # c64 only, 3 s runs, no profile, ~1 min
+    python -m benchmarks.run            # full: c16/64/256, 3 rounds of 5 s runs, profile, ~6 min
+    python -m benchmarks.run --quick    # c64 only, 1 round of 3 s runs, no profile, ~1 min
+    python -m benchmarks.run --quick --repeat 2
     python -m benchmarks.run --keys 1000000 --duration 10 --concurrency 64,256
 
 It starts its own redis-server (temp dir, free port), loads N keys, starts the sidecar
 (`--workers 1`, bench routes on) and the NGINX + Lua peer, then drives each with wrk:
   sweep    authorize, baseline (same request work, fixed record, no Redis), bare handler
            and the NGINX + Lua peer at each concurrency
+  repeat   the sweep (which holds the main c64 comparison) and the workers runs measure
+           each cell --repeat N times, interleaved (A B C D, A B C D, ...); figures are
+           medians, ratios the median of the per-round ratios, min-max kept as spread
   profile  py-spy on the sidecar worker under the authorize load (PROFILE.md)
   edge     NGINX auth_request + sidecar vs the same NGINX proxying without auth
   workers  sidecar and peer with --workers N / worker_processes N, CPU% per process
@@ -42,6 +46,7 @@ from sidecar.store import names  # noqa: E402
 from .keyload import load_keys, write_key_file  # noqa: E402
 from .load import Load, run_wrk  # noqa: E402
 from .procs import Nginx, Processes, Sidecar, free_port, rss_bytes  # noqa: E402
+from .repeat import combine, median_ratios  # noqa: E402
 from .stats import (  # noqa: E402
     redis_cpu_seconds,
     round_trip_figures,
@@ -82,8 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="c64 only, 3 s runs, 1 s warm-up, no profile, not published")
-    p.add_argument("--duration", type=float, help="seconds per wrk run (full: 8, quick: 3)")
+                   help="c64 only, 3 s runs, 1 round, 1 s warm-up, no profile, not published")
+    p.add_argument("--duration", type=float,
+                   help="seconds per wrk run (full: 5 with --repeat > 1, else 8; quick: 3)")
+    p.add_argument("--repeat", type=int,
+                   help="interleaved rounds per sweep/workers cell; medians reported "
+                        "(full: 3, quick: 1)")
     p.add_argument("--concurrency", type=_ints, help="connections for the sweep/plot "
                    "(full: 16,64,256; quick: 64)")
     p.add_argument("--main-concurrency", type=int, default=64,
@@ -107,7 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-publish", action="store_true", help="write the timestamped JSON only")
     args = p.parse_args(argv)
     quick = args.quick
-    args.duration = args.duration or (3.0 if quick else 8.0)
+    args.repeat = args.repeat or (1 if quick else 3)
+    # N rounds of 5 s keep a full run near 6 minutes; one round alone gets the longer 8 s.
+    args.duration = args.duration or (3.0 if quick else 5.0 if args.repeat > 1 else 8.0)
     args.concurrency = args.concurrency or ([64] if quick else [16, 64, 256])
     args.warmup = (1.0 if quick else 2.0) if args.warmup is None else args.warmup
     if args.profile is None:
@@ -118,8 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.publish = None
     elif args.publish is None and not quick:
         args.publish = HERE
-    if args.keys < 1 or args.main_concurrency < 1 or args.wrk_threads < 1:
-        p.error("--keys, --main-concurrency and --wrk-threads must be positive")
+    if min(args.keys, args.main_concurrency, args.wrk_threads, args.repeat) < 1:
+        p.error("--keys, --main-concurrency, --wrk-threads and --repeat must be positive")
     return args
 
 
@@ -244,7 +255,7 @@ class Bench:
         return groups
 
     def measure(self, stack: Stack, name: str, connections: int,
-                duration: float | None = None) -> dict:
+                duration: float | None = None, label: str = "") -> dict:
         url, path = stack.target(name)
         client = self.redis.client()
         counters = sidecar_counters(stack.sidecar.metrics()) if name == "authorize" else None
@@ -270,15 +281,39 @@ class Bench:
         if counters is not None:
             run.update(round_trip_figures(counters,
                                           sidecar_counters(stack.sidecar.metrics())))
-        run["saturation"] = saturation(
-            run, {"sidecar": stack.workers, "redis": 1, "wrk": self.args.wrk_threads,
-                  **({"nginx_lua": stack.workers} if stack.peer else {})}, os.cpu_count() or 1)
+        run["saturation"] = self.saturation(stack, run)
         flag = "" if run["non_2xx"] == 0 and run["socket_errors"] == 0 else \
             f"  !! non-2xx {run['non_2xx']} socket errors {run['socket_errors']}"
-        self.log(f"w{stack.workers} {name:<10} c{connections:<4} {run['rps']:>9,.0f} req/s  "
+        self.log(f"w{stack.workers} {name:<10} c{connections:<4}{label} "
+                 f"{run['rps']:>9,.0f} req/s  "
                  f"p50 {run['latency_ms']['p50']:.2f} ms  p99 {run['latency_ms']['p99']:.2f} ms"
                  f"{flag}")
         return run
+
+    def saturation(self, stack: Stack, run: dict) -> dict:
+        return saturation(
+            run, {"sidecar": stack.workers, "redis": 1, "wrk": self.args.wrk_threads,
+                  **({"nginx_lua": stack.workers} if stack.peer else {})}, os.cpu_count() or 1)
+
+    def measure_rounds(self, stack: Stack, targets: list[str],
+                       connections: int) -> tuple[dict[str, dict], list[dict[str, dict]]]:
+        """--repeat rounds of every target, interleaved: A B C D, A B C D, ...
+
+        Returns the combined run per target (medians, see repeat.combine) and the rounds
+        themselves, so ratios can be taken within each round.
+        """
+        n = self.args.repeat
+        rounds = []
+        for i in range(n):
+            label = f" r{i + 1}/{n}" if n > 1 else ""
+            rounds.append({t: self.measure(stack, t, connections, label=label)
+                           for t in targets})
+        combined = {}
+        for t in targets:
+            run = combine([r[t] for r in rounds])
+            run["saturation"] = self.saturation(stack, run)
+            combined[t] = run
+        return combined, rounds
 
     def warm(self, stack: Stack) -> None:
         if self.args.warmup > 0:
@@ -296,18 +331,29 @@ class Bench:
         self.warm(stack)
 
         sweep: dict[str, list[dict]] = {t: [] for t in self.targets(stack)}
-        concurrencies = list(dict.fromkeys([*args.concurrency]))
+        sweep_ratios: list[dict] = []
+        concurrencies = list(dict.fromkeys([*args.concurrency, args.main_concurrency]))
+        main_rounds: list[dict[str, dict]] = []
         for c in concurrencies:
-            for name in self.targets(stack):  # interleaved: drift hits every target alike
-                sweep[name].append(self.measure(stack, name, c))
-        if args.main_concurrency not in concurrencies:
-            for name in self.targets(stack):
-                sweep[name].append(self.measure(stack, name, args.main_concurrency))
+            # interleaved: drift hits every target alike, within each round
+            combined, rounds = self.measure_rounds(stack, self.targets(stack), c)
+            for name, run in combined.items():
+                sweep[name].append(run)
+            medians, spread = median_ratios([ratios(r) for r in rounds])
+            sweep_ratios.append({"connections": c, "ratios": medians, "spread": spread})
+            if args.repeat > 1:
+                self.log(f"c{c} medians of {args.repeat} rounds: " + ratio_log(medians, spread))
+            if c == args.main_concurrency:
+                main_rounds = rounds
         results["sweep"] = sweep
+        results["sweep_ratios"] = sweep_ratios
         main = {n: next(r for r in runs if r["connections"] == args.main_concurrency)
                 for n, runs in sweep.items()}
-        results["main"] = {"concurrency": args.main_concurrency, **main,
-                           "ratios": ratios(main)}
+        per_round = [ratios(r) for r in main_rounds]
+        medians, spread = median_ratios(per_round)
+        results["main"] = {"concurrency": args.main_concurrency, "repeat": args.repeat,
+                           **main, "ratios": medians, "ratio_spread": spread,
+                           "ratio_rounds": per_round}
         results["round_trips"] = round_trips(main)
         results["memory"] = {
             "sidecar_rss_bytes": sum(rss_bytes(p) for p in stack.sidecar.worker_pids()),
@@ -324,7 +370,7 @@ class Bench:
         if "edge" not in args.skip:
             results["edge"] = self.edge(stack)
         if "workers" not in args.skip:
-            results["workers"] = self.scaling(stack, main)
+            results["workers"] = self.scaling(stack, main, main_rounds)
         else:
             self.stop_stack(stack)
         if "script" not in args.skip:
@@ -412,12 +458,14 @@ class Bench:
                        "auth subrequest carries headers only (no body: no model check).")
         return out
 
-    def scaling(self, stack: Stack, main: dict) -> list[dict]:
+    def scaling(self, stack: Stack, main: dict, main_rounds: list[dict]) -> list[dict]:
         rows = []
         first = True
         for workers in self.args.workers:
             if workers == 1:
-                runs = {n: main[n] for n in ("authorize", "bare", "nginx_lua") if n in main}
+                runs: dict = {n: main[n] for n in ("authorize", "bare", "nginx_lua")
+                              if n in main}
+                rounds = main_rounds
             else:
                 if first:
                     self.stop_stack(stack)  # idle servers off the machine
@@ -425,17 +473,22 @@ class Bench:
                 other = self.start_stack(workers)
                 try:
                     self.warm(other)
-                    runs = {n: self.measure(other, n, self.args.main_concurrency)
-                            for n in ("authorize", "bare", "nginx_lua")
-                            if n != "nginx_lua" or other.peer is not None}
+                    compared = [n for n in ("authorize", "bare", "nginx_lua")
+                              if n != "nginx_lua" or other.peer is not None]
+                    runs, rounds = self.measure_rounds(other, compared,
+                                                       self.args.main_concurrency)
                     rss = sum(rss_bytes(p) for p in other.sidecar.worker_pids())
                 finally:
                     self.stop_stack(other)
                 runs["sidecar_rss_bytes"] = rss
             row = {"workers": workers, **runs}
             if "nginx_lua" in runs:
-                row["authorize_over_nginx_lua"] = _ratio(runs["authorize"]["rps"],
-                                                         runs["nginx_lua"]["rps"])
+                # the median of the per-round ratios, like the main comparison
+                medians, spread = median_ratios(
+                    [{"r": _ratio(r["authorize"]["rps"], r["nginx_lua"]["rps"])}
+                     for r in rounds])
+                row["authorize_over_nginx_lua"] = medians["r"]
+                row["authorize_over_nginx_lua_spread"] = spread["r"]
             rows.append(row)
         if first:
             self.stop_stack(stack)
@@ -466,6 +519,17 @@ def ratios(main: dict) -> dict:
     return out
 
 
+def ratio_log(medians: dict, spread: dict) -> str:
+    def one(key: str, label: str) -> str:
+        lo, hi = spread.get(key) or (None, None)
+        return f"{label} {medians[key]} ({lo}-{hi})" if key in medians else ""
+    return "  ".join(filter(None, (
+        one("authorize_over_baseline", "authorize/baseline"),
+        one("authorize_over_bare", "authorize/bare"),
+        one("authorize_over_nginx_lua", "authorize/nginx_lua"),
+        one("p99_authorize_over_baseline", "p99 authorize/baseline"))))
+
+
 def round_trips(main: dict) -> dict:
     a = main["authorize"]
     out = {"calls_per_round_trip": a.get("calls_per_round_trip"),
@@ -481,8 +545,8 @@ def round_trips(main: dict) -> dict:
 def run_mode(args: argparse.Namespace) -> str:
     if args.quick:
         return "quick"
-    full = (args.duration >= 8 and 64 in args.concurrency and len(args.concurrency) >= 3
-            and args.keys >= 100_000 and not args.skip)
+    full = (args.duration >= 5 and args.repeat >= 3 and 64 in args.concurrency
+            and len(args.concurrency) >= 3 and args.keys >= 100_000 and not args.skip)
     return "full" if full else "custom"
 
 
@@ -563,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         timestamp=stamp, mode=run_mode(args),
         command="python -m benchmarks.run" + "".join(f" {a}" for a in argv),
         seconds=round(time.monotonic() - started, 1),
-        settings={"duration_s": args.duration, "concurrency": args.concurrency,
+        settings={"duration_s": args.duration, "repeat": args.repeat,
+                  "concurrency": args.concurrency,
                   "main_concurrency": args.main_concurrency, "keys": args.keys,
                   "workers": args.workers, "wrk_threads": args.wrk_threads,
                   "warmup_s": args.warmup, "profile": args.profile,

@@ -2,7 +2,8 @@
 
 Speed is never asserted here (benchmarks/ measures it); only that every section ran
 against real servers, answered allows (a run of 401s would look fast and mean nothing),
-and left a complete results file, plot and RESULTS.md.
+and left a complete results file, plot and RESULTS.md. Two rounds per cell, so the
+medians, the per-round ratios and their spread are exercised too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def test_tiny_run_writes_complete_results(tmp_path):
     out = tmp_path / "bench"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--keys", "200", "--duration", "1",
+         "--repeat", "2",
          "--concurrency", "64", "--warmup", "0", "--workers", "1,2", "--profile",
          "--results-dir", str(out / "results"), "--publish", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -29,17 +31,31 @@ def test_tiny_run_writes_complete_results(tmp_path):
     assert json.loads((out / "results.json").read_text()) == results
 
     assert results["problems"] == []
+    assert results["meta"]["settings"]["repeat"] == 2
     main = results["main"]
-    assert main["concurrency"] == 64
+    assert main["concurrency"] == 64 and main["repeat"] == 2
     for name in ("authorize", "baseline", "bare", "nginx_lua"):
         run = main[name]
         assert run["rps"] > 0 and run["requests"] > 0, name
         assert run["non_2xx"] == 0, (name, run)
         assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"], name
         assert set(run["cpu_percent"]) >= {"sidecar", "redis", "wrk"}, name
+        # the reported figure is the median of the two rounds, the spread their min-max
+        assert run["repeats"] == 2 and len(run["rounds"]) == 2, name
+        lo, hi = run["spread"]["rps"]
+        assert lo <= run["rps"] <= hi, (name, run["spread"])
+        assert [lo, hi] == sorted(r["rps"] for r in run["rounds"]), name
+        assert run["requests"] == sum(r["requests"] for r in run["rounds"]), name
     assert main["authorize"]["allowed"] > 0
-    assert set(main["ratios"]) >= {"authorize_over_baseline", "authorize_over_bare",
-                                   "p99_authorize_over_baseline", "authorize_over_nginx_lua"}
+    ratio_keys = {"authorize_over_baseline", "authorize_over_bare",
+                  "p99_authorize_over_baseline", "authorize_over_nginx_lua"}
+    assert set(main["ratios"]) >= ratio_keys
+    assert len(main["ratio_rounds"]) == 2
+    for key in ratio_keys:  # the ratio is the median of the per-round ratios
+        per_round = sorted(r[key] for r in main["ratio_rounds"])
+        assert main["ratio_spread"][key] == per_round, key
+        assert per_round[0] <= main["ratios"][key] <= per_round[1], key
+    assert [row["connections"] for row in results["sweep_ratios"]] == [64]
 
     trips = results["round_trips"]
     assert trips["redis_round_trips"] > 0
@@ -64,6 +80,9 @@ def test_tiny_run_writes_complete_results(tmp_path):
         assert row["authorize"]["rps"] > 0 and row["nginx_lua"]["rps"] > 0
         assert row["authorize"]["non_2xx"] == 0
         assert row["authorize"]["saturation"]["verdict"]
+        assert row["authorize"]["repeats"] == 2 and row["nginx_lua"]["repeats"] == 2
+        lo, hi = row["authorize_over_nginx_lua_spread"]
+        assert lo <= row["authorize_over_nginx_lua"] <= hi
 
     script = results["script"]
     assert script["authorize"]["usec_per_call"] > script["empty_script"]["usec_per_call"] > 0
@@ -78,4 +97,5 @@ def test_tiny_run_writes_complete_results(tmp_path):
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "RESULTS.md").read_text()
     assert results["meta"]["command"] in text and results["meta"]["cpu_model"] in text
+    assert "median of the per-round ratios" in text
     assert "Profile of the authorize path" in (out / "PROFILE.md").read_text()
