@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import subprocess
+import time
 
 import aiohttp
 import pytest
 from conftest import PEPPER, free_port, start_redis, start_sidecar, stop_process, wait_for
 from live import CLIENT_TIMEOUT, authz, avoid_minute_edge
+from redis.crc import key_slot
 
-from sidecar.keys import KeyHasher, KeyType
+from sidecar.keys import KeyHasher, KeyType, shard_of
+from sidecar.store import names
 from sidecar.store.keystore import KeySpec, KeyStore
-from sidecar.store.runner import control_client
+from sidecar.store.runner import control_client, make_runner
+from sidecar.store.scripts import AUTHORIZE
 
 BODY = {"model": "gpt-x", "messages": []}
 
@@ -153,3 +157,25 @@ async def test_exact_quota_race_through_the_cluster(car, cstore):
     assert counts == {200: 37, 402: 263}
     view = await cstore.get(key_id)
     assert (view["quota_used"], view["quota_remaining"]) == (37, 0)
+
+
+async def test_a_stale_slot_map_follows_moved_and_recovers(cluster_url, cstore):
+    """The runner's map names the wrong node (as after a resharding or a failover): that
+    node answers MOVED, the runner asks the cluster again and the call is decided anyway,
+    once."""
+    key_id, key = await make(cstore, quota=5)
+    key_hash = cstore.hasher(key)
+    keys = (names.record(key_hash), names.wallet(shard_of(key_hash)))
+    slot = key_slot(keys[0].encode())
+    runner = make_runner(cluster_url, 2.0)
+    try:
+        argv = [int(time.time() * 1000), 1, "", "", "gpt-x", "chat.completions:write", "",
+                1, 0]
+        assert (await runner.run(AUTHORIZE, keys, argv))[0] == 0
+        right = runner._slots[slot]
+        runner._slots[slot] = next(n for n in runner._nodes.values() if n is not right)
+        assert (await runner.run(AUTHORIZE, keys, argv))[0] == 0
+        assert runner._slots[slot] is right
+        assert (await cstore.get(key_id))["quota_used"] == 2
+    finally:
+        await runner.close()

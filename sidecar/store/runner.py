@@ -2,9 +2,9 @@
 
 - `PipelineRunner`: one server (redis://, rediss://, unix://) or a Sentinel-managed master
   (redis+sentinel://). Calls of a tick share one write on one connection (pipeline.py).
-- `ClusterRunner`: Redis Cluster (redis+cluster://). Calls of a tick go out as one
-  redis-py cluster pipeline, which groups them by node; every script call names all its
-  keys in KEYS and they share a hash tag, so each call is single-slot.
+- `ClusterRunner`: Redis Cluster (redis+cluster://). One such pipeline per primary; a
+  call goes to the node of its slot (every script call names all its keys in KEYS and
+  they share a hash tag, so each call is single-slot), and MOVED refreshes the map.
 
 Both raise `RedisUnavailable` for anything that means "Redis cannot decide now".
 """
@@ -12,6 +12,7 @@ Both raise `RedisUnavailable` for anything that means "Redis cannot decide now".
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import NoScriptError, RedisError
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .. import metrics
 from .pipeline import Endpoint, Pipeline, RedisUnavailable
@@ -63,71 +64,87 @@ class PipelineRunner:
 
 
 class ClusterRunner:
-    def __init__(self, cluster: RedisCluster, timeout: float):
-        self.cluster = cluster
+    """Redis Cluster: one `Pipeline` per primary, each call sent to the node of its slot.
+
+    A call's keys share one hash tag (names.py), hence one slot, so each call goes whole
+    to one node, and a node's calls of a tick share its write, as with one server. The
+    slot map comes from CLUSTER SLOTS; a MOVED reply (resharding, failover) refreshes it
+    and the call is retried once on the new owner; a node that cannot be reached fails
+    its calls over to the failure policy and makes the next call refresh the map.
+    """
+
+    def __init__(self, seeds: list[Endpoint], timeout: float, on_connect: list[tuple]):
+        self.seeds = seeds
         self.timeout = timeout
-        self._pending: list[tuple[Script, tuple[str, ...], list, asyncio.Future]] = []
+        self._on_connect = on_connect
+        self._slots: list[PipelineRunner | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        self._nodes: dict[tuple[str, int], PipelineRunner] = {}
+        self._refreshing: asyncio.Task | None = None
+        self._stale = True
         self._loop = asyncio.get_event_loop()
 
     async def run(self, script: Script, keys: tuple[str, ...], args: list) -> list:
-        future = self._loop.create_future()
-        if not self._pending:
-            self._loop.call_soon(lambda: self._loop.create_task(self._flush()))
-        self._pending.append((script, keys, args, future))
-        return await future
+        slot = key_slot(keys[0].encode())
+        for attempt in (1, 2):
+            if self._stale or self._slots[slot] is None:
+                await self._refresh()
+            node = self._slots[slot]
+            if node is None:
+                raise RedisUnavailable(f"no cluster node serves slot {slot}")
+            try:
+                return await node.run(script, keys, args)
+            except RedisUnavailable as exc:
+                text = str(exc)
+                self._stale = True   # MOVED, ASK or a node gone: ask the cluster again
+                if attempt == 2 or "MOVED" not in text:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _flush(self) -> None:
-        calls, self._pending = self._pending, []
-        metrics.redis_batch(len(calls))
-        try:
-            replies = await asyncio.wait_for(self._execute(calls), self.timeout)
-            again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if again:
-                # A node lost its script cache (restart, failover, SCRIPT FLUSH): load the
-                # scripts on every primary, then retry only those calls, once.
-                await asyncio.wait_for(self._load_scripts(), self.timeout)
-                retried = await asyncio.wait_for(
-                    self._execute([calls[i] for i in again]), self.timeout)
-                for i, reply in zip(again, retried, strict=True):
-                    replies[i] = reply
-        except Exception as exc:  # noqa: BLE001 - every caller must get an answer
-            # Timeouts, connection and cluster errors (RedisClusterException is not a
-            # RedisError), and anything unforeseen: a future left pending would hang the
-            # proxy's call, so each one fails over to the failure policy instead.
-            metrics.redis_error("cluster")
-            for *_, future in calls:
-                if not future.done():
-                    future.set_exception(RedisUnavailable(str(exc) or type(exc).__name__))
-            return
-        for (*_, future), reply in zip(calls, replies, strict=True):
-            if future.done():
+    async def _refresh(self) -> None:
+        """One CLUSTER SLOTS at a time, shared by every call that needs it."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = self._loop.create_task(self._load_slots())
+        await self._refreshing
+
+    async def _load_slots(self) -> None:
+        known = [r.pipeline.endpoint for r in self._nodes.values()]
+        last: Exception | None = None
+        for endpoint in [*known, *self.seeds]:
+            try:
+                slots = await self._node(endpoint).pipeline.call("CLUSTER", "SLOTS")
+            except RedisUnavailable as exc:
+                last = exc
                 continue
-            if isinstance(reply, Exception):
-                metrics.redis_error("reply")
-                future.set_exception(RedisUnavailable(str(reply)))
-            else:
-                future.set_result(reply)
+            table: list[PipelineRunner | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+            for start, end, primary, *_ in slots:
+                host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+                node = self._node(replace(endpoint, host=host or endpoint.host,
+                                          port=int(primary[1])))
+                table[start:end + 1] = [node] * (end - start + 1)
+            self._slots, self._stale = table, False
+            return
+        metrics.redis_error("cluster")
+        raise RedisUnavailable(f"no cluster node answered CLUSTER SLOTS: {last}")
 
-    async def _execute(self, calls: list) -> list:
-        """One cluster pipeline (redis-py groups it by node). `pipe.evalsha` is blocked in
-        cluster pipelines; the raw command routes by its keys, which share one slot."""
-        pipe = self.cluster.pipeline(transaction=False)
-        for script, keys, args, _ in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        return await pipe.execute(raise_on_error=False)
-
-    async def _load_scripts(self) -> None:
-        for script in ALL:
-            await self.cluster.script_load(script.source)   # sent to every primary
+    def _node(self, endpoint: Endpoint) -> PipelineRunner:
+        runner = self._nodes.get((endpoint.host, endpoint.port))
+        if runner is None:
+            runner = PipelineRunner(Pipeline(endpoint, self.timeout, self._on_connect))
+            self._nodes[(endpoint.host, endpoint.port)] = runner
+        return runner
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self.cluster.ping(), self.timeout))
-        except (TimeoutError, RedisError, OSError):
+            if self._stale:
+                await self._refresh()
+        except RedisUnavailable:
             return False
+        nodes = {id(n): n for n in self._slots if n is not None}.values()
+        return bool(nodes) and all([await n.ping() for n in nodes])
 
     async def close(self) -> None:
-        await self.cluster.aclose()
+        for runner in self._nodes.values():
+            await runner.close()
 
 
 def _sentinel_source(url: str, timeout: float):
@@ -150,15 +167,22 @@ def _sentinel_source(url: str, timeout: float):
     return current_master
 
 
+def _cluster_seeds(url: str) -> list[Endpoint]:
+    """redis+cluster://[:password@]host:port[,host:port...] -> one Endpoint per seed."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    scheme = parts.scheme.replace("+cluster", "")
+    auth = userinfo + "@" if userinfo else ""
+    return [replace(Endpoint.from_url(f"{scheme}://{auth}{host}"), db=0)
+            for host in hosts.split(",") if host]
+
+
 def make_runner(url: str, timeout_s: float) -> ScriptRunner:
     """The hot-path runner for a Redis URL (see the module docstring)."""
     scheme = urlsplit(url).scheme
     load = [("SCRIPT", "LOAD", s.source) for s in ALL]
     if scheme.endswith("+cluster"):
-        plain = url.replace("+cluster", "", 1)
-        cluster = RedisCluster.from_url(plain, socket_timeout=timeout_s,
-                                        socket_connect_timeout=timeout_s)
-        return ClusterRunner(cluster, timeout_s)
+        return ClusterRunner(_cluster_seeds(url), timeout_s, load)
     if scheme == "redis+sentinel":
         return PipelineRunner(Pipeline(_sentinel_source(url, timeout_s), timeout_s, load))
     return PipelineRunner(Pipeline(Endpoint.from_url(url), timeout_s, load))
