@@ -122,20 +122,22 @@ _clock = _Clock()
 
 
 def encode(answer: Answer, keep_alive: bool) -> bytes:
-    parts = [_status_line(answer.status), _clock.date()]
-    for name, value in answer.headers.items():
-        # Values come from our records and our own JSON; a CR/LF would split the header.
-        if "\n" in value or "\r" in value:
-            value = value.replace("\r", " ").replace("\n", " ")
-        parts.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+    headers = answer.headers
+    head = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if head.count("\n") != len(headers) or head.count("\r") != len(headers):
+        # Values come from our records and our own JSON; a CR/LF would split a header.
+        head = "".join([f"{name}: {_one_line(value)}\r\n" for name, value in headers.items()])
     if answer.content_type:
-        parts.append(b"Content-Type: " + answer.content_type.encode() + b"\r\n")
-    parts.append(b"Content-Length: %d\r\n" % len(answer.body))
+        head += f"Content-Type: {answer.content_type}\r\n"
+    head += f"Content-Length: {len(answer.body)}\r\n"
     if not keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    parts.append(answer.body)
-    return b"".join(parts)
+        head += "Connection: close\r\n"
+    return b"".join((_status_line(answer.status), _clock.date(),
+                     head.encode("latin-1", "replace"), b"\r\n", answer.body))
+
+
+def _one_line(value: str) -> str:
+    return value.replace("\r", " ").replace("\n", " ")
 
 
 class EdgeServer:

@@ -153,3 +153,14 @@ async def test_client_gone_mid_body_leaves_the_server_serving(car, store):
     sock.close()
     assert car.proc.poll() is None
     assert "Traceback" not in car.logs()
+
+
+def test_an_answer_header_cannot_be_split_by_a_line_break():
+    """Values come from records and our own JSON; even so, a CR/LF never starts a header."""
+    from sidecar.edge import Answer, encode
+
+    raw = encode(Answer(200, {"x-key-id": "key_1\r\nSet-Cookie: x=1", "x-org-id": ""}), True)
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b"x-key-id: key_1  Set-Cookie: x=1" in head
+    assert not any(line.lower().startswith(b"set-cookie") for line in head)
+    assert raw.endswith(b"Content-Length: 0\r\n\r\n")
