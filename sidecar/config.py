@@ -35,6 +35,7 @@ class Settings:
     admin_listen: str = "127.0.0.1:8081"
     workers: int = 1
     keepalive_timeout_s: float = 75.0    # must exceed the proxy's upstream idle timeout
+    request_timeout_s: float = 10.0      # a request begun must arrive whole within this
     shutdown_timeout_s: float = 10.0     # SIGTERM: how long in-flight calls may finish
     max_body_bytes: int = 65_536         # bodies are read only this far for the model
     # Secrets and state.
@@ -181,6 +182,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("workers: must be between 1 and 256")
     if s.keepalive_timeout_s <= 0:
         raise ConfigError("keepalive_timeout_s: must be positive")
+    if s.request_timeout_s <= 0:
+        raise ConfigError("request_timeout_s: must be positive")
     if s.shutdown_timeout_s < 0:
         raise ConfigError("shutdown_timeout_s: must not be negative")
     if not 0 <= s.max_body_bytes <= 1_048_576:

@@ -143,10 +143,12 @@ def _one_line(value: str) -> str:
 class EdgeServer:
     """Owns the listening socket(s) and the open connections; drains on close."""
 
-    def __init__(self, router: Router, *, max_body: int, keepalive_timeout: float):
+    def __init__(self, router: Router, *, max_body: int, keepalive_timeout: float,
+                 request_timeout: float = 10.0):
         self.router = router
         self.max_body = max_body
         self.keepalive_timeout = keepalive_timeout
+        self.request_timeout = request_timeout
         self.connections: set[_Connection] = set()
         self.inflight = 0
         self._servers: list[asyncio.AbstractServer] = []
@@ -193,6 +195,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.paused = False
         self.last_active = 0.0
+        self.in_message = False
         self.timer: asyncio.TimerHandle | None = None
         self._reset()
 
@@ -212,7 +215,7 @@ class _Connection(asyncio.Protocol):
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
         self.server.connections.add(self)
         self.last_active = self.loop.time()
-        self.timer = self.loop.call_later(self.server.keepalive_timeout, self._idle_check)
+        self.timer = self.loop.call_later(self._limit(), self._idle_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -221,9 +224,15 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
+        self.last_active = now = self.loop.time()
         try:
             self.parser.feed_data(data)
+            if self.in_message and self.timer and \
+                    self.timer.when() > now + self.server.request_timeout:
+                # A request arrived in part: bound its wait by the shorter timeout.
+                self.timer.cancel()
+                self.timer = self.loop.call_later(self.server.request_timeout,
+                                                  self._idle_check)
         except httptools.HttpParserUpgrade:
             # The request itself was complete and is answered as any other; we just do
             # not switch protocols: close once its answer is out.
@@ -235,19 +244,28 @@ class _Connection(asyncio.Protocol):
                 code = "request_too_large"
             self._fail(status, code, message)
 
+    def _limit(self) -> float:
+        """How long the connection may stay silent: short in the middle of a request."""
+        server = self.server
+        return server.request_timeout if self.in_message else server.keepalive_timeout
+
     def _idle_check(self) -> None:
         if self.transport is None:
             return
-        idle = self.loop.time() - self.last_active
-        if not self.queue and idle >= self.server.keepalive_timeout:
-            self.transport.close()
+        idle, limit = self.loop.time() - self.last_active, self._limit()
+        if not self.queue and idle >= limit:
+            if self.in_message:   # headers or body stopped half-way
+                self._fail(408, "request_timeout", "The request did not arrive in time.")
+            else:
+                self.transport.close()
             return
-        wait = self.server.keepalive_timeout - idle if not self.queue else 1.0
+        wait = limit - idle if not self.queue else 1.0
         self.timer = self.loop.call_later(max(wait, 0.05), self._idle_check)
 
     # -- parser callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._reset()
+        self.in_message = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -283,6 +301,7 @@ class _Connection(asyncio.Protocol):
         self.body_size += len(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         target = self.url.decode("utf-8", "surrogateescape")
         path = target.partition("?")[0]
         call = Call(self.parser.get_method().decode("latin-1"), target, path, self.headers,

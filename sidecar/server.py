@@ -76,7 +76,8 @@ def data_plane(settings: Settings, runner) -> EdgeServer:
         return routes.get(path)
 
     return EdgeServer(route, max_body=settings.max_body_bytes,
-                      keepalive_timeout=settings.keepalive_timeout_s)
+                      keepalive_timeout=settings.keepalive_timeout_s,
+                      request_timeout=settings.request_timeout_s)
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -164,3 +164,22 @@ def test_an_answer_header_cannot_be_split_by_a_line_break():
     assert b"x-key-id: key_1  Set-Cookie: x=1" in head
     assert not any(line.lower().startswith(b"set-cookie") for line in head)
     assert raw.endswith(b"Content-Length: 0\r\n\r\n")
+
+
+async def test_a_request_stalled_half_way_gets_408_and_a_close(tmp_path, redis_url):
+    """request_timeout_s=1: headers or a body that stop arriving do not hold the
+    connection for the whole keep-alive (here 30 s)."""
+    car = start_sidecar(tmp_path, redis_url, keepalive_timeout_s=30, request_timeout_s=1)
+    try:
+        for partial in (b"POST /authz/v1/chat/completions HTTP/1.1\r\nHost: s\r\n",
+                        request("/authz/v1/chat/completions", "sk-" + "a" * 40,
+                                extra="")[:-5]):
+            sock = connect(car)
+            sock.settimeout(8)   # bounded: no answer fails the test instead of hanging
+            sock.sendall(partial)
+            answers = read_answers(sock, 1)
+            assert answers and answers[0][0] == 408
+            assert b"request_timeout" in answers[0][2]
+            assert closed(sock)
+    finally:
+        stop_process(car.proc)
