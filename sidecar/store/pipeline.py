@@ -165,7 +165,8 @@ class Pipeline:
 
     def _send(self, proto: _RespProtocol,
               pending: list[tuple[list[bytes], asyncio.Future]]) -> None:
-        """All of a tick's batches in one write. Replies stream back in order and each
+        """The batches given (one full batch, or the rest of a tick) in one write. Replies
+        stream back in order and each
         batch resumes its callers as soon as its own replies are in: the sidecar answers
         the first calls while Redis still runs the scripts of the last ones."""
         batch = None

@@ -12,7 +12,7 @@ Both raise `RedisUnavailable` for anything that means "Redis cannot decide now".
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -147,8 +147,16 @@ class ClusterRunner:
             await runner.close()
 
 
-def _sentinel_source(url: str, timeout: float):
-    """redis+sentinel://[:password@]host:port[,host:port]/service_name[/db]"""
+@dataclass(frozen=True)
+class _SentinelUrl:
+    hosts: list[tuple[str, int]]
+    service: str
+    db: int
+    password: str | None
+
+
+def _sentinel_url(url: str) -> _SentinelUrl:
+    """redis+sentinel://[:password@]host[:port][,host[:port]]/service_name[/db]"""
     parts = urlsplit(url)
     hosts = []
     for item in parts.netloc.rsplit("@", 1)[-1].split(","):
@@ -157,12 +165,17 @@ def _sentinel_source(url: str, timeout: float):
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ValueError("redis+sentinel URL needs the service name as its path")
-    service, db = path[0], int(path[1]) if len(path) > 1 else 0
-    sentinel = Sentinel(hosts, socket_timeout=timeout)
+    return _SentinelUrl(hosts, path[0], int(path[1]) if len(path) > 1 else 0, parts.password)
+
+
+def _sentinel_source(url: str, timeout: float):
+    """A coroutine function finding the current master, for the hot-path Pipeline."""
+    found = _sentinel_url(url)
+    sentinel = Sentinel(found.hosts, socket_timeout=timeout)
 
     async def current_master() -> Endpoint:
-        host, port = await sentinel.discover_master(service)
-        return Endpoint(host=host, port=port, password=parts.password, db=db)
+        host, port = await sentinel.discover_master(found.service)
+        return Endpoint(host=host, port=port, password=found.password, db=found.db)
 
     return current_master
 
@@ -195,12 +208,9 @@ def control_client(url: str, timeout_s: float, pool_size: int):
         return RedisCluster.from_url(url.replace("+cluster", "", 1), socket_timeout=timeout_s,
                                      max_connections=pool_size)
     if scheme == "redis+sentinel":
-        parts = urlsplit(url)
-        hosts = [(h.rpartition(":")[0], int(h.rpartition(":")[2]))
-                 for h in parts.netloc.rsplit("@", 1)[-1].split(",")]
-        service = [p for p in parts.path.split("/") if p][0]
-        return Sentinel(hosts, socket_timeout=timeout_s).master_for(
-            service, password=parts.password, socket_timeout=timeout_s)
+        found = _sentinel_url(url)
+        return Sentinel(found.hosts, socket_timeout=timeout_s).master_for(
+            found.service, password=found.password, db=found.db, socket_timeout=timeout_s)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=timeout_s * 4,
         socket_timeout=timeout_s * 4, socket_connect_timeout=timeout_s * 4)
