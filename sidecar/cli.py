@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=_positive_int)
     serve.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
 
+    fallback = sub.add_parser("fallback", help="serve the JSON errors a proxy shows while "
+                                               "the sidecar is down (Traefik)")
+    fallback.add_argument("--listen", default="127.0.0.1:8090", help="HOST:PORT")
+
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
     common = _Parser(add_help=False)
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "fallback":   # no settings: it must run where the sidecar's don't
+            return _fallback(args)
         settings = load_settings(getattr(args, "config_sub", None) or args.config)
         if args.command == "serve":
             return _serve(args, settings)
@@ -133,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _fallback(args: argparse.Namespace) -> int:
+    from . import fallback
+    from .config import parse_hostport
+    from .server import _run_loop
+
+    host, port = parse_hostport(args.listen, "--listen")
+    try:
+        _run_loop(fallback.run(host, port))
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+    return 0
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
