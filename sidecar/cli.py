@@ -234,9 +234,9 @@ async def _run_action(args: argparse.Namespace, store):
                        rpm=args.rpm, tpm=args.tpm, permission=args.permission,
                        scopes=args.scopes, account=args.account, cycle_days=args.cycle_days,
                        payg_fallback=args.payg_fallback)
-        if typ in (KeyType.org, KeyType.admin):
+        if typ is KeyType.org:      # admin keys never get here (cli_admin.py: a member)
             spec.org = "default"
-            spec.project = (args.project or "default") if typ is KeyType.org else ""
+            spec.project = args.project or "default"
         view, plaintext = await store.create(spec)
         return {**view, "key": plaintext}
     if action == "list":

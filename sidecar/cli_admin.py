@@ -2,7 +2,9 @@
 `sidecar keys rotate|edit`: the control plane from the command line, straight on Redis.
 
 Each command calls the same ControlStore as the admin API, as the operator (actor
-`cli`), so the checks, cascades and audit entries are the same. `--org` takes an
+`cli`, the root principal of the authority model in control/policy.py: allowed every
+action, still bound by the invariants such as "an organization keeps an owner"), so the
+checks, cascades and audit entries are the same. `--org` takes an
 organization id or name (default: the built-in `default`). Errors are one line.
 """
 
@@ -145,12 +147,14 @@ def add_admin_commands(sub, keys, common: argparse.ArgumentParser) -> None:
 
     # `keys create` for an organization's owners: --org with --project, --member or
     # --service-account takes the control-plane path (checks + audit); without them the
-    # plain path in cli.py is unchanged.
+    # plain path in cli.py is unchanged. Admin keys always take the control-plane path:
+    # each is tied to a member and audited, so --org and --member are required.
     create = keys.choices["create"]
     create.add_argument("--org", help="organization id or name: checked org key")
-    create.add_argument("--member", help="org keys: the owning member (a user key)")
+    create.add_argument("--member", help="org keys: the owning member (a user key); "
+                                         "admin keys: the member it is tied to")
     create.add_argument("--service-account", help="org keys: the owning service account")
-    create.set_defaults(run_admin=_wrap(_key_create))
+    create.set_defaults(run_admin=_wrap(_key_create), usage_error=create.error)
     # Key changes go through the control plane too, so they land in the audit log; the
     # answers keep cli.py's shapes and printing.
     for action in ("disable", "enable", "delete", "set-quota"):
@@ -348,6 +352,10 @@ async def _key_change(args, store):
 
 
 async def _key_create(args, store):
+    if args.type == "admin" and not (args.org and args.member):
+        args.usage_error("keys create --type admin: an admin key is tied to a member of an "
+                         "organization: give --org ORG --member MEMBER_ID (the same as "
+                         "`sidecar admin create-key --org ORG --member MEMBER_ID`)")
     if not (args.org or args.member or args.service_account):
         return None                     # the plain `keys create` of cli.py
     from .control.errors import Conflicting

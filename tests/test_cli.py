@@ -57,9 +57,12 @@ def env(redis_url) -> dict[str, str]:
                       "--payg-fallback"]),
     ("org", ["--permission", "restricted", "--scopes", "chat.completions:write,models:read",
              "--project", "prj-1"]),
-    ("admin", ["--permission", "read-only"]),
+    ("admin", ["--permission", "read-only", "--org", "default", "--member", "{owner}"]),
 ])
 def test_create_every_type(env, typ, extra):
+    if typ == "admin":      # an admin key is tied to a member: the bootstrapped owner
+        owner = ok_json("admin", "bootstrap", env=env)["member"]["id"]
+        extra = [a.format(owner=owner) for a in extra]
     made = ok_json("keys", "create", "--type", typ, "--name", f"my {typ}", *extra, env=env)
     assert made["id"].startswith("key_")
     assert key_type(made["key"]) is KeyType(typ)
@@ -71,6 +74,20 @@ def test_create_every_type(env, typ, extra):
     if typ == "subscription":
         assert shown["subscription"]["cycle_days"] == 7
         assert shown["subscription"]["payg_fallback"] is True
+    if typ == "admin":      # the same control-plane path as the API: member + audit entry
+        assert (shown["org_id"], shown["member_id"]) == ("default", owner)
+        audit = ok_json("audit", "list", "--org", "default", "--resource-id", made["id"],
+                        env=env)
+        assert [e["action"] for e in audit] == ["key.created"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--org", "default"], ["--member", "mem_x"]])
+def test_admin_key_without_a_member_is_a_usage_error(env, extra):
+    """No side road: an admin key made by the CLI is tied to a member and audited."""
+    done = cli("keys", "create", "--type", "admin", *extra, env=env)
+    assert done.returncode == 2
+    assert_one_line_error(done, "--org ORG --member", "sidecar admin create-key")
+    assert ok_json("keys", "list", "--type", "admin", env=env) == []
 
 
 def test_create_prints_the_key_once_in_text(env):

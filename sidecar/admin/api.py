@@ -3,11 +3,13 @@
 Each endpoint is a `Route`: method, path, the admin scope it needs, its request schemas
 and a handler `(Call) -> (status, payload)`. The wrapper runs the same steps for all:
 
-    authenticate the admin key -> check its grant has the route's scope
-    -> check path ids, query and body against the schemas -> handler -> JSON
+    authenticate the admin key -> the permission mode allows the route's action
+    (policy.gate) -> check path ids, query and body against the schemas -> handler -> JSON
 
-Every check runs before the handler, and handlers validate fully before writing, so a
-refused request leaves nothing behind. The OpenAPI document is built from the same table.
+The handler's control-plane call then asks the same policy (policy.decide) with the
+facts of the resource: tenancy, ranks, roles, cascades. Every check runs before the first
+write, so a refused request leaves nothing behind. The OpenAPI document is built from the
+same table.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..control import policy
 from ..control.errors import NotFound
 from ..control.policy import Actor
 from ..control.store import ControlStore
@@ -53,7 +56,7 @@ Handler = Callable[[Call], Awaitable[tuple[int, Any]]]
 class Route:
     method: str
     path: str                       # below PREFIX, e.g. "/keys/{key_id}"
-    scope: str                      # admin scope needed, e.g. "keys:write"
+    action: str                     # policy action, e.g. "key.rotate" (policy.ACTIONS)
     summary: str
     handler: Handler
     response: str                   # component schema of the success body
@@ -63,6 +66,11 @@ class Route:
     query: dict = field(default_factory=lambda: schemas.obj({}))
     list_of: bool = False           # the response is a page of `response`
     tag: str = ""
+
+    @property
+    def scope(self) -> str:
+        """The admin scope the action needs, e.g. "keys:write"."""
+        return policy.ACTIONS[self.action]
 
     @property
     def operation_id(self) -> str:
@@ -81,11 +89,9 @@ def endpoint(route: Route, app: web.Application) -> Callable:
         store: ControlStore = app["control_store"]
         actor = await authenticate(request.headers.get("Authorization"), store,
                                    app["control_hasher"])
-        if not actor.grant.allows(route.scope):
-            mode = actor.grant.permission
-            why = ("a read-only admin key cannot make changes" if mode == "read-only" else
-                   f"this admin key lacks the scope {route.scope}")
-            raise ApiError(403, "permission_denied", why, "scope")
+        allowed = policy.gate(actor, route.action)
+        if not allowed:
+            raise allowed.error()
         params = {}
         for name, value in request.match_info.items():
             if not _ID.fullmatch(value):       # no such id can exist

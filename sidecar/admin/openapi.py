@@ -11,8 +11,11 @@ from .schemas import ID, REQUIRED_TEXT, RESPONSES
 _ERRORS = {"400": "invalid request: unknown field, wrong type, bad value, conflicting "
                   "options (the error names the field)",
            "401": "missing, malformed, unknown, disabled or expired admin key",
-           "403": "the admin key's permission mode or its member's role does not allow it",
-           "404": "unknown id (or one of another organization)",
+           "403": "permission_denied: the admin key's permission mode, or its member's "
+                  "role or rank, does not allow it (the message names the rule, `param` "
+                  "the field: scope, role, member_id, key_id, ...)",
+           "404": "unknown id, or one of another organization: the same answer, with "
+                  "nothing of theirs in it",
            "409": "conflicts with the current state",
            "413": "body larger than 64 KiB",
            "503": "Redis did not answer"}
@@ -46,8 +49,11 @@ def _operation(route: Route) -> dict:
         responses[status] = _json(_ref("Error"), text)
     op = {"operationId": route.operation_id, "summary": route.summary,
           "tags": [route.tag] if route.tag else [],
-          "description": f"Needs the admin scope `{route.scope}` (or permission mode all"
-                         + (", or read-only" if route.scope.endswith(":read") else "") + ").",
+          "description": f"Policy action `{route.action}`: needs the admin scope "
+                         f"`{route.scope}` (or permission mode all"
+                         + (", or read-only" if route.scope.endswith(":read") else "")
+                         + "), then the member's role and rank rules (README: who may do "
+                           "what).",
           "parameters": params, "responses": responses}
     if route.path.endswith("/rotate"):
         op["parameters"].append({"name": "Idempotency-Key", "in": "header", "required": False,

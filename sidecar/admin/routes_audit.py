@@ -23,7 +23,7 @@ async def list_audit(c: Call):
 
 
 ROUTES = [
-    Route("GET", "/audit_logs", "audit:read", "Audit log: who changed what, when (filters: "
+    Route("GET", "/audit_logs", "audit.read", "Audit log: who changed what, when (filters: "
           "action, actor, resource, time; pagination)", list_audit, "AuditEvent",
           query=s.AUDIT_QUERY, list_of=True, tag="audit"),
 ]

@@ -84,25 +84,25 @@ async def rotate_key(c: Call):
 
 K = "/keys/{key_id}"
 ROUTES = [
-    Route("GET", "/keys", "keys:read", "List keys (filters, pagination)", list_keys, "Key",
+    Route("GET", "/keys", "key.read", "List keys (filters, pagination)", list_keys, "Key",
           query=s.KEY_QUERY, list_of=True, tag="keys"),
-    Route("POST", "/keys", "keys:write", "Create a key; the plaintext is returned once",
+    Route("POST", "/keys", "key.create", "Create a key; the plaintext is returned once",
           create_key, "KeyCreated", status=201, body=s.KEY_CREATE, tag="keys"),
-    Route("GET", K, "keys:read", "Get a key (never its plaintext)", get_key, "Key",
+    Route("GET", K, "key.read", "Get a key (never its plaintext)", get_key, "Key",
           tag="keys"),
-    Route("PATCH", K, "keys:write", "Edit name, permission, scopes, models, IPs, limits, "
+    Route("PATCH", K, "key.update", "Edit name, permission, scopes, models, IPs, limits, "
           "expiry", edit_key, "Key", body=s.KEY_EDIT, tag="keys"),
-    Route("DELETE", K, "keys:write", "Delete (revoke) a key", delete_key, "Deleted",
+    Route("DELETE", K, "key.delete", "Delete (revoke) a key", delete_key, "Deleted",
           tag="keys"),
-    Route("POST", K + "/disable", "keys:write", "Disable a key", disable_key, "Key",
+    Route("POST", K + "/disable", "key.disable", "Disable a key", disable_key, "Key",
           tag="keys"),
-    Route("POST", K + "/enable", "keys:write", "Enable a key again", enable_key, "Key",
+    Route("POST", K + "/enable", "key.enable", "Enable a key again", enable_key, "Key",
           tag="keys"),
-    Route("POST", K + "/quota", "keys:write", "Set, add to, or lift a key's quota",
+    Route("POST", K + "/quota", "key.quota", "Set, add to, or lift a key's quota",
           set_quota, "Key", body=s.KEY_QUOTA, tag="keys"),
-    Route("GET", K + "/activity", "keys:read", "A key's recent activity", activity,
+    Route("GET", K + "/activity", "key.read", "A key's recent activity", activity,
           "KeyActivity", tag="keys"),
-    Route("POST", K + "/rotate", "keys:write", "Rotate into a new key with the same "
+    Route("POST", K + "/rotate", "key.rotate", "Rotate into a new key with the same "
           "settings; the old one works for grace_seconds more (Idempotency-Key: a repeat "
           "returns the same new key id and mints nothing)", rotate_key, "KeyRotated",
           status=201, also=200, body=s.KEY_ROTATE, tag="keys"),

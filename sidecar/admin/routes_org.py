@@ -88,43 +88,43 @@ async def delete_service_account(c: Call):
 M, P, SA = "/members/{member_id}", "/projects/{project_id}", \
     "/service_accounts/{service_account_id}"
 ROUTES = [
-    Route("GET", "/organization", "orgs:read", "The caller's organization", get_org,
+    Route("GET", "/organization", "organization.read", "The caller's organization", get_org,
           "Organization", tag="organization"),
-    Route("PATCH", "/organization", "orgs:write", "Rename the organization", update_org,
+    Route("PATCH", "/organization", "organization.update", "Rename the organization", update_org,
           "Organization", body=s.ORG_UPDATE, tag="organization"),
 
-    Route("GET", "/members", "members:read", "List members", list_members, "Member",
+    Route("GET", "/members", "member.read", "List members", list_members, "Member",
           query=s.MEMBER_QUERY, list_of=True, tag="members"),
-    Route("POST", "/members", "members:write", "Add a member with a role", add_member,
+    Route("POST", "/members", "member.add", "Add a member with a role", add_member,
           "Member", status=201, body=s.MEMBER_CREATE, tag="members"),
-    Route("GET", M, "members:read", "Get a member", get_member, "Member", tag="members"),
-    Route("PATCH", M, "members:write", "Change a member's name or role", update_member,
+    Route("GET", M, "member.read", "Get a member", get_member, "Member", tag="members"),
+    Route("PATCH", M, "member.update", "Change a member's name or role", update_member,
           "Member", body=s.MEMBER_UPDATE, tag="members"),
-    Route("DELETE", M, "members:write", "Remove a member: disables their user keys and the "
+    Route("DELETE", M, "member.remove", "Remove a member: disables their user keys and the "
           "admin keys tied to the membership", remove_member, "Deleted", tag="members"),
 
-    Route("GET", "/projects", "projects:read", "List projects", list_projects, "Project",
+    Route("GET", "/projects", "project.read", "List projects", list_projects, "Project",
           query=s.PAGE_QUERY, list_of=True, tag="projects"),
-    Route("POST", "/projects", "projects:write", "Create a project", create_project,
+    Route("POST", "/projects", "project.create", "Create a project", create_project,
           "Project", status=201, body=s.PROJECT_CREATE, tag="projects"),
-    Route("GET", P, "projects:read", "Get a project", get_project, "Project",
+    Route("GET", P, "project.read", "Get a project", get_project, "Project",
           tag="projects"),
-    Route("PATCH", P, "projects:write", "Rename a project", update_project, "Project",
+    Route("PATCH", P, "project.update", "Rename a project", update_project, "Project",
           body=s.NAME_UPDATE, tag="projects"),
-    Route("DELETE", P, "projects:write", "Delete a project: disables every key scoped to it "
+    Route("DELETE", P, "project.delete", "Delete a project: disables every key scoped to it "
           "and deletes its service accounts", delete_project, "Deleted", tag="projects"),
 
-    Route("GET", "/service_accounts", "service_accounts:read", "List service accounts",
+    Route("GET", "/service_accounts", "service_account.read", "List service accounts",
           list_service_accounts, "ServiceAccount", query=s.SA_QUERY, list_of=True,
           tag="service_accounts"),
-    Route("POST", "/service_accounts", "service_accounts:write",
+    Route("POST", "/service_accounts", "service_account.create",
           "Create a service account in a project", create_service_account, "ServiceAccount",
           status=201, body=s.SA_CREATE, tag="service_accounts"),
-    Route("GET", SA, "service_accounts:read", "Get a service account", get_service_account,
+    Route("GET", SA, "service_account.read", "Get a service account", get_service_account,
           "ServiceAccount", tag="service_accounts"),
-    Route("PATCH", SA, "service_accounts:write", "Rename a service account",
+    Route("PATCH", SA, "service_account.update", "Rename a service account",
           update_service_account, "ServiceAccount", body=s.NAME_UPDATE,
           tag="service_accounts"),
-    Route("DELETE", SA, "service_accounts:write", "Delete a service account: disables its "
+    Route("DELETE", SA, "service_account.delete", "Delete a service account: disables its "
           "keys", delete_service_account, "Deleted", tag="service_accounts"),
 ]

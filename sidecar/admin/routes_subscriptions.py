@@ -32,16 +32,16 @@ async def cancel_subscription(c: Call):
 
 S = "/subscriptions/{subscription_id}"
 ROUTES = [
-    Route("GET", "/subscriptions", "subscriptions:read", "List subscriptions",
+    Route("GET", "/subscriptions", "subscription.read", "List subscriptions",
           list_subscriptions, "Subscription", query=s.PAGE_QUERY, list_of=True,
           tag="subscriptions"),
-    Route("POST", "/subscriptions", "subscriptions:write", "Start a subscription; its "
+    Route("POST", "/subscriptions", "subscription.create", "Start a subscription; its "
           "sk-sub- key is created with it and returned once", create_subscription,
           "SubscriptionCreated", status=201, body=s.SUB_CREATE, tag="subscriptions"),
-    Route("GET", S, "subscriptions:read", "Get a subscription (cycle, renewal, balance)",
+    Route("GET", S, "subscription.read", "Get a subscription (cycle, renewal, balance)",
           get_subscription, "Subscription", tag="subscriptions"),
-    Route("PATCH", S, "subscriptions:write", "Change plan, cycle quota or PAYG fallback",
+    Route("PATCH", S, "subscription.update", "Change plan, cycle quota or PAYG fallback",
           update_subscription, "Subscription", body=s.SUB_UPDATE, tag="subscriptions"),
-    Route("DELETE", S, "subscriptions:write", "Cancel: disables its key",
+    Route("DELETE", S, "subscription.cancel", "Cancel: disables its key",
           cancel_subscription, "Deleted", tag="subscriptions"),
 ]

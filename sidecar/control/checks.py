@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from .errors import Conflicting, Forbidden, Invalid
-from .policy import ROLES, Actor, require
-
-
-def require_key_control(actor: Actor, rec: dict[str, str]) -> None:
-    """Admin keys need admin-key rights; a member controls their own user keys; the rest
-    needs key management."""
-    if rec.get("t") == "a":
-        require(actor, "admin_keys", "changing an admin key", "key_id")
-    elif not (rec.get("t") == "o" and rec.get("mem") and rec["mem"] == actor.member):
-        require(actor, "manage_keys", "changing this key", "key_id")
+from .errors import Conflicting, Invalid
+from .policy import ROLES
 
 
 def check_scopes_mode(permission: str, scopes: list[str]) -> None:
@@ -43,11 +34,6 @@ def check_text(value, param: str, required: bool = False, limit: int = 200) -> N
 def check_role(role: str) -> None:
     if role not in ROLES:
         raise Invalid(f"role: one of {', '.join(ROLES)}", "role")
-
-
-def require_owner(actor: Actor, what: str) -> None:
-    if not actor.operator and actor.role not in (None, "owner"):
-        raise Forbidden(f"{what} needs an owner (your role: {actor.role})", "role")
 
 
 def parse_when(text: str, param: str = "expires_at") -> datetime:

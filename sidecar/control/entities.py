@@ -8,9 +8,9 @@ from importlib import resources
 from ..keys import new_id
 from ..store import names
 from ..store.keystore import now_ms
-from .checks import check_role, check_text, require_owner
+from .checks import check_role, check_text
 from .errors import Conflict, NotFound
-from .policy import CLI, Actor
+from .policy import CLI, Actor, Resource, check
 from .views import decode, member_view, org_view, pairs, project_view, sa_view, text
 
 DEFAULT = "default"                 # built-in organization and project of `keys create`
@@ -78,6 +78,7 @@ class EntityOps:
     async def update_org(self, org_id: str, name: str, actor: Actor = CLI) -> dict:
         check_text(name, "name", required=True)
         before = await self.org(org_id)
+        check(actor, "organization.update", Resource("organization", org_id, id=org_id))
         if name != before["name"]:
             if not await self.redis.hsetnx(names.ORG_NAMES, name, org_id):
                 raise Conflict(f"name: an organization named {name!r} exists", "name")
@@ -97,8 +98,7 @@ class EntityOps:
         check_text(user, "user", required=True, limit=320)
         check_text(name, "name")
         check_role(role)
-        if role == "owner":
-            require_owner(actor, "adding an owner")
+        check(actor, "member.add", Resource("member", org, role=role))
         member_id = new_id("mem")
         rec = {"id": member_id, "org": org, "user": user, "nm": name, "role": role,
                "ca": str(now_ms()), "cb": actor.created_by}
@@ -128,13 +128,16 @@ class EntityOps:
         if "name" in changes:
             check_text(changes["name"], "name")
             fields["nm"] = changes["name"]
-        if "role" in changes and changes["role"] != before["role"]:
-            check_role(changes["role"])
-            if "owner" in (changes["role"], before["role"]):
-                require_owner(actor, "granting or taking the owner role")
+        role = changes.get("role")
+        if role is not None:
+            check_role(role)
+        check(actor, "member.update", Resource(
+            "member", org, id=member_id, member=member_id, member_role=before["role"],
+            role=role if role != before["role"] else None))
+        if role is not None and role != before["role"]:
             if before["role"] == "owner":
                 await self._keep_an_owner(org, member_id, "role")
-            fields["role"] = changes["role"]
+            fields["role"] = role
         if fields:
             await self.redis.hset(names.member(org, member_id), mapping=fields)
         after = await self.member(org, member_id)
@@ -146,8 +149,10 @@ class EntityOps:
         """The page: the member's user keys and the admin keys tied to the membership are
         disabled (each key record is written, so the next authorize call refuses it)."""
         before = await self.member(org, member_id)
+        check(actor, "member.remove", Resource(
+            "member", org, id=member_id, member=member_id, member_role=before["role"],
+            touches=await self.cascade_keys("mem:" + member_id)))
         if before["role"] == "owner":
-            require_owner(actor, "removing an owner")
             await self._keep_an_owner(org, member_id, "member_id")
         disabled = await self.keys.disable_owned("mem:" + member_id, "member_removed")
         async with self.redis.pipeline(transaction=True) as tx:
@@ -170,6 +175,7 @@ class EntityOps:
     async def create_project(self, org: str, name: str, actor: Actor = CLI) -> dict:
         await self.org(org)
         check_text(name, "name", required=True)
+        check(actor, "project.create", Resource("project", org))
         project_id = new_id("prj")
         rec = {"id": project_id, "org": org, "nm": name, "ca": str(now_ms()),
                "cb": actor.created_by}
@@ -197,6 +203,7 @@ class EntityOps:
                              actor: Actor = CLI) -> dict:
         before = await self.project(org, project_id)
         check_text(name, "name", required=True)
+        check(actor, "project.update", Resource("project", org, id=project_id))
         await self.redis.hset(names.project(org, project_id), "nm", name)
         after = await self.project(org, project_id)
         await self.audit.record(org, actor, "project.updated", "project", project_id, before,
@@ -211,6 +218,9 @@ class EntityOps:
             raise Conflict("project_id: the built-in default project cannot be deleted",
                            "project_id")
         accounts = await self.list_service_accounts(org, project_id)
+        check(actor, "project.delete", Resource("project", org, id=project_id, touches=(
+            await self.cascade_keys("prj:" + project_id,
+                                    *("sa:" + sa["id"] for sa in accounts)))))
         disabled = await self.keys.disable_owned("prj:" + project_id, "project_deleted")
         for sa in accounts:   # their keys are scoped to the project too; belt and braces
             disabled += await self.keys.disable_owned("sa:" + sa["id"], "project_deleted")
@@ -233,6 +243,7 @@ class EntityOps:
                                      actor: Actor = CLI) -> dict:
         await self.project(org, project_id)
         check_text(name, "name", required=True)
+        check(actor, "service_account.create", Resource("service_account", org))
         sa_id = new_id("sa")
         rec = {"id": sa_id, "org": org, "prj": project_id, "nm": name, "ca": str(now_ms()),
                "cb": actor.created_by}
@@ -261,6 +272,7 @@ class EntityOps:
                                      actor: Actor = CLI) -> dict:
         before = await self.service_account(org, sa_id)
         check_text(name, "name", required=True)
+        check(actor, "service_account.update", Resource("service_account", org, id=sa_id))
         await self.redis.hset(names.service_account(org, sa_id), "nm", name)
         after = await self.service_account(org, sa_id)
         await self.audit.record(org, actor, "service_account.updated", "service_account",
@@ -269,6 +281,8 @@ class EntityOps:
 
     async def delete_service_account(self, org: str, sa_id: str, actor: Actor = CLI) -> dict:
         before = await self.service_account(org, sa_id)
+        check(actor, "service_account.delete", Resource(
+            "service_account", org, id=sa_id, touches=await self.cascade_keys("sa:" + sa_id)))
         disabled = await self.keys.disable_owned("sa:" + sa_id, "service_account_deleted")
         async with self.redis.pipeline(transaction=True) as tx:
             tx.delete(names.service_account(org, sa_id))

@@ -8,13 +8,20 @@ import hashlib
 
 import orjson
 
-from ..keys import KeyType
+from ..keys import TYPE_OF_CODE, KeyType
 from ..store import names
-from ..store.keystore import PERMISSION_NAMES, InvalidKeySpec, KeyError_, KeySpec
+from ..store.keystore import (
+    CASCADE_REASONS,
+    PERMISSION_NAMES,
+    InvalidKeySpec,
+    KeyError_,
+    KeySpec,
+)
 from ..store.keystore import view as key_view
-from .checks import check_scopes_mode, check_text, refuse, require_key_control
-from .errors import Conflict, Conflicting, Forbidden, Invalid, NotFound, from_key_error
-from .policy import CLI, Actor, Grant, check_admin_grant, check_user_key_owner, require
+from .checks import check_scopes_mode, check_text, refuse
+from .errors import Conflict, Conflicting, Invalid, NotFound, from_key_error
+from .policy import CLI, Actor, Grant, Resource, check, check_admin_scopes
+from .views import text
 
 IDEMPOTENCY_TTL_S = 86_400
 MAX_GRACE_S = 30 * 86_400
@@ -53,6 +60,10 @@ class KeyOps:
             refuse(req, ("owner", "project_id", "member_id", "service_account_id"),
                     "standard keys have no organization owner")
             spec.account = req.get("account") or None
+        grant = Grant(spec.permission, frozenset(spec.scopes)) if typ == "admin" else None
+        check(actor, "key.create", Resource(
+            "key", org, member=spec.member or None, key_type=typ, grant=grant,
+            member_role=await self._role(org, spec.member)))
         try:
             out, plaintext = await self.keys.create(spec)
         except InvalidKeySpec as exc:
@@ -65,21 +76,12 @@ class KeyOps:
         refuse(req, ("owner", "project_id", "service_account_id", "quota", "unlimited",
                       "models", "allowed_ips", "rpm", "tpm", "account"),
                 "admin keys only administer; they carry no data-plane settings")
-        require(actor, "admin_keys", "creating an admin key", "type")
-        check_admin_grant(actor, Grant(spec.permission, frozenset(spec.scopes)))
-        member_id = req.get("member_id")
-        if actor.operator:
-            if not member_id:
-                raise Invalid("member_id: an admin key is tied to the member it is made for",
-                              "member_id")
-        elif member_id and member_id != actor.member:
-            raise Forbidden("member_id: an admin key is tied to the membership of the member "
-                            "who creates it", "member_id")
-        else:
-            member_id = actor.member
-        if member_id:
-            await self.member(org, member_id)
-            spec.member = member_id
+        check_admin_scopes(Grant(spec.permission, frozenset(spec.scopes)))
+        member_id = req.get("member_id") or actor.member
+        if not member_id:
+            raise Invalid("member_id: an admin key is tied to the member it is made for",
+                          "member_id")
+        spec.member = (await self.member(org, member_id))["id"]
 
     async def _org_key_owner(self, org: str, req: dict, actor: Actor, spec: KeySpec) -> None:
         """Project, user or service-account key: check the owner and who may create it."""
@@ -91,7 +93,6 @@ class KeyOps:
                     "member or service account owner")
             if not req.get("project_id"):
                 raise Invalid("project_id: a project key needs its project", "project_id")
-            require(actor, "manage_keys", "creating a project key", "owner")
             spec.project = (await self.project(org, req["project_id"]))["id"]
         elif owner == "user":
             refuse(req, ("service_account_id",), "a user key is owned by a member")
@@ -99,7 +100,6 @@ class KeyOps:
             if not member_id:
                 raise Invalid("member_id: a user key needs the member who owns it",
                               "member_id")
-            check_user_key_owner(actor, member_id)
             spec.member = (await self.member(org, member_id))["id"]
             if req.get("project_id"):
                 spec.project = (await self.project(org, req["project_id"]))["id"]
@@ -108,7 +108,6 @@ class KeyOps:
             if not req.get("service_account_id"):
                 raise Invalid("service_account_id: a service-account key needs its account",
                               "service_account_id")
-            require(actor, "manage_keys", "creating a service-account key", "owner")
             sa = await self.service_account(org, req["service_account_id"])
             if req.get("project_id") and req["project_id"] != sa["project_id"]:
                 raise Conflicting(f"project_id: service account {sa['id']} belongs to "
@@ -160,7 +159,6 @@ class KeyOps:
     async def edit_key(self, org: str | None, key_id: str, changes: dict,
                        actor: Actor = CLI) -> dict:
         rec = await self.org_key(org, key_id)
-        require_key_control(actor, rec)
         admin = rec.get("t") == "a"
         if admin:
             refuse(changes, ("models", "allowed_ips", "rpm", "tpm"),
@@ -168,10 +166,13 @@ class KeyOps:
         permission = changes.get("permission", PERMISSION_NAMES.get(rec.get("pm", "a")))
         if "scopes" in changes:
             check_scopes_mode(permission, changes["scopes"])
+        grant = None
         if admin and ("permission" in changes or "scopes" in changes):
             scopes = changes.get("scopes", [] if "permission" in changes else
                                  [s for s in rec.get("sc", "").split(",") if s])
-            check_admin_grant(actor, Grant(permission, frozenset(scopes)))
+            grant = Grant(permission, frozenset(scopes))
+            check_admin_scopes(grant)
+        check(actor, "key.update", await self.key_resource(rec, grant))
         edits = {("ips" if k == "allowed_ips" else k): v for k, v in changes.items()}
         try:
             before, after = await self.keys.edit(key_id, edits)
@@ -184,7 +185,8 @@ class KeyOps:
     async def set_key_status(self, org: str | None, key_id: str, active: bool,
                              actor: Actor = CLI) -> dict:
         rec = await self.org_key(org, key_id)
-        require_key_control(actor, rec)
+        check(actor, "key.enable" if active else "key.disable",
+              await self.key_resource(rec, _grant(rec)))
         before = await self.key(org, key_id)
         reason = "disabled by " + actor.created_by
         try:
@@ -198,7 +200,7 @@ class KeyOps:
 
     async def delete_key(self, org: str | None, key_id: str, actor: Actor = CLI) -> dict:
         rec = await self.org_key(org, key_id)
-        require_key_control(actor, rec)
+        check(actor, "key.delete", await self.key_resource(rec))
         before = await self.key(org, key_id)
         await self.keys.delete(key_id)
         await self._audit_key(rec, actor, "key.deleted", "key",
@@ -215,7 +217,7 @@ class KeyOps:
             raise Conflicting("quota: give exactly one of set, add, unlimited",
                               given[-1] if given else "set")
         rec = await self.org_key(org, key_id)
-        require_key_control(actor, rec)
+        check(actor, "key.quota", await self.key_resource(rec))
         if rec.get("t") == "a":
             raise Conflicting("quota: admin keys have no quota", "set")
         before = await self.key(org, key_id)
@@ -245,13 +247,7 @@ class KeyOps:
             raise Invalid(f"grace_seconds: must be between 0 and {MAX_GRACE_S}",
                           "grace_seconds")
         rec = await self.org_key(org, key_id)
-        require_key_control(actor, rec)
-        if rec.get("t") == "o" and rec.get("mem"):
-            check_user_key_owner(actor, rec["mem"])
-        if rec.get("t") == "a":
-            check_admin_grant(actor, Grant(PERMISSION_NAMES.get(rec.get("pm", "a"), "all"),
-                                           frozenset(s for s in rec.get("sc", "").split(",")
-                                                     if s)))
+        check(actor, "key.rotate", await self.key_resource(rec, _grant(rec)))
         scope = org or rec.get("org") or "-"
         slot = None
         if idempotency_key is not None:
@@ -281,6 +277,36 @@ class KeyOps:
                                 {"key": old, "new_key": new, "grace_seconds": grace_s})
         return {**new, "key": plaintext, "replayed": False, "old_key": old}
 
+    # -- what the authority model needs to know --------------------------------------
+
+    async def _role(self, org: str | None, member_id: str | None) -> str | None:
+        """A member's role now (None: no such member, e.g. removed)."""
+        if not org or not member_id:
+            return None
+        role = await self.redis.hget(names.member(org, member_id), "role")
+        return text(role) if role is not None else None
+
+    async def key_resource(self, rec: dict[str, str], grant: Grant | None = None) -> Resource:
+        """A key as the policy sees it: its org, type, owning member and their role."""
+        typ = TYPE_OF_CODE.get(rec.get("t", "s"), KeyType.standard).value
+        org, member = rec.get("org") or None, rec.get("mem") or None
+        return Resource("key", org, id=rec.get("id"), member=member, key_type=typ,
+                        member_role=await self._role(org, member), grant=grant)
+
+    async def cascade_keys(self, *owners: str) -> tuple[Resource, ...]:
+        """The keys a cascade over these owner indexes ('prj:<id>', ...) would disable."""
+        found: dict[str, Resource] = {}
+        for owner in owners:
+            for key_id in sorted(text(i) for i in
+                                 await self.redis.smembers(names.OWNER_INDEX + owner)):
+                try:
+                    _, rec = await self.keys.record(key_id)
+                except KeyError_:
+                    continue
+                if key_id not in found and rec.get("dr") not in CASCADE_REASONS:
+                    found[key_id] = await self.key_resource(rec)
+        return tuple(found.values())
+
     async def _audit_key(self, rec: dict[str, str], actor: Actor, action: str, *args) -> None:
         """Into the key's organization's log; keys outside any organization (plain
         `sidecar keys create` standard keys) have no organization log."""
@@ -305,3 +331,11 @@ class KeyOps:
             await asyncio.sleep(0.02)
         raise Conflict("idempotency_key: the same rotation is still running; retry",
                        "idempotency_key")
+
+
+def _grant(rec: dict[str, str]) -> Grant | None:
+    """An admin key's grant as stored (None for other keys)."""
+    if rec.get("t") != "a":
+        return None
+    return Grant(PERMISSION_NAMES.get(rec.get("pm", "a"), "all"),
+                 frozenset(s for s in rec.get("sc", "").split(",") if s))

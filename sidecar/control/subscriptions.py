@@ -10,7 +10,7 @@ from ..store import names
 from ..store.keystore import InvalidKeySpec, KeyError_, KeySpec, _iso, now_ms
 from .checks import check_text
 from .errors import Conflict, Invalid, NotFound, from_key_error
-from .policy import CLI, Actor, require
+from .policy import CLI, Actor, Resource, check
 from .views import cycle_view, pairs, text
 
 
@@ -25,7 +25,7 @@ class SubscriptionOps:
         check_text(account, "account", required=True)
         plan = req.get("plan", "")
         check_text(plan, "plan", required=True)
-        require(actor, "manage_keys", "creating a subscription", "account")
+        check(actor, "subscription.create", Resource("subscription", org))
         if await self.redis.hexists(names.org_subscriptions(org), account):
             raise Conflict(f"account: {account!r} already has a subscription", "account")
         sub_id = new_id("sub")
@@ -79,7 +79,7 @@ class SubscriptionOps:
     async def update_subscription(self, org: str, sub_id: str, changes: dict,
                                   actor: Actor = CLI) -> dict:
         before = await self.subscription(org, sub_id)
-        require(actor, "manage_keys", "changing a subscription", "plan")
+        check(actor, "subscription.update", Resource("subscription", org, id=sub_id))
         if "plan" in changes:
             check_text(changes["plan"], "plan", required=True)
         try:
@@ -99,7 +99,7 @@ class SubscriptionOps:
 
     async def cancel_subscription(self, org: str, sub_id: str, actor: Actor = CLI) -> dict:
         before = await self.subscription(org, sub_id)
-        require(actor, "manage_keys", "cancelling a subscription", "subscription_id")
+        check(actor, "subscription.cancel", Resource("subscription", org, id=sub_id))
         with contextlib.suppress(KeyError_):
             await self.keys.set_status(before["key_id"], False, "subscription_cancelled")
         async with self.redis.pipeline(transaction=True) as tx:
