@@ -49,11 +49,10 @@ def _operation(route: Route) -> dict:
         responses[status] = _json(_ref("Error"), text)
     op = {"operationId": route.operation_id, "summary": route.summary,
           "tags": [route.tag] if route.tag else [],
-          "description": f"Policy action `{route.action}`: needs the admin scope "
-                         f"`{route.scope}` (or permission mode all"
+          "description": f"Needs the admin scope `{route.scope}` (or permission mode all"
                          + (", or read-only" if route.scope.endswith(":read") else "")
-                         + "), then the member's role and rank rules (README: who may do "
-                           "what).",
+                         + f"), then the role and rank rules of policy action "
+                           f"`{route.action}` (README: who may do what).",
           "parameters": params, "responses": responses}
     if route.path.endswith("/rotate"):
         op["parameters"].append({"name": "Idempotency-Key", "in": "header", "required": False,
