@@ -2,7 +2,8 @@
 # Installs what the sidecar needs on Debian/Ubuntu and a virtualenv in .venv.
 #   deploy/install.sh          runtime: redis-server (for the embedded default) + package
 #   deploy/install.sh --dev    also the test and benchmark tools: nginx (+ njs, lua),
-#                              promtool, wrk, and the package's [dev] extra
+#                              prometheus + promtool, wrk, the package's [dev] extra,
+#                              and the npm linters the tests run, in .tools/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
@@ -19,7 +20,8 @@ if [ $dev = 1 ]; then
   [ -e /usr/share/lua/5.1/resty/redis.lua ] || [ -e /usr/share/lua/5.1/nginx/redis.lua ] \
     || need+=(lua-nginx-redis)
   dpkg -s lua-cjson >/dev/null 2>&1 || need+=(lua-cjson)   # benchmarks/nginx_lua peer
-  command -v promtool >/dev/null || need+=(prometheus)
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+  command -v npm >/dev/null || need+=(npm)
   command -v wrk >/dev/null || need+=(wrk)
 fi
 if [ ${#need[@]} -gt 0 ]; then
@@ -36,6 +38,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ $dev = 1 ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
+  # Pinned, project-local (git-ignored): redocly lints the admin OpenAPI document,
+  # TypeScript checks the Grafana dashboard against @grafana/schema's Dashboard type.
+  npm install -s --prefix .tools --no-audit --no-fund \
+    @redocly/cli@2.77.0 typescript@5.9.3 @grafana/schema@13.2.3 >/dev/null
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -43,6 +43,16 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def npm_tool(script: str) -> list[str]:
+    """argv of a JS tool that `deploy/install.sh --dev` installs in .tools/ (pinned);
+    a missing one fails the test that needs it."""
+    path = ROOT / ".tools" / "node_modules" / script
+    node = shutil.which("node") or "/usr/bin/node"
+    assert Path(node).exists(), "node is required (deploy/install.sh --dev)"
+    assert path.exists(), f"{path} is missing: run deploy/install.sh --dev"
+    return [node, str(path)]
+
+
 @dataclass
 class RedisServer:
     port: int

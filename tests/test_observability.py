@@ -5,7 +5,9 @@ anywhere can hold a key, a key id or a client IP.
 Metric names are parsed out of the PromQL of every dashboard target and alert rule. The
 running sidecar is driven first through allows, each kind of denial, a Redis stall (so
 sidecar_redis_errors_total and 503 decisions exist) and a usage report, so its labelled
-series exist when /metrics is read.
+series exist when /metrics is read. The dashboard is also checked against Grafana's schema
+(@grafana/schema's TypeScript types); tests/test_prometheus_live.py evaluates every
+expression in a real Prometheus.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.request
 import orjson
 import pytest
 import yaml
-from conftest import ROOT, start_sidecar, stop_process
+from conftest import ROOT, npm_tool, start_sidecar, stop_process
 from live import CLIENT_TIMEOUT, authz, avoid_minute_edge
 
 from sidecar.store.keystore import KeySpec
@@ -199,3 +201,26 @@ def test_dashboard_shape():
     for topic in ("decisions", "latency", "redis round trip", "redis errors", "quota",
                   "rate limited", "per redis round trip", "fail-open"):
         assert topic in titles, topic
+
+
+def test_dashboard_matches_grafana_schema(tmp_path):
+    """TypeScript checks the dashboard, as an object literal, against the `Dashboard` type
+    @grafana/schema generates from Grafana's dashboard schema (field names and types, panel
+    fields included). A copy with one mistyped panel field must fail the same check."""
+    types = ROOT / ".tools" / "node_modules" / "@grafana" / "schema" / "dist" / "types" / "index"
+    shipped = DASHBOARD.read_text()
+    broken = orjson.loads(shipped)
+    broken["panels"][0]["gridPos"] = "top"
+    for name, text in (("shipped", shipped), ("broken", orjson.dumps(broken).decode())):
+        (tmp_path / f"{name}.ts").write_text(
+            f'import type {{ Dashboard }} from "{types}";\n'
+            f"export const dashboard = ({text}) satisfies Dashboard;\n")
+    result = subprocess.run(
+        [*npm_tool("typescript/bin/tsc"), "--noEmit", "--strict", "--skipLibCheck",
+         "--target", "es2022", "--module", "esnext", "--moduleResolution", "bundler",
+         "shipped.ts", "broken.ts"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    errors = [line for line in (result.stdout + result.stderr).splitlines()
+              if line and not line.startswith(" ")]
+    assert all(line.startswith("broken.ts(") for line in errors), "\n".join(errors)
+    assert errors, "the schema check accepted a mistyped panel"
