@@ -1,13 +1,19 @@
 """The OpenAPI document of the admin API: it validates (openapi-spec-validator), it
-describes every route the server has, and a property-based run (schemathesis) against
-the live admin API, valid and invalid requests alike, finds no 5xx and no answer the
-document does not describe."""
+passes `redocly lint` (redocly.yaml) with no error and no warning, it describes every
+route the server has, and a property-based run (schemathesis) against the live admin
+API, valid and invalid requests alike, finds no 5xx and no answer the document does not
+describe."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
+import orjson
 import pytest
 import schemathesis
 from admin_helpers import Plane, request, start_plane, stop_plane
+from conftest import ROOT, npm_tool
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 from schemathesis.checks import (
@@ -37,6 +43,22 @@ def test_document_validates(document: dict):
     validate(document)      # raises on any violation of the OpenAPI 3.1 schema
     assert document["openapi"] == "3.1.0"
     assert document["components"]["securitySchemes"]["adminKey"]["scheme"] == "bearer"
+
+
+def test_document_passes_redocly_lint(document: dict, tmp_path):
+    path = tmp_path / "openapi.json"
+    path.write_bytes(orjson.dumps(document))
+    env = {**os.environ, "REDOCLY_TELEMETRY": "off", "REDOCLY_SUPPRESS_UPDATE_NOTICE": "true"}
+    linted = subprocess.run(
+        [*npm_tool("@redocly/cli/bin/cli.js"), "lint", "--config", str(ROOT / "redocly.yaml"),
+         "--format", "json", "--max-problems", "1000", str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    report = orjson.loads(linted.stdout)
+    problems = [f"{p['severity']} {p['ruleId']}: {p['message']} at "
+                f"{[loc.get('pointer') for loc in p.get('location', [])]}"
+                for p in report["problems"]]
+    assert report["totals"] == {"errors": 0, "warnings": 0, "ignored": 0}, "\n".join(problems)
+    assert linted.returncode == 0, linted.stderr
 
 
 def test_document_lists_every_resource_with_its_scope(document: dict):
