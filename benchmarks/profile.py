@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -64,7 +65,9 @@ def _short(path: str) -> str:
 
 
 def pyspy_binary() -> str | None:
-    return shutil.which("py-spy")
+    """The [dev] extra's py-spy beside this Python (CI's PATH has no venv), else PATH's."""
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or \
+        shutil.which("py-spy")
 
 
 def profile_worker(pid: int, url: str, path: str, key_file: Path, load: Load,

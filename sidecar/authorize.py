@@ -31,9 +31,10 @@ from .store.scripts import AUTHORIZE
 
 log = logging.getLogger("sidecar.authorize")
 _JSON = "application/json"
-# On an allow, Envoy removes the request headers named here before the upstream sees the
-# call: the client's key never leaves the edge. NGINX and Traefik ignore it (their
-# configs strip the key themselves).
+# On an allow, Envoy removes the request headers named in REMOVE_HEADER before the
+# upstream sees the call: the client's key never leaves the edge. NGINX and Traefik ignore
+# it (their configs strip the key themselves); the gRPC mode sends it as headers_to_remove.
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 _STRIP_FROM_UPSTREAM = "authorization,x-api-key"
 
 
@@ -48,9 +49,21 @@ class Authorizer:
         self.fail_open = settings.failure_mode == "open"
 
     async def __call__(self, call: Call) -> Answer:
+        """An authorize call on the HTTP edge: the original method, path and client IP by
+        the proxies' conventions (request.py), then the decision."""
+        method, uri = original_call(call.method, call.target, call.headers)
+        peer = call.peer_ip
+        return await self.decide(call, method, uri, self.client_ip(peer, call.headers),
+                                 self.client_ip.trusts(peer))
+
+    async def decide(self, call: Call, method: str, uri: str, ip: str,
+                     trusted: bool) -> Answer:
+        """The decision, whatever the transport (HTTP edge, gRPC ext_authz): `call` gives
+        the headers and body; `method`, `uri` (path and query) and `ip` are the client's
+        call as the transport vouches for it; `trusted`: the caller is a trusted proxy,
+        so its cost header counts."""
         start = time.perf_counter()
         headers = call.headers
-        method, uri = original_call(call.method, call.target, headers)
         endpoint = classify(method, uri.partition("?")[0])
 
         key = bearer_or_api_key(headers)
@@ -63,8 +76,7 @@ class Authorizer:
         # A cut-off or compressed body hides the model the upstream will see.
         certain = certain and not call.body_truncated and \
             headers.get("content-encoding", "identity").lower() == "identity"
-        ip = self.client_ip(call.peer_ip, headers)
-        cost = self._cost(model, headers, self.client_ip.trusts(call.peer_ip))
+        cost = self._cost(model, headers, trusted)
         if cost is None:
             return error_answer(400, "bad_cost", "invalid cost header")
 
@@ -86,14 +98,15 @@ class Authorizer:
             log.warning("redis unavailable: %s", exc)
             if self.fail_open:
                 metrics.fail_open()
-                return self._answer(200, "fail_open", start, {}, b"")
+                return self._answer(200, "fail_open", start,
+                                    {REMOVE_HEADER: _STRIP_FROM_UPSTREAM}, b"")
             return self._deny(Code.unavailable, endpoint.anthropic, start)
 
         code = reply[0]
         if code == Code.allow:
             out = identity_headers(reply)
             out.update(limit_headers(reply))
-            out["x-envoy-auth-headers-to-remove"] = _STRIP_FROM_UPSTREAM
+            out[REMOVE_HEADER] = _STRIP_FROM_UPSTREAM
             return self._answer(200, "ok", start, out, b"")
         return self._deny(Code(code), endpoint.anthropic, start, reply)
 

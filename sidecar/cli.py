@@ -161,6 +161,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.workers:
         settings = with_overrides(settings, workers=args.workers)
     logs.setup(settings.log_level)
+    server.require_grpc(settings)
     if args.worker_process:  # started by a supervising `serve --workers N`
         server._run_loop(server.run(settings, data=True, admin=False))
         return 0

@@ -33,6 +33,7 @@ class Settings:
     # Listeners.
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:8081"
+    grpc_listen: str | None = None       # Envoy gRPC ext_authz (Authorization/Check); off
     workers: int = 1
     keepalive_timeout_s: float = 75.0    # must exceed the proxy's upstream idle timeout
     request_timeout_s: float = 10.0      # a request begun must arrive whole within this
@@ -178,6 +179,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("failure_mode: must be 'closed' or 'open'")
     parse_hostport(s.listen, "listen")
     parse_hostport(s.admin_listen, "admin_listen")
+    if s.grpc_listen is not None:
+        parse_hostport(s.grpc_listen, "grpc_listen")
     if not 1 <= s.workers <= 256:
         raise ConfigError("workers: must be between 1 and 256")
     if s.keepalive_timeout_s <= 0:

@@ -20,13 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from . import logs
-from .config import Settings, parse_hostport
+from .config import ConfigError, Settings, parse_hostport
 from .edge import Answer, Call, EdgeServer
 from .embedded import EmbeddedRedis
+
+if TYPE_CHECKING:
+    from .authorize import Authorizer
 
 
 class FixedRecordRunner:
@@ -44,8 +48,9 @@ class FixedRecordRunner:
         return None
 
 
-def data_plane(settings: Settings, runner) -> EdgeServer:
-    """The data-plane routes on the bare HTTP/1.1 edge (edge.py)."""
+def data_plane(settings: Settings, runner) -> tuple[EdgeServer, Authorizer]:
+    """The data-plane routes on the bare HTTP/1.1 edge (edge.py), and the authorizer
+    behind them (which the gRPC mode shares)."""
     from .authorize import Authorizer
     from .keys import KeyHasher
 
@@ -77,7 +82,17 @@ def data_plane(settings: Settings, runner) -> EdgeServer:
 
     return EdgeServer(route, max_body=settings.max_body_bytes,
                       keepalive_timeout=settings.keepalive_timeout_s,
-                      request_timeout=settings.request_timeout_s)
+                      request_timeout=settings.request_timeout_s), authorize
+
+
+def require_grpc(settings: Settings) -> None:
+    """grpc_listen needs the [grpc] extra: one line at start, not a worker crash loop."""
+    if settings.grpc_listen:
+        try:
+            from . import grpc_authz  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"grpc_listen: needs the grpc extra "
+                              f"(pip install 'llm-key-sidecar[grpc]'): {exc}") from None
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -100,10 +115,16 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     runner = make_runner(settings.redis_url, settings.redis_timeout_ms / 1000)
     runners: list[web.BaseRunner] = []
     edge: EdgeServer | None = None
+    grpc_server = None
     if data:
         host, port = parse_hostport(settings.listen, "listen")
-        edge = data_plane(settings, runner)
+        edge, authorize = data_plane(settings, runner)
         await edge.listen(host, port)
+        if settings.grpc_listen:
+            # Same loop, same runner: both modes' calls share the Redis batches.
+            from . import grpc_authz
+            host, port = parse_hostport(settings.grpc_listen, "grpc_listen")
+            grpc_server = await grpc_authz.start(settings, authorize, host, port)
     if admin:
         host, port = parse_hostport(settings.admin_listen, "admin_listen")
         app_runner = web.AppRunner(await admin_app(settings, runner), handle_signals=False,
@@ -113,13 +134,18 @@ async def run(settings: Settings, *, data: bool, admin: bool,
         await web.TCPSite(app_runner, host, port, reuse_port=True).start()
         runners.append(app_runner)
     logs.event("listening", pid=os.getpid(), data=settings.listen if data else None,
+               grpc=settings.grpc_listen if grpc_server else None,
                admin=settings.admin_listen if admin else None)
 
     watch = loop.create_task(_supervise_redis(embedded, stop)) if embedded else None
     await stop.wait()
     logs.event("draining", pid=os.getpid(), timeout_s=settings.shutdown_timeout_s)
-    if edge is not None:
-        await edge.shutdown(settings.shutdown_timeout_s)  # in-flight calls finish first
+    drains = []
+    if edge is not None:   # in-flight calls finish first
+        drains.append(edge.shutdown(settings.shutdown_timeout_s))
+    if grpc_server is not None:
+        drains.append(grpc_server.stop(settings.shutdown_timeout_s))
+    await asyncio.gather(*drains)
     for r in runners:
         await r.cleanup()
     if watch:
@@ -142,8 +168,9 @@ async def _supervise_redis(embedded: EmbeddedRedis, stop: asyncio.Event) -> None
 def serve(settings: Settings, embedded: EmbeddedRedis | None, config_path: str | None) -> int:
     """Entry of `sidecar serve` once settings are resolved. Returns the exit code."""
     logs.event("start", workers=settings.workers, listen=settings.listen,
-               admin=settings.admin_listen, embedded_redis=embedded is not None,
-               redis=_shown(settings), failure_mode=settings.failure_mode)
+               grpc=settings.grpc_listen, admin=settings.admin_listen,
+               embedded_redis=embedded is not None, redis=_shown(settings),
+               failure_mode=settings.failure_mode)
     try:
         if settings.workers == 1:
             _run_loop(run(settings, data=True, admin=True, embedded=embedded))

@@ -133,6 +133,7 @@ class Sidecar:
     port: int
     admin_port: int
     log: Path
+    grpc_port: int | None = None     # gRPC ext_authz, when started with grpc_listen
 
     @property
     def url(self) -> str:
@@ -167,10 +168,13 @@ def start_sidecar(tmp: Path, redis_url: str | None, *args: str, **settings) -> S
     log = tmp / f"sidecar-{port}.log"
     proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", *args], env=env,
                             cwd=tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    car = Sidecar(proc, port, admin_port, log)
+    grpc = settings.get("grpc_listen")
+    car = Sidecar(proc, port, admin_port, log, int(grpc.rsplit(":", 1)[1]) if grpc else None)
 
     def ready() -> bool:
         assert proc.poll() is None, car.logs()
+        if car.grpc_port:   # listening once a TCP connect succeeds
+            socket.create_connection(("127.0.0.1", car.grpc_port), timeout=1).close()
         with urllib.request.urlopen(car.admin_url + "/readyz", timeout=1) as r:
             return r.status == 200
     wait_for(ready, 20, "sidecar /readyz")

@@ -27,6 +27,7 @@ class Answer:
     status: int
     headers: dict[str, str]        # lower-cased names
     raw: bytes
+    removed: tuple[str, ...] = ()  # request headers the proxy removes before the upstream
 
     @property
     def json(self) -> dict:
@@ -59,7 +60,85 @@ async def authz(http: aiohttp.ClientSession, car: Sidecar, path: str = CHAT, *,
     async with http.request(method, url, headers=sent, data=data,
                             timeout=timeout) as resp:
         raw = await resp.read()
-        return Answer(resp.status, {k.lower(): v for k, v in resp.headers.items()}, raw)
+        headers = {k.lower(): v for k, v in resp.headers.items()}
+        removed = headers.get("x-envoy-auth-headers-to-remove", "")
+        return Answer(resp.status, headers, raw, tuple(filter(None, removed.split(","))))
+
+
+# -- gRPC ext_authz (Authorization/Check), the way Envoy calls it ------------------------
+
+# On the HTTP edge a trusted proxy names the client IP in one of these headers; in gRPC
+# mode Envoy gives it as attributes.source instead, and headers never choose it.
+IP_HEADERS = ("x-envoy-external-address", "x-client-ip", "x-real-ip", "x-forwarded-for")
+
+
+async def check(channel, path: str = CHAT, *, method: str = "POST", key: str | None = None,
+                api_key: str | None = None, headers: dict[str, str] | None = None,
+                body: dict | bytes | None = None, source: str = "127.0.0.1",
+                ip_headers_as_source: bool = True) -> Answer:
+    """One Check call as Envoy's gRPC ext_authz makes it (with_request_body,
+    pack_as_bytes), answered as the client or upstream would see it: a denial's status,
+    headers and body; an allow's upstream headers, response headers and removals."""
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    from google.rpc import code_pb2
+
+    sent = {k.lower(): v for k, v in (headers or {}).items()}
+    if ip_headers_as_source:
+        for name in IP_HEADERS:
+            if name in sent:
+                source = sent.pop(name).split(",")[0].strip()
+    if key is not None:
+        sent["authorization"] = f"Bearer {key}"
+    if api_key is not None:
+        sent["x-api-key"] = api_key
+    data = orjson.dumps(body) if isinstance(body, dict) else body or b""
+    if isinstance(body, dict):
+        sent.setdefault("content-type", "application/json")
+    sent.update({":method": method, ":path": path, ":authority": "api.example"})
+    request = pb.CheckRequest()
+    request.attributes.source.address.socket_address.address = source
+    request.attributes.source.address.socket_address.port_value = 40000
+    http = request.attributes.request.http
+    http.method, http.path, http.host, http.raw_body = method, path, "api.example", data
+    http.size = len(data)
+    http.headers.update(sent)
+    reply = await pb_grpc.AuthorizationStub(channel).Check(request, timeout=10)
+    if reply.WhichOneof("http_response") == "denied_response":
+        assert reply.status.code != code_pb2.OK
+        denied = reply.denied_response
+        return Answer(denied.status.code, {h.header.key.lower(): h.header.value
+                                           for h in denied.headers}, denied.body.encode())
+    assert reply.status.code == code_pb2.OK, reply
+    ok = reply.ok_response
+    seen = {h.header.key.lower(): h.header.value
+            for h in (*ok.headers, *ok.response_headers_to_add)}
+    return Answer(200, seen, b"", tuple(ok.headers_to_remove))
+
+
+class Transport:
+    """Authorize calls to a running sidecar over one data-plane transport: "http" (the
+    edge, Envoy's HTTP service style) or "grpc" (Check). Same arguments, same Answer."""
+
+    def __init__(self, kind: str, http: aiohttp.ClientSession):
+        self.kind = kind
+        self.http = http
+        self._channels: dict[int, object] = {}
+
+    async def __call__(self, car: Sidecar, path: str = CHAT, **kwargs) -> Answer:
+        if self.kind == "http":
+            return await authz(self.http, car, path, **kwargs)
+        import grpc
+        assert car.grpc_port, "start the sidecar with grpc_listen"
+        channel = self._channels.get(car.grpc_port)
+        if channel is None:
+            channel = self._channels[car.grpc_port] = grpc.aio.insecure_channel(
+                f"127.0.0.1:{car.grpc_port}")
+        return await check(channel, path, **kwargs)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
 
 
 def avoid_minute_edge(margin_s: float = 3.0) -> None:

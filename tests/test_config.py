@@ -102,6 +102,8 @@ BAD_VALUES = [
     ("listen", "127.0.0.1:99999"),
     ("listen", "127.0.0.1:http"),
     ("admin_listen", "nowhere"),
+    ("grpc_listen", "9090"),
+    ("grpc_listen", "127.0.0.1:grpc"),
     ("workers", "0"),
     ("workers", "257"),
     ("workers", "two"),

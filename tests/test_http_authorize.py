@@ -1,6 +1,9 @@
-"""The running sidecar over real HTTP: every row of the contract's table, the three proxy
-styles, the trusted-proxy rule, immediate revocation, recent activity, and the official
-OpenAI / Anthropic SDKs raising their own error classes on our denials.
+"""The running sidecar over real sockets: every row of the contract's table, the three
+proxy styles, the trusted-proxy rule, immediate revocation, recent activity, and the
+official OpenAI / Anthropic SDKs raising their own error classes on our denials.
+
+The decision table runs over both transports (the `ask` fixture): the HTTP edge and gRPC
+ext_authz (Check), one decision path behind them.
 
 Keys are made with the KeyStore on the same Redis and pepper as the sidecar process.
 """
@@ -15,7 +18,15 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import free_port, start_sidecar, stop_process
-from live import CHAT, CLIENT_TIMEOUT, MESSAGES, authz, avoid_minute_edge, cli
+from live import (
+    CHAT,
+    CLIENT_TIMEOUT,
+    MESSAGES,
+    Transport,
+    authz,
+    avoid_minute_edge,
+    cli,
+)
 
 from sidecar.keys import KeyType
 from sidecar.store.keystore import KeySpec
@@ -26,8 +37,9 @@ ANTHROPIC_TYPES = {401: "authentication_error", 402: "billing_error",
 
 @pytest.fixture(scope="module")
 def car(tmp_path_factory, redis_server):
-    """A sidecar trusting no proxy (the default)."""
-    sidecar = start_sidecar(tmp_path_factory.mktemp("car"), redis_server.url)
+    """A sidecar trusting no proxy (the default), with both transports on."""
+    sidecar = start_sidecar(tmp_path_factory.mktemp("car"), redis_server.url,
+                            grpc_listen=f"127.0.0.1:{free_port()}")
     yield sidecar
     stop_process(sidecar.proc)
 
@@ -36,9 +48,19 @@ def car(tmp_path_factory, redis_server):
 def behind_proxy(tmp_path_factory, redis_server):
     """A sidecar whose proxy is 127.0.0.1 (so the test client is a trusted proxy)."""
     sidecar = start_sidecar(tmp_path_factory.mktemp("proxied"), redis_server.url,
-                            trusted_proxies="127.0.0.1/32")
+                            trusted_proxies="127.0.0.1/32",
+                            grpc_listen=f"127.0.0.1:{free_port()}")
     yield sidecar
     stop_process(sidecar.proc)
+
+
+@pytest.fixture(params=["http", "grpc"])
+async def ask(request, http):
+    """The decision table runs over both transports of the data plane: the HTTP edge and
+    gRPC ext_authz (Check), against the same running sidecar."""
+    transport = Transport(request.param, http)
+    yield transport
+    await transport.close()
 
 
 async def make(store, **spec) -> tuple[str, str]:
@@ -113,21 +135,22 @@ ROWS = [("missing_api_key", 401), ("invalid_api_key/malformed", 401),
 
 
 @pytest.mark.parametrize("row,status", ROWS, ids=[r for r, _ in ROWS])
-async def test_each_denial_row_in_both_dialects(car, store, http, row, status):
+async def test_each_denial_row_in_both_dialects(car, store, ask, row, status):
     key, call = await _row(store, row)
     code = row.split("/")[0]
-    openai_answer = await authz(http, car, CHAT, key=key, **call)
+    openai_answer = await ask(car, CHAT, key=key, **call)
     assert_denial(openai_answer, status, code)
-    anthropic_answer = await authz(http, car, MESSAGES, api_key=key, **call)
+    anthropic_answer = await ask(car, MESSAGES, api_key=key, **call)
     assert_denial(anthropic_answer, status, code, anthropic=True)
     if status == 401:
         assert "www-authenticate" in openai_answer.headers
 
 
-async def test_allow_is_exactly_200_with_identity_and_reserves_quota(car, store, http):
+async def test_allow_is_exactly_200_with_identity_and_reserves_quota(car, store, ask):
     key_id, key = await make(store, quota=2, rpm=100)
-    answer = await authz(http, car, key=key, body={"model": "gpt-x"})
+    answer = await ask(car, key=key, body={"model": "gpt-x"})
     assert answer.status == 200 and answer.raw == b""
+    assert set(answer.removed) == {"authorization", "x-api-key"}   # the key stays at the edge
     assert answer.headers["x-key-id"] == key_id
     assert answer.headers["x-key-type"] == "standard"
     assert answer.headers["x-org-id"] == "" and answer.headers["x-project-id"] == ""
@@ -138,99 +161,99 @@ async def test_allow_is_exactly_200_with_identity_and_reserves_quota(car, store,
     assert (await store.get(key_id))["quota_remaining"] == 1
 
 
-async def test_org_key_identity_and_restricted_scopes(car, store, http):
+async def test_org_key_identity_and_restricted_scopes(car, store, ask):
     key_id, key = await make(store, type=KeyType.org, unlimited=True, org="org_a",
                              project="proj_b", permission="restricted",
                              scopes=["chat.completions:write"])
-    allowed = await authz(http, car, key=key, body={"model": "gpt-x"})
+    allowed = await ask(car, key=key, body={"model": "gpt-x"})
     assert allowed.status == 200
     assert (allowed.headers["x-key-id"], allowed.headers["x-key-type"],
             allowed.headers["x-org-id"], allowed.headers["x-project-id"]) == (
         key_id, "org", "org_a", "proj_b")
     # Without ratelimits no x-ratelimit-* header is sent.
     assert not any(h.startswith("x-ratelimit") for h in allowed.headers)
-    denied = await authz(http, car, "/v1/embeddings", key=key, body={"model": "gpt-x"})
+    denied = await ask(car, "/v1/embeddings", key=key, body={"model": "gpt-x"})
     assert_denial(denied, 403, "permission_denied")
 
 
-async def test_read_only_key_reads_and_model_whitelist_rules(car, store, http):
+async def test_read_only_key_reads_and_model_whitelist_rules(car, store, ask):
     _, key = await make(store, unlimited=True, permission="read-only", models=["gpt-x"])
-    assert (await authz(http, car, "/v1/models", method="GET", key=key)).status == 200
-    assert (await authz(http, car, "/v1/models/gpt-x", method="GET", key=key)).status == 200
-    assert_denial(await authz(http, car, "/v1/models/gpt-y", method="GET", key=key),
+    assert (await ask(car, "/v1/models", method="GET", key=key)).status == 200
+    assert (await ask(car, "/v1/models/gpt-x", method="GET", key=key)).status == 200
+    assert_denial(await ask(car, "/v1/models/gpt-y", method="GET", key=key),
                   403, "model_not_allowed")
     _, writer = await make(store, unlimited=True, models=["gpt-x"])
     # A write call that names no model is refused when a whitelist applies.
-    assert_denial(await authz(http, car, key=writer, body={"messages": []}),
+    assert_denial(await ask(car, key=writer, body={"messages": []}),
                   403, "model_not_allowed")
-    assert (await authz(http, car, key=writer, body={"model": "gpt-x"})).status == 200
+    assert (await ask(car, key=writer, body={"model": "gpt-x"})).status == 200
 
 
-async def test_rate_limited_with_retry_after(car, store, http):
+async def test_rate_limited_with_retry_after(car, store, ask):
     avoid_minute_edge()
     _, key = await make(store, unlimited=True, rpm=2)
-    assert (await authz(http, car, key=key, body={"model": "m"})).status == 200
-    assert (await authz(http, car, key=key, body={"model": "m"})).status == 200
+    assert (await ask(car, key=key, body={"model": "m"})).status == 200
+    assert (await ask(car, key=key, body={"model": "m"})).status == 200
     for path, anthropic in ((CHAT, False), (MESSAGES, True)):
-        denied = await authz(http, car, path, key=key, body={"model": "m"})
+        denied = await ask(car, path, key=key, body={"model": "m"})
         assert_denial(denied, 429, "rate_limited", anthropic=anthropic)
         assert 1 <= int(denied.headers["retry-after"]) <= 60
         assert denied.headers["x-ratelimit-limit-requests"] == "2"
         assert denied.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-async def test_subscription_cycle_then_payg_wallet_then_402(car, store, http):
+async def test_subscription_cycle_then_payg_wallet_then_402(car, store, ask):
     key_id, key = await make(store, type=KeyType.subscription, quota=1, account="acct_1",
                              payg_fallback=True)
     await store.set_balance("acct_1", 1)
-    first = await authz(http, car, key=key, body={"model": "m"})
+    first = await ask(car, key=key, body={"model": "m"})
     assert first.status == 200 and first.headers["x-key-type"] == "subscription"
-    assert (await authz(http, car, key=key, body={"model": "m"})).status == 200
-    assert_denial(await authz(http, car, key=key, body={"model": "m"}), 402, "quota_exhausted")
+    assert (await ask(car, key=key, body={"model": "m"})).status == 200
+    assert_denial(await ask(car, key=key, body={"model": "m"}), 402, "quota_exhausted")
     assert await store.balance("acct_1") == 0
     view = await store.get(key_id)
     assert view["subscription"]["cycle_used"] == 1
     assert view["subscription"]["payg_used"] == 1
 
 
-async def test_nothing_is_consumed_on_a_denial(car, store, http):
+async def test_nothing_is_consumed_on_a_denial(car, store, ask):
     avoid_minute_edge()
     key_id, key = await make(store, quota=5, rpm=10, models=["gpt-x"])
     for _ in range(3):
-        assert (await authz(http, car, key=key, body={"model": "other"})).status == 403
+        assert (await ask(car, key=key, body={"model": "other"})).status == 403
     view = await store.get(key_id)
     assert view["quota_remaining"] == 5 and view["request_count"] == 0
-    answer = await authz(http, car, key=key, body={"model": "gpt-x"})
+    answer = await ask(car, key=key, body={"model": "gpt-x"})
     assert answer.headers["x-ratelimit-remaining-requests"] == "9"
 
 
 # -- headers --------------------------------------------------------------------------
 
-async def test_authorization_header_wins_over_x_api_key(car, store, http):
+async def test_authorization_header_wins_over_x_api_key(car, store, ask):
     key_id, key = await make(store, unlimited=True)
-    answer = await authz(http, car, key=key, api_key="sk-" + "B" * 40, body={"model": "m"})
+    answer = await ask(car, key=key, api_key="sk-" + "B" * 40, body={"model": "m"})
     assert answer.status == 200 and answer.headers["x-key-id"] == key_id
-    denied = await authz(http, car, key="sk-" + "B" * 40, api_key=key, body={"model": "m"})
+    denied = await ask(car, key="sk-" + "B" * 40, api_key=key, body={"model": "m"})
     assert_denial(denied, 401, "invalid_api_key")
 
 
-async def test_x_api_key_on_anthropic_messages(car, store, http):
+async def test_x_api_key_on_anthropic_messages(car, store, ask):
     key_id, key = await make(store, quota=1)
     body = {"model": "claude-x", "max_tokens": 8, "messages": []}
-    answer = await authz(http, car, MESSAGES, api_key=key, body=body)
+    answer = await ask(car, MESSAGES, api_key=key, body=body)
     assert answer.status == 200 and answer.headers["x-key-id"] == key_id
-    assert_denial(await authz(http, car, MESSAGES, api_key=key, body=body),
+    assert_denial(await ask(car, MESSAGES, api_key=key, body=body),
                   402, "quota_exhausted", anthropic=True)
     assert (await store.get(key_id))["last_model"] == "claude-x"
 
 
 # -- the three proxy styles ------------------------------------------------------------
 
-async def test_envoy_style_truncated_body_with_query(car, store, http):
+async def test_envoy_style_truncated_body_with_query(car, store, ask):
     key_id, key = await make(store, quota=5)
     truncated = b'{"model": "gpt-x", "messages": [{"role": "user", "content": "hel'
     headers = {"x-envoy-auth-partial-body": "true", "Content-Type": "application/json"}
-    answer = await authz(http, car, "/v1/chat/completions?stream=true", key=key,
+    answer = await ask(car, "/v1/chat/completions?stream=true", key=key,
                          headers=headers, body=truncated)
     assert answer.status == 200 and answer.headers["x-key-id"] == key_id
     view = await store.get(key_id)
@@ -238,10 +261,10 @@ async def test_envoy_style_truncated_body_with_query(car, store, http):
     # A model read from a cut-off body is uncertain (a second "model" may follow past the
     # cut): a key with a model whitelist refuses it on a write call, even a listed one.
     _, listed = await make(store, unlimited=True, models=["gpt-x"])
-    assert_denial(await authz(http, car, "/v1/chat/completions?x=1", key=listed,
+    assert_denial(await ask(car, "/v1/chat/completions?x=1", key=listed,
                               headers=headers, body=truncated), 403, "model_not_allowed")
     whole = b'{"model": "gpt-x", "messages": []}'
-    assert (await authz(http, car, "/v1/chat/completions?x=1", key=listed,
+    assert (await ask(car, "/v1/chat/completions?x=1", key=listed,
                         headers=headers, body=whole)).status == 200
 
 
@@ -289,67 +312,67 @@ async def test_traefik_style_forwarded_headers(behind_proxy, store, http):
 
 # -- trusted-proxy IP rule -------------------------------------------------------------
 
-async def test_trusted_proxy_real_ip_decides(behind_proxy, store, http):
+async def test_trusted_proxy_real_ip_decides(behind_proxy, store, ask):
     _, key = await make(store, unlimited=True, ips=["10.0.0.0/8", "2001:db8::/32"])
     body = {"model": "m"}
     for ip in ("10.1.2.3", "2001:db8::7"):
-        assert (await authz(http, behind_proxy, key=key, body=body,
+        assert (await ask(behind_proxy, key=key, body=body,
                             headers={"X-Real-IP": ip})).status == 200
     for ip in ("192.168.1.1", "2001:db9::1"):
-        assert_denial(await authz(http, behind_proxy, key=key, body=body,
+        assert_denial(await ask(behind_proxy, key=key, body=body,
                                   headers={"X-Real-IP": ip}), 403, "ip_not_allowed")
-    assert (await authz(http, behind_proxy, key=key, body=body,
+    assert (await ask(behind_proxy, key=key, body=body,
                         headers={"x-envoy-external-address": "10.7.7.7"})).status == 200
 
 
-async def test_untrusted_peer_cannot_choose_its_ip(car, store, http):
+async def test_untrusted_peer_cannot_choose_its_ip(car, store, ask):
     _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
     for headers in ({"X-Real-IP": "10.1.2.3"}, {"X-Forwarded-For": "10.1.2.3"},
                     {"x-envoy-external-address": "10.1.2.3"}, {"x-client-ip": "10.1.2.3"}):
-        assert_denial(await authz(http, car, key=key, body={"model": "m"}, headers=headers),
+        assert_denial(await ask(car, key=key, body={"model": "m"}, headers=headers),
                       403, "ip_not_allowed")
     _, local = await make(store, unlimited=True, ips=["127.0.0.1"])
-    answer = await authz(http, car, key=local, body={"model": "m"},
+    answer = await ask(car, key=local, body={"model": "m"},
                          headers={"X-Real-IP": "192.168.1.1"})
     assert answer.status == 200
 
 
 # -- immediate revocation and recent activity ------------------------------------------
 
-async def test_revocation_takes_effect_on_the_next_call(car, store, http, redis_url):
+async def test_revocation_takes_effect_on_the_next_call(car, store, ask, redis_url):
     body = {"model": "m"}
     key_id, key = await make(store, unlimited=True)
-    assert (await authz(http, car, key=key, body=body)).status == 200
+    assert (await ask(car, key=key, body=body)).status == 200
     done = cli(redis_url, "keys", "disable", key_id, "--json")
     assert done.returncode == 0, done.stderr
-    assert_denial(await authz(http, car, key=key, body=body), 401, "key_disabled")
+    assert_denial(await ask(car, key=key, body=body), 401, "key_disabled")
     await store.set_status(key_id, True)
-    assert (await authz(http, car, key=key, body=body)).status == 200
+    assert (await ask(car, key=key, body=body)).status == 200
 
     done = cli(redis_url, "keys", "set-quota", key_id, "0", "--json")
     assert done.returncode == 0, done.stderr
-    assert_denial(await authz(http, car, key=key, body=body), 402, "quota_exhausted")
+    assert_denial(await ask(car, key=key, body=body), 402, "quota_exhausted")
     await store.set_quota(key_id, 1)
-    assert (await authz(http, car, key=key, body=body)).status == 200
+    assert (await ask(car, key=key, body=body)).status == 200
 
     await store.set_quota(key_id, None)
-    assert (await authz(http, car, key=key, body=body)).status == 200
+    assert (await ask(car, key=key, body=body)).status == 200
     done = cli(redis_url, "keys", "delete", key_id)
     assert done.returncode == 0, done.stderr
-    assert_denial(await authz(http, car, key=key, body=body), 401, "invalid_api_key")
+    assert_denial(await ask(car, key=key, body=body), 401, "invalid_api_key")
 
     other_id, other = await make(store, unlimited=True)
-    assert (await authz(http, car, key=other, body=body)).status == 200
+    assert (await ask(car, key=other, body=body)).status == 200
     await store.delete(other_id)
-    assert_denial(await authz(http, car, key=other, body=body), 401, "invalid_api_key")
+    assert_denial(await ask(car, key=other, body=body), 401, "invalid_api_key")
 
 
-async def test_recent_activity_is_recorded(behind_proxy, store, http):
+async def test_recent_activity_is_recorded(behind_proxy, store, ask):
     key_id, key = await make(store, quota=10)
     before = datetime.now(UTC) - timedelta(seconds=5)
     assert (await store.get(key_id))["last_used_at"] is None
     for ip, model in (("10.0.0.1", "gpt-a"), ("10.0.0.2", "gpt-b"), ("10.0.0.3", "gpt-c")):
-        answer = await authz(http, behind_proxy, key=key, body={"model": model},
+        answer = await ask(behind_proxy, key=key, body={"model": model},
                              headers={"X-Real-IP": ip})
         assert answer.status == 200
     view = await store.get(key_id)

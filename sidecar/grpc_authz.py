@@ -1,0 +1,160 @@
+"""Envoy's gRPC ext_authz (`envoy.service.auth.v3.Authorization/Check`) on the data plane.
+
+An adapter, not a second authorizer: a `CheckRequest` becomes the same input the HTTP
+edge gives `Authorizer.decide` (a `Call` plus the method, path and client IP the
+transport vouches for), and the `Answer` becomes a `CheckResponse`:
+
+    allow  -> OkHttpResponse: identity headers set on the upstream request (replacing any
+              the client sent), the key headers in headers_to_remove, x-ratelimit-* added
+              to the client's response
+    denial -> DeniedHttpResponse: the true status, the JSON body, and every header of the
+              HTTP answer (Retry-After, x-ratelimit-*, WWW-Authenticate, X-Auth-Error)
+
+The server is grpcio's asyncio server on the worker's own event loop (uvloop), so its
+calls share the process's Redis pipeline, and its batches, with the HTTP edge's.
+
+Who is trusted (the gRPC peer is Envoy, not the client):
+- Envoy's `attributes.source.address` is the downstream address Envoy saw. It is the
+  client IP when the gRPC peer is in trusted_proxies, as an IP header is on the HTTP edge.
+  Client headers never choose the IP here: Envoy passes them on as the client sent them.
+- From an untrusted gRPC peer nothing in the request is believed about the client: its
+  IP is the peer's own address, and the cost header does not count.
+- Method and path are Envoy's `http.method` / `http.path`; the X-Original-* and
+  X-Forwarded-* conventions of the HTTP edge do not apply, so a client cannot rename its
+  call with them.
+
+Loaded only when grpc_listen is set (grpcio and xds-protos are the `[grpc]` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from .authorize import REMOVE_HEADER, Authorizer
+from .config import Settings
+from .edge import Answer, Call, Headers, error_answer
+from .request import utf8
+
+log = logging.getLogger("sidecar.grpc")
+
+# Room beyond the body for the rest of a CheckRequest (headers, addresses): Envoy's own
+# limit on request headers is 60 KiB by default.
+_MESSAGE_ROOM = 256 * 1024
+
+# The gRPC status of a denial. Envoy only asks "OK or not"; the client gets the HTTP
+# status of the DeniedHttpResponse. The codes make Envoy's logs and stats readable.
+_RPC_CODES = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED,
+              429: code_pb2.RESOURCE_EXHAUSTED, 503: code_pb2.UNAVAILABLE}
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_OK = status_pb2.Status(code=code_pb2.OK)
+
+
+def peer_ip(peer: str) -> str:
+    """The IP of grpc's peer string: 'ipv4:10.0.0.1:5000', 'ipv6:[::1]:5000'; '' for a
+    unix socket or anything else."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return ""
+
+
+def to_call(request: pb.CheckRequest, peer: str, max_body: int
+            ) -> tuple[Call, str, str, str]:
+    """(call, method, uri, source address) of a CheckRequest from `peer` (the gRPC peer's
+    IP). Whether the source address is believed is the caller's trusted-proxy rule."""
+    attrs = request.attributes
+    http = attrs.request.http
+    headers = Headers()
+    if http.headers:
+        for name, value in http.headers.items():
+            dict.__setitem__(headers, name.lower(), value)
+    else:  # encode_raw_headers: repeated names arrive one entry each
+        for entry in http.header_map.headers:
+            name = entry.key.lower()
+            value = entry.raw_value.decode("utf-8", "surrogateescape") if entry.raw_value \
+                else entry.value
+            if name in headers:
+                value = dict.__getitem__(headers, name) + "," + value
+            dict.__setitem__(headers, name, value)
+    body = http.raw_body or http.body.encode("utf-8", "surrogateescape")
+    # A body Envoy cut at max_request_bytes fails to parse as JSON, as on the HTTP edge,
+    # so its model is uncertain; a body beyond max_body_bytes is cut here, as there.
+    truncated = len(body) > max_body
+    if truncated:
+        body = body[:max_body]
+    uri = utf8(http.path or "/")
+    method = (http.method or "GET").upper()
+    call = Call(method, uri, uri.partition("?")[0], headers, body, peer, truncated)
+    source = attrs.source.address.socket_address.address
+    return call, method, uri, source
+
+
+def to_response(answer: Answer) -> pb.CheckResponse:
+    """The CheckResponse Envoy applies for an `Answer` of the shared decision."""
+    if answer.status == 200:
+        ok = pb.OkHttpResponse()
+        for name, value in answer.headers.items():
+            if name == REMOVE_HEADER:
+                ok.headers_to_remove.extend(value.split(","))
+            elif name.startswith("x-ratelimit-"):   # the client sees its remaining limits
+                ok.response_headers_to_add.append(_header(name, value))
+            else:                                   # identity, for the upstream
+                ok.headers.append(_header(name, value))
+        return pb.CheckResponse(status=_OK, ok_response=ok)
+    denied = pb.DeniedHttpResponse(status=http_status_pb2.HttpStatus(code=answer.status),
+                                   body=answer.body.decode("utf-8", "replace"))
+    for name, value in answer.headers.items():
+        denied.headers.append(_header(name, value))
+    if answer.content_type:
+        denied.headers.append(_header("content-type", answer.content_type))
+    code = _RPC_CODES.get(answer.status, code_pb2.PERMISSION_DENIED)
+    return pb.CheckResponse(status=status_pb2.Status(code=code), denied_response=denied)
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value),
+                                      append_action=_OVERWRITE)
+
+
+class Adapter(pb_grpc.AuthorizationServicer):
+    def __init__(self, authorize: Authorizer, max_body: int):
+        self.authorize = authorize
+        self.max_body = max_body
+
+    async def Check(self, request: pb.CheckRequest, context) -> pb.CheckResponse:  # noqa: N802
+        try:
+            peer = peer_ip(context.peer())
+            call, method, uri, source = to_call(request, peer, self.max_body)
+            # The trusted-proxy rule: a trusted Envoy's word on the downstream address.
+            trusted = self.authorize.client_ip.trusts(peer)
+            ip = source if trusted and source else peer
+            answer = await self.authorize.decide(call, method, uri, ip, trusted)
+        except Exception:  # a bug, not a decision: a JSON 500, as the HTTP edge answers
+            log.exception("check failed")
+            answer = error_answer(500, "internal_error", "Internal error.")
+        return to_response(answer)
+
+
+async def start(settings: Settings, authorize: Authorizer, host: str, port: int):
+    """A started grpc.aio server for Check on host:port, on the running event loop."""
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 1),     # --workers N share the port, as the HTTP edge does
+        ("grpc.max_receive_message_length", settings.max_body_bytes + _MESSAGE_ROOM),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ])
+    pb_grpc.add_AuthorizationServicer_to_server(Adapter(authorize, settings.max_body_bytes),
+                                                server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"grpc_listen: cannot listen on {address}")
+    await server.start()
+    return server

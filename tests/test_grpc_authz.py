@@ -1,0 +1,204 @@
+"""gRPC ext_authz (Check) against a running sidecar: what only this transport has.
+
+The decision table itself runs over both transports in test_http_authorize.py. Here: who
+is believed about the client (the trusted-proxy rule on attributes.source, headers never
+choosing the IP, Envoy's method and path winning over X-Original-* headers, the cost
+header), Redis trouble answered as a DeniedHttpResponse 503 with the JSON, bounded
+bodies, --workers N serving Check on one port, and both modes sharing one Redis pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+
+import grpc
+import pytest
+from conftest import free_port, start_redis, start_sidecar, stop_process, wait_for
+from live import (
+    CHAT,
+    MESSAGES,
+    authz,
+    check,
+    children,
+    socket_inodes,
+    start_workers,
+    tcp_inodes,
+)
+
+from sidecar.store.keystore import KeySpec
+
+BODY = {"model": "gpt-x", "messages": []}
+
+
+@pytest.fixture(scope="module")
+def trusted(tmp_path_factory, redis_server):
+    """Envoy (here: the test, 127.0.0.1) is a trusted proxy; it may give the cost."""
+    car = start_sidecar(tmp_path_factory.mktemp("trusted"), redis_server.url,
+                        trusted_proxies="127.0.0.1/32", cost_header="x-cost",
+                        grpc_listen=f"127.0.0.1:{free_port()}")
+    yield car
+    stop_process(car.proc)
+
+
+@pytest.fixture(scope="module")
+def untrusted(tmp_path_factory, redis_server):
+    car = start_sidecar(tmp_path_factory.mktemp("untrusted"), redis_server.url,
+                        cost_header="x-cost", max_body_bytes=1024,
+                        grpc_listen=f"127.0.0.1:{free_port()}")
+    yield car
+    stop_process(car.proc)
+
+
+def channel(car):
+    return grpc.aio.insecure_channel(f"127.0.0.1:{car.grpc_port}")
+
+
+async def make(store, **spec) -> tuple[str, str]:
+    view, plaintext = await store.create(KeySpec(**spec))
+    return view["id"], plaintext
+
+
+async def test_client_ip_is_the_source_a_trusted_envoy_saw(trusted, untrusted, store):
+    _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+    async with channel(trusted) as ch:
+        ok = await check(ch, key=key, body=BODY, source="10.1.2.3")
+        assert ok.status == 200
+        # Headers never choose the IP, even through a trusted Envoy: it passes them on as
+        # the client sent them.
+        for name in ("x-envoy-external-address", "x-client-ip", "x-real-ip",
+                     "x-forwarded-for"):
+            denied = await check(ch, key=key, body=BODY, source="192.168.1.1",
+                                 headers={name: "10.1.2.3"}, ip_headers_as_source=False)
+            assert (denied.status, denied.json["error"]["code"]) == (403, "ip_not_allowed")
+    async with channel(untrusted) as ch:
+        # From an untrusted gRPC peer the source is not believed: the peer is the client.
+        denied = await check(ch, key=key, body=BODY, source="10.1.2.3")
+        assert (denied.status, denied.json["error"]["code"]) == (403, "ip_not_allowed")
+    key_id, local = await make(store, unlimited=True, ips=["127.0.0.1"])
+    async with channel(untrusted) as ch:
+        assert (await check(ch, key=local, body=BODY, source="10.1.2.3")).status == 200
+    assert (await store.get(key_id))["last_ip"] == "127.0.0.1"
+
+
+async def test_method_and_path_are_envoys_not_the_clients(trusted, store):
+    key_id, reader = await make(store, unlimited=True, permission="read-only")
+    renamed = {"x-original-method": "GET", "x-original-uri": "/v1/models",
+               "x-forwarded-method": "GET", "x-forwarded-uri": "/v1/models"}
+    async with channel(trusted) as ch:
+        denied = await check(ch, CHAT, key=reader, body=BODY, headers=renamed)
+        assert (denied.status, denied.json["error"]["code"]) == (403, "permission_denied")
+        anthropic = await check(ch, MESSAGES, api_key=reader, body=BODY, headers=renamed)
+        assert anthropic.status == 403 and anthropic.json["type"] == "error"
+        assert (await check(ch, "/v1/models", method="GET", key=reader)).status == 200
+
+
+async def test_cost_header_counts_only_from_a_trusted_envoy(trusted, untrusted, store):
+    key_id, key = await make(store, quota=100)
+    async with channel(trusted) as ch:
+        assert (await check(ch, key=key, body=BODY, headers={"x-cost": "7"})).status == 200
+    assert (await store.get(key_id))["quota_remaining"] == 93
+    async with channel(untrusted) as ch:
+        assert (await check(ch, key=key, body=BODY, headers={"x-cost": "7"})).status == 200
+    assert (await store.get(key_id))["quota_remaining"] == 92     # the default cost, 1
+    async with channel(trusted) as ch:
+        bad = await check(ch, key=key, body=BODY, headers={"x-cost": "²"})
+    assert (bad.status, bad.json["error"]["code"]) == (400, "bad_cost")
+
+
+async def test_bodies_are_bounded_like_on_the_http_edge(untrusted, store, http):
+    """max_body_bytes 1024: a model named before the cut is read but uncertain."""
+    _, listed = await make(store, unlimited=True, models=["gpt-x"])
+    key_id, free = await make(store, unlimited=True)
+    long = b'{"model": "gpt-x", "messages": [{"role": "user", "content": "' + \
+        b"x" * 4000 + b'"}]}'
+    async with channel(untrusted) as ch:
+        denied = await check(ch, key=listed, body=long)
+        assert (denied.status, denied.json["error"]["code"]) == (403, "model_not_allowed")
+        assert (await check(ch, key=free, body=long)).status == 200
+    assert (await store.get(key_id))["last_model"] == "gpt-x"
+    over_http = await authz(http, untrusted, key=listed, body=long)
+    assert over_http.status == denied.status and over_http.raw == denied.raw
+
+
+async def test_malformed_checks_get_a_denial_not_an_error(untrusted):
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    async with channel(untrusted) as ch:
+        stub = pb_grpc.AuthorizationStub(ch)
+        empty = await stub.Check(pb.CheckRequest(), timeout=10)
+        assert empty.denied_response.status.code == 401
+        assert b"missing_api_key" in empty.denied_response.body.encode()
+        with pytest.raises(grpc.aio.AioRpcError) as err:   # beyond max_body + headroom
+            request = pb.CheckRequest()
+            request.attributes.request.http.raw_body = b"x" * (2 * 1024 * 1024)
+            await stub.Check(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_stalled_redis_is_a_json_503_envoy_passes_on(tmp_path):
+    redis = start_redis(tmp_path / "redis")
+    car = start_sidecar(tmp_path / "car", redis.url, redis_timeout_ms=150,
+                        grpc_listen=f"127.0.0.1:{free_port()}")
+    try:
+        redis.proc.send_signal(signal.SIGSTOP)
+        async with channel(car) as ch:
+            for path, anthropic in ((CHAT, False), (MESSAGES, True)):
+                answer = await check(ch, path, key="sk-" + "A" * 40, body=BODY)
+                assert answer.status == 503
+                assert answer.headers["content-type"] == "application/json"
+                if anthropic:
+                    assert answer.json["error"]["type"] == "api_error"
+                else:
+                    assert answer.json["error"]["code"] == "service_unavailable"
+    finally:
+        stop_process(car.proc)
+        stop_process(redis.proc)
+
+
+async def test_workers_serve_check_on_one_port(tmp_path, redis_url, store):
+    grpc_port = free_port()
+    car = start_workers(tmp_path, redis_url, 2, grpc_listen=f"127.0.0.1:{grpc_port}")
+    try:
+        def both_listening() -> bool:
+            listening = tcp_inodes(grpc_port, "0A")
+            return all(socket_inodes(p) & listening for p in children(car.proc.pid))
+        wait_for(both_listening, 20, "both workers listening on the gRPC port")
+        _, key = await make(store, quota=20)
+        async with channel(car) as ch:
+            answers = await asyncio.gather(*(check(ch, key=key, body=BODY) for _ in range(25)))
+        assert sorted(a.status for a in answers) == [200] * 20 + [402] * 5
+    finally:
+        stop_process(car.proc)
+
+
+async def test_both_modes_share_one_redis_pipeline(tmp_path, redis_server, store, http):
+    """The calls of both transports go out on the worker's one hot-path connection, so
+    they are batched together (a tick's calls share one write)."""
+    car = start_sidecar(tmp_path, redis_server.url, grpc_listen=f"127.0.0.1:{free_port()}")
+    try:
+        _, key = await make(store, unlimited=True)
+        assert (await authz(http, car, key=key, body=BODY)).status == 200   # connected
+        seen: list[str] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            with redis_server.client().monitor() as monitor:
+                for event in monitor.listen():
+                    if event["command"].startswith("EVALSHA"):
+                        seen.append(event["client_address"] + ":" + event["client_port"])
+                    if stop.is_set() or len(seen) >= 40:
+                        return
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        await asyncio.sleep(0.3)   # MONITOR is on before the calls (not a timed assertion)
+        async with channel(car) as ch:
+            calls = [authz(http, car, key=key, body=BODY) for _ in range(20)] + \
+                [check(ch, key=key, body=BODY) for _ in range(20)]
+            assert {a.status for a in await asyncio.gather(*calls)} == {200}
+        await asyncio.to_thread(watcher.join, 10)
+        stop.set()
+        assert len(seen) == 40 and len(set(seen)) == 1, seen
+    finally:
+        stop_process(car.proc)
