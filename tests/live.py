@@ -11,11 +11,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import orjson
 from conftest import ROOT, Sidecar, sidecar_env, start_sidecar, stop_process, wait_for
+
+from sidecar.keys import KeyType
+from sidecar.store.keystore import KeySpec
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -139,6 +143,62 @@ class Transport:
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
+
+
+async def make(store, **spec) -> tuple[str, str]:
+    """(key id, plaintext key) of a new key."""
+    view, plaintext = await store.create(KeySpec(**spec))
+    return view["id"], plaintext
+
+
+# The contract's denials a client can cause, with their status: each through every
+# front door (the sidecar itself, each real proxy).
+DENIAL_ROWS = [("missing_api_key", 401), ("invalid_api_key/malformed", 401),
+               ("invalid_api_key/unknown", 401), ("invalid_api_key/deleted", 401),
+               ("key_disabled", 401), ("key_expired", 401), ("admin_key_not_allowed", 403),
+               ("ip_not_allowed", 403), ("model_not_allowed", 403),
+               ("permission_denied", 403), ("quota_exhausted", 402)]
+
+
+async def denial_row(store, row: str) -> tuple[str | None, dict]:
+    """(key, call kwargs) that make `row`'s denial happen on a fresh database, for a
+    client on 127.0.0.1 calling model gpt-x with a write call."""
+    body = {"model": "gpt-x", "messages": []}
+    if row == "missing_api_key":
+        return None, {"body": body}
+    if row == "invalid_api_key/malformed":
+        return "sk-short", {"body": body}
+    if row == "invalid_api_key/unknown":
+        return "sk-" + "A" * 40, {"body": body}
+    if row == "invalid_api_key/deleted":
+        key_id, key = await make(store, unlimited=True)
+        await store.delete(key_id)
+        return key, {"body": body}
+    if row == "key_disabled":
+        key_id, key = await make(store, unlimited=True)
+        await store.set_status(key_id, False, reason="test")
+        return key, {"body": body}
+    if row == "key_expired":
+        key_id, key = await make(store, unlimited=True,
+                                 expires_at=datetime.now(UTC) + timedelta(days=1))
+        await store.update(key_id, {"ex": str(int(time.time() * 1000) - 1000)})
+        return key, {"body": body}
+    if row == "admin_key_not_allowed":
+        _, key = await make(store, type=KeyType.admin, unlimited=True, org="default")
+        return key, {"body": body}
+    if row == "ip_not_allowed":
+        _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+        return key, {"body": body}
+    if row == "model_not_allowed":
+        _, key = await make(store, unlimited=True, models=["gpt-y"])
+        return key, {"body": body}
+    if row == "permission_denied":
+        _, key = await make(store, unlimited=True, permission="read-only")
+        return key, {"body": body}
+    if row == "quota_exhausted":
+        _, key = await make(store, quota=0)
+        return key, {"body": body}
+    raise AssertionError(row)
 
 
 def avoid_minute_edge(margin_s: float = 3.0) -> None:

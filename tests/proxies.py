@@ -8,21 +8,30 @@
 - `RecordingUpstream`: the LLM API stand-in; answers like OpenAI / Anthropic (so the
   official SDKs parse the answer) and records every request it sees.
 - `listening_addresses`: where a process listens, to prove nothing beyond loopback.
+- `render_for_loopback`: a parsed YAML config (Envoy) with each of its socket addresses
+  and http:// URIs moved to a loopback port; every address must be given one.
+- `start_envoy`: real Envoy on the shipped deploy/envoy/envoy.yaml (or another Envoy file)
+  rendered that way; `envoy_warnings` reads its log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import subprocess
 import sys
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+import yaml
 from aiohttp import web
-from conftest import free_port
+from conftest import ROOT, free_port, wait_for
 from live import socket_inodes
+
+ENVOY_YAML = ROOT / "deploy" / "envoy" / "envoy.yaml"
 
 
 def venv_binary(name: str) -> Path:
@@ -146,3 +155,103 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
 
 def is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
+
+
+def deployed_max_body() -> int:
+    """The smallest max_body_bytes among the deployed sidecars (compose and k8s): what a
+    sidecar behind the shipped proxy configurations reads."""
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    env = compose["services"]["sidecar"]["environment"]
+    configmap = yaml.safe_load((ROOT / "deploy" / "k8s" / "configmap.yaml").read_text())
+    k8s = yaml.safe_load(configmap["data"]["sidecar.yaml"])
+    return min(int(env["SIDECAR_MAX_BODY_BYTES"]), int(k8s["max_body_bytes"]))
+
+
+# -- Envoy --------------------------------------------------------------------------------
+
+def render_for_loopback(doc, ports: dict[str, int]):
+    """The parsed document with every `socket_address {address, port_value}` and every
+    `http://host:port` URI named in `ports` ("host:port" -> loopback port) moved to
+    127.0.0.1. An address the mapping does not name fails the test (the rendered proxy
+    must not listen on, or call, anything beyond loopback), and so does a name in the
+    mapping that the document no longer has."""
+    seen: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, dict):
+            sock = node.get("socket_address")
+            if isinstance(sock, dict):
+                where = f"{sock['address']}:{sock['port_value']}"
+                assert where in ports, f"no loopback port given for {where}"
+                seen.add(where)
+                node = {**node, "socket_address": {**sock, "address": "127.0.0.1",
+                                                   "port_value": ports[where]}}
+            return {k: visit(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [visit(item) for item in node]
+        if isinstance(node, str) and node.startswith(("http://", "https://")):
+            scheme, _, rest = node.partition("://")
+            where, slash, path = rest.partition("/")
+            if where in ports:
+                seen.add(where)
+                return f"{scheme}://127.0.0.1:{ports[where]}{slash}{path}"
+        return node
+
+    rendered = visit(doc)
+    assert seen == set(ports), f"not in the configuration: {set(ports) - seen}"
+    return rendered
+
+
+@dataclass
+class Envoy:
+    proc: subprocess.Popen
+    port: int           # the client listener
+    admin_port: int
+    log: Path
+    config: dict        # as rendered
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_envoy(tmp: Path, ports: dict[str, int], *, config: Path = ENVOY_YAML,
+                listener: str = "0.0.0.0:10000", admin: str = "127.0.0.1:9901",
+                concurrency: int = 1) -> Envoy:
+    """Real Envoy running `config` rendered for loopback. `ports` maps the file's other
+    addresses (its clusters) to loopback ports; `listener` and `admin` (as the file
+    names them) get free ones. Returns once the admin interface reports LIVE."""
+    binary = venv_binary("envoy")
+    tmp.mkdir(parents=True, exist_ok=True)
+    listen_port, admin_port = free_port(), free_port()
+    rendered = render_for_loopback(yaml.safe_load(config.read_text()),
+                                   {**ports, listener: listen_port, admin: admin_port})
+    path = tmp / "envoy.yaml"
+    path.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    log = tmp / "envoy.log"
+    proc = subprocess.Popen(
+        [str(binary), "-c", str(path), "--disable-hot-restart", "--concurrency",
+         str(concurrency), "--log-path", str(log), "--log-level", "info"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    envoy = Envoy(proc, listen_port, admin_port, log, rendered)
+
+    def live() -> bool:
+        assert proc.poll() is None, envoy.logs()
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+            return r.read().strip() == b"LIVE"
+    try:
+        wait_for(live, 30, "envoy LIVE")
+    except TimeoutError:
+        proc.kill()
+        proc.wait()
+        raise
+    return envoy
+
+
+def envoy_warnings(log: str) -> list[str]:
+    """Envoy's warning-level lines, but for the notice of the SIGTERM that stops it."""
+    return [line for line in log.splitlines()
+            if "][warning][" in line and "caught ENVOY_SIGTERM" not in line]

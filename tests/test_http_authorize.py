@@ -10,7 +10,6 @@ Keys are made with the KeyStore on the same Redis and pepper as the sidecar proc
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -21,15 +20,17 @@ from conftest import free_port, start_sidecar, stop_process
 from live import (
     CHAT,
     CLIENT_TIMEOUT,
+    DENIAL_ROWS,
     MESSAGES,
     Transport,
     authz,
     avoid_minute_edge,
     cli,
+    denial_row,
+    make,
 )
 
 from sidecar.keys import KeyType
-from sidecar.store.keystore import KeySpec
 
 ANTHROPIC_TYPES = {401: "authentication_error", 402: "billing_error",
                    403: "permission_error", 429: "rate_limit_error"}
@@ -63,11 +64,6 @@ async def ask(request, http):
     await transport.close()
 
 
-async def make(store, **spec) -> tuple[str, str]:
-    view, plaintext = await store.create(KeySpec(**spec))
-    return view["id"], plaintext
-
-
 def assert_denial(answer, status: int, code: str, anthropic: bool = False) -> None:
     assert answer.status == status, (answer.status, answer.raw)
     assert answer.headers["content-type"].startswith("application/json")
@@ -87,56 +83,10 @@ def assert_denial(answer, status: int, code: str, anthropic: bool = False) -> No
 
 # -- the contract's table, row by row, in both dialects -------------------------------
 
-async def _row(store, row: str):
-    """(key, call kwargs) that make `row`'s denial happen on a fresh database."""
-    body = {"model": "gpt-x", "messages": []}
-    if row == "missing_api_key":
-        return None, {"body": body}
-    if row == "invalid_api_key/malformed":
-        return "sk-short", {"body": body}
-    if row == "invalid_api_key/unknown":
-        return "sk-" + "A" * 40, {"body": body}
-    if row == "invalid_api_key/deleted":
-        key_id, key = await make(store, unlimited=True)
-        await store.delete(key_id)
-        return key, {"body": body}
-    if row == "key_disabled":
-        key_id, key = await make(store, unlimited=True)
-        await store.set_status(key_id, False, reason="test")
-        return key, {"body": body}
-    if row == "key_expired":
-        key_id, key = await make(store, unlimited=True,
-                                 expires_at=datetime.now(UTC) + timedelta(days=1))
-        await store.update(key_id, {"ex": str(int(time.time() * 1000) - 1000)})
-        return key, {"body": body}
-    if row == "admin_key_not_allowed":
-        _, key = await make(store, type=KeyType.admin, unlimited=True, org="default")
-        return key, {"body": body}
-    if row == "ip_not_allowed":
-        _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
-        return key, {"body": body}
-    if row == "model_not_allowed":
-        _, key = await make(store, unlimited=True, models=["gpt-y"])
-        return key, {"body": body}
-    if row == "permission_denied":
-        _, key = await make(store, unlimited=True, permission="read-only")
-        return key, {"body": body}
-    if row == "quota_exhausted":
-        _, key = await make(store, quota=0)
-        return key, {"body": body}
-    raise AssertionError(row)
-
-
-ROWS = [("missing_api_key", 401), ("invalid_api_key/malformed", 401),
-        ("invalid_api_key/unknown", 401), ("invalid_api_key/deleted", 401),
-        ("key_disabled", 401), ("key_expired", 401), ("admin_key_not_allowed", 403),
-        ("ip_not_allowed", 403), ("model_not_allowed", 403), ("permission_denied", 403),
-        ("quota_exhausted", 402)]
-
-
-@pytest.mark.parametrize("row,status", ROWS, ids=[r for r, _ in ROWS])
+@pytest.mark.parametrize("row,status", DENIAL_ROWS,
+                         ids=[r for r, _ in DENIAL_ROWS])
 async def test_each_denial_row_in_both_dialects(car, store, ask, row, status):
-    key, call = await _row(store, row)
+    key, call = await denial_row(store, row)
     code = row.split("/")[0]
     openai_answer = await ask(car, CHAT, key=key, **call)
     assert_denial(openai_answer, status, code)
