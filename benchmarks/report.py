@@ -11,11 +11,27 @@ STYLES = {"authorize": ("tab:blue", "o"), "baseline": ("tab:green", "s"),
           "bare": ("tab:gray", "^"), "nginx_lua": ("tab:red", "D")}
 
 
-def publish(results: dict, folder: Path) -> list[Path]:
+def merged(results: dict, folder: Path, alone: tuple[str, ...]) -> dict:
+    """What to publish. A run of sections alone (--only) goes into the published results
+    of the last full run; a full run keeps the sections it did not run from them."""
+    path = folder / "results.json"
+    published = json.loads(path.read_text()) if path.exists() else None
+    if "main" not in results:
+        if published is None or "main" not in published:
+            raise SystemExit(f"benchmarks: no full results in {path} to add sections to")
+        return {**published, **{k: results[k] for k in alone if k in results}}
+    if published:
+        return {**results, **{k: published[k] for k in alone
+                              if k in published and k not in results}}
+    return results
+
+
+def publish(results: dict, folder: Path, plot: bool = True) -> list[Path]:
+    """`plot=False` (sections added alone): the sweep's plot is left as it is."""
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "results.json"]
     written[0].write_text(json.dumps(results, indent=2) + "\n")
-    plot = plot_sweep(results, folder / "plot.png")
+    plot = plot and plot_sweep(results, folder / "plot.png")
     if plot:
         written.append(plot)
     md = folder / "RESULTS.md"
@@ -111,18 +127,22 @@ def _ratio_cell(medians: dict, spread: dict | None, key: str, rounds: int) -> st
     return f"{value}" + _span(span, "{}")
 
 
-def all_runs(results: dict) -> list[dict]:
-    runs = [r for rs in results["sweep"].values() for r in rs]
+def all_runs(results: dict, alone: bool = True) -> list[dict]:
+    """Every run; `alone=False` leaves out the sections run on their own (--only)."""
+    runs = [r for rs in results.get("sweep", {}).values() for r in rs]
+    for row in results.get("traefik", {}).get("rounds", []) if alone else []:
+        runs += list(row.values())
     runs += [results["edge"][k] for k in ("plain", "authz") if k in results.get("edge", {})]
     for row in results.get("workers", []):
         runs += [v for v in row.values() if isinstance(v, dict) and "rps" in v]
     return runs
 
 
-def noise_line(results: dict) -> str:
+def noise_line(results: dict, runs: list[dict] | None = None) -> str:
     """How much of the machine other processes took while this run measured."""
     # every round counts: the median of a cell would hide a burst during one round
-    others = [o.get("other_processes_cpu_percent") for r in all_runs(results)
+    others = [o.get("other_processes_cpu_percent")
+              for r in (all_runs(results, alone=False) if runs is None else runs)
               for o in (r.get("rounds") or [r])]
     others = [o for o in others if o is not None]
     if not others:
@@ -324,6 +344,8 @@ def results_markdown(results: dict) -> str:
                 f"NGINX + sidecar keeps **{e['authz_over_plain']:.0%}** of the same NGINX's "
                 "throughput without auth (anchor: Kong keeps 76% with key-auth + "
                 f"rate-limiting). {e['note']} Config: benchmarks/edge/nginx.conf."]
+    if "traefik" in results:
+        out += traefik_markdown(results["traefik"])
     rec_load, rec_used = keys["record_after_load"], mem["record_after_traffic"]
     record_ok = _ok(rec_used["bytes_beyond_hash"], targets["record_bytes_beyond_hash_max"],
                     higher=False)
@@ -356,6 +378,63 @@ def results_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+TRAEFIK_LABELS = {
+    "sidecar_alone": "sidecar alone (wrk → /authz, no proxy)",
+    "plain": "Traefik → upstream, no auth",
+    "shipped": "shipped: forwardAuth → sidecar-authz loop → sidecar, 1 MiB body",
+    "direct": "forwardAuth → sidecar directly (its own client)",
+    "body_64k": "shipped, maxBodySize 64 KiB",
+    "no_body": "shipped, forwardBody off (no model check)",
+}
+
+
+def traefik_markdown(t: dict) -> list[str]:
+    meta = t.get("meta", {})
+    n = len(t.get("rounds", [])) or 1
+    out = ["", f"## Traefik forwardAuth (c{t['connections']})", "",
+           f"Command: `{meta.get('command', 'python -m benchmarks.run --only traefik')}` "
+           f"({meta.get('timestamp', '?')}, commit {meta.get('git', '?')}), "
+           f"{n} interleaved round(s); the shipped deploy/traefik/ files run by a real "
+           "Traefik, loopback addresses, upstream a `return 200` NGINX, access log off.", "",
+           noise_line({}, [r for row in t.get("rounds", []) for r in row.values()]), "",
+           "| front | req/s | p50 ms | p99 ms | µs CPU/call: Traefik, sidecar + Redis | CPU "
+           "| to the sidecar: connections open mid-run, closed per call | Traefik RSS |",
+           "|---|---:|---:|---:|---|---|---|---:|"]
+    for name, label in TRAEFIK_LABELS.items():
+        r = t["variants"].get(name)
+        if r is None:
+            continue
+        ss = r.get("ss_sidecar_port") or {}
+        conns = "-" if name in ("plain", "sidecar_alone") else \
+            f"{ss.get('client ESTAB', 0)}, {r.get('closed_per_call')}"
+        rss = _mib(r.get("traefik_rss_bytes")) if name != "sidecar_alone" else "-"
+        cpu = r.get("cpu_percent", {})
+
+        def per_call(*names: str, run: dict = r, cpu: dict = cpu) -> str:
+            if not run["rps"]:
+                return "-"
+            return f"{sum(cpu.get(n, 0.0) for n in names) / 100 / run['rps'] * 1e6:,.0f}"
+        costs = f"{per_call('traefik')}, {per_call('sidecar', 'redis')}"
+        out.append(f"| {label} | {_rps(r)} | {r['latency_ms']['p50']:.2f} | "
+                   f"{r['latency_ms']['p99']:.2f} | {costs} | {_cpu(r)} | {conns} | {rss} |")
+    bad = [p for p in t.get("problems", [])]
+    if bad:
+        out += ["", "Invalid runs: " + "; ".join(bad) + "."]
+    ratios, spread = t.get("ratios", {}), t.get("ratio_spread", {})
+    out += ["", "| ratio to Traefik alone | median of the per-round ratios (min–max) | aim |",
+            "|---|---:|---|"]
+    for name in TRAEFIK_LABELS:
+        key = f"{name}_over_plain"
+        if key in ratios:
+            aim = f"≥ {t['target']} ({_ok(ratios[key], t['target'])})" \
+                if name == "shipped" else "reported"
+            out.append(f"| {name} | {_ratio_cell(ratios, spread, key, n)} | {aim} |")
+    out += ["", "Closed per call: TIME-WAIT sockets the run added on the connections to the "
+            "sidecar's port, per call (a lower bound). Why forwardAuth costs what it costs "
+            "and what was changed: deploy/README.md (Traefik and the body)."]
+    return out
+
+
 def repeat_method(n: int) -> str:
     return (f"Method: every cell of the sweep (which holds the c64 comparison) and of the "
             f"workers section was measured {n} times, interleaved across the targets "
@@ -367,7 +446,18 @@ def repeat_method(n: int) -> str:
             "the medians. The edge and profile sections are single runs.")
 
 
+def traefik_lines(t: dict) -> list[str]:
+    lines = [f"  traefik c{t['connections']}: " + ", ".join(
+        f"{name} {_rps(r)}" for name, r in t["variants"].items())]
+    lines.append("  traefik ratios to Traefik alone: " + ", ".join(
+        f"{k.removesuffix('_over_plain')} {v}" for k, v in t["ratios"].items()))
+    return lines
+
+
 def summary_lines(results: dict) -> list[str]:
+    if "main" not in results:   # sections run alone
+        lines = [f"  !! INVALID: {p}" for p in results.get("problems", [])]
+        return lines + (traefik_lines(results["traefik"]) if "traefik" in results else [])
     main = results["main"]
     r = main["ratios"]
     n = main.get("repeat", 1)
@@ -411,6 +501,8 @@ def summary_lines(results: dict) -> list[str]:
                      + f"  ({row['authorize']['saturation']['verdict']})")
     if "edge" in results:
         lines.append(f"  edge: auth_request keeps {results['edge']['authz_over_plain']:.0%}")
+    if "traefik" in results:
+        lines += traefik_lines(results["traefik"])
     rec = results["memory"]["record_after_traffic"]
     lines.append(f"  memory: sidecar RSS {_mib(results['memory']['sidecar_rss_bytes'])}, "
                  f"record {rec['memory_usage_avg']:.0f} B ({rec['bytes_beyond_hash']:.0f} B "

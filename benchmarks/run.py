@@ -15,6 +15,8 @@ It starts its own redis-server (temp dir, free port), loads N keys, starts the s
   profile  py-spy on the sidecar worker under the authorize load (PROFILE.md)
   edge     NGINX auth_request + sidecar vs the same NGINX proxying without auth
   workers  sidecar and peer with --workers N / worker_processes N, CPU% per process
+  traefik  only with --only traefik: the shipped Traefik files with and without
+           forwardAuth, and variants (benchmarks/traefik.py)
 Results: results/<timestamp>.json always; with --publish (default for full runs) also
 results.json, plot.png, RESULTS.md and PROFILE.md beside this file.
 """
@@ -59,6 +61,7 @@ SCRIPT = HERE.parent / "sidecar" / "store" / "authorize.lua"
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
 SECTIONS = ("peer", "profile", "edge", "workers", "script")
+ONLY = ("traefik",)     # sections run alone (--only), merged into results.json on publish
 
 # What issue 5 asks for; reported next to the figures, never asserted by tests.
 TARGET_RATIOS = {"authorize_over_baseline": 0.8, "p99_authorize_over_baseline_max": 1.5,
@@ -75,12 +78,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _names(text: str) -> list[str]:
+def _names(text: str, known: tuple[str, ...] = SECTIONS) -> list[str]:
     chosen = [v.strip() for v in text.split(",") if v.strip()]
     for name in chosen:
-        if name not in SECTIONS:
-            raise argparse.ArgumentTypeError(f"{name!r}: sections are {', '.join(SECTIONS)}")
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"{name!r}: sections are {', '.join(known)}")
     return chosen
+
+
+def _only(text: str) -> list[str]:
+    return _names(text, ONLY)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,6 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    default="authorize", help="the route profiled (authorize)")
     p.add_argument("--skip", type=_names, default=[],
                    help=f"sections to leave out: {','.join(SECTIONS)}")
+    p.add_argument("--only", type=_only, default=[],
+                   help=f"run only these sections: {','.join(ONLY)} (keys and one sidecar; "
+                        "--publish merges them into the published results)")
     p.add_argument("--results-dir", type=Path, default=HERE / "results",
                    help="where results/<timestamp>.json goes")
     p.add_argument("--publish", type=Path, default=None, metavar="DIR",
@@ -127,8 +137,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.profile = False
     if args.no_publish:
         args.publish = None
-    elif args.publish is None and not quick:
+    elif args.publish is None and not quick and not args.only:
         args.publish = HERE
+    if args.only:
+        args.skip = sorted({*args.skip, "peer"})
     if min(args.keys, args.main_concurrency, args.wrk_threads, args.repeat) < 1:
         p.error("--keys, --main-concurrency, --wrk-threads and --repeat must be positive")
     return args
@@ -328,6 +340,14 @@ class Bench:
         args = self.args
         results: dict = {"meta": machine_info(), "keys": self.load(), "targets": TARGET_RATIOS}
         stack = self.start_stack(1)
+        if args.only:
+            try:
+                if "traefik" in args.only:
+                    from .traefik import section
+                    results["traefik"] = section(self, stack)
+            finally:
+                self.stop_stack(stack)
+            return results
         self.warm(stack)
 
         sweep: dict[str, list[dict]] = {t: [] for t in self.targets(stack)}
@@ -633,13 +653,18 @@ def main(argv: list[str] | None = None) -> int:
                   "workers": args.workers, "wrk_threads": args.wrk_threads,
                   "warmup_s": args.warmup, "profile": args.profile,
                   "profile_target": args.profile_target, "skip": args.skip})
+    for name in args.only:   # a section published alone carries when and how it was run
+        results[name]["meta"] = {k: results["meta"][k]
+                                 for k in ("timestamp", "command", "git", "seconds")}
+        results[name]["problems"] = results["problems"]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"{stamp}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"[bench] results: {out}")
     if args.publish:
-        from .report import publish
-        for path in publish(results, args.publish):
+        from .report import merged, publish
+        for path in publish(merged(results, args.publish, ONLY), args.publish,
+                            plot=not args.only):
             print(f"[bench] wrote {path}")
     from .report import summary_lines
     print("\n".join(summary_lines(results)))

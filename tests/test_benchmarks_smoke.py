@@ -99,3 +99,32 @@ def test_tiny_run_writes_complete_results(tmp_path):
     assert results["meta"]["command"] in text and results["meta"]["cpu_model"] in text
     assert "median of the per-round ratios" in text
     assert "Profile of the authorize path" in (out / "PROFILE.md").read_text()
+
+
+def test_traefik_section_alone_merges_into_the_published_results(tmp_path):
+    """`--only traefik`: the shipped Traefik files against Traefik alone, every variant
+    answering allows, added to the last full run's results without touching the rest."""
+    out = tmp_path / "bench"
+    out.mkdir()
+    published = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(published))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "traefik", "--keys", "200",
+         "--duration", "1", "--repeat", "1", "--warmup", "0",
+         "--results-dir", str(out / "results"), "--publish", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from benchmarks.traefik import VARIANTS
+    merged = json.loads((out / "results.json").read_text())
+    traefik = merged.pop("traefik")
+    assert merged == {k: v for k, v in published.items() if k != "traefik"}
+    assert set(traefik["variants"]) == {"sidecar_alone", *VARIANTS}
+    for name, run in traefik["variants"].items():
+        assert run["requests"] > 0 and run["non_2xx"] == 0, (name, run)
+    assert "traefik" in traefik["variants"]["shipped"]["cpu_percent"]
+    assert set(traefik["ratios"]) == {f"{v}_over_plain" for v in traefik["variants"]
+                                      if v != "plain"}
+    assert traefik["meta"]["command"].endswith("--publish " + str(out))
+    text = (out / "RESULTS.md").read_text()
+    assert "## Traefik forwardAuth (c64)" in text and "## The authorize path" in text
+    assert not (out / "plot.png").exists()      # the sweep's plot is not redrawn
