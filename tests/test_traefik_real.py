@@ -22,7 +22,7 @@ import orjson
 import pytest
 import yaml
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
-from live import avoid_minute_edge
+from live import DENIAL_ROWS, avoid_minute_edge, denial_row, make
 from proxies import (
     RecordingUpstream,
     is_loopback,
@@ -32,7 +32,6 @@ from proxies import (
 )
 
 from sidecar.decision import identity_headers
-from sidecar.store.keystore import KeySpec
 
 TRAEFIK = ROOT / "deploy" / "traefik"
 IDENTITY = set(identity_headers([0, b"k", b"s", b"", b""]))
@@ -219,11 +218,6 @@ async def raw_call(stack: Stack, path: str = "/v1/chat/completions", *,
                      await resp.read())
 
 
-async def make(store, **spec) -> tuple[str, str]:
-    view, plaintext = await store.create(KeySpec(**spec))
-    return view["id"], plaintext
-
-
 def upstream_saw_nothing_since(stack: Stack, seen: int) -> None:
     assert len(stack.upstream.calls) == seen, [c.path for c in stack.upstream.calls[seen:]]
 
@@ -282,6 +276,36 @@ async def test_a_200_kb_body_still_gets_its_model_checked(stack, store):
 
 
 # -- every denial, with its true status, the SDK's class and the JSON --------------------
+
+OPENAI_STATUS = {401: "AuthenticationError", 402: "APIStatusError",
+                 403: "PermissionDeniedError"}
+ANTHROPIC_STATUS = {401: ("AuthenticationError", "authentication_error"),
+                    402: ("PaymentRequiredError", "billing_error"),
+                    403: ("PermissionDeniedError", "permission_error")}
+
+
+@pytest.mark.parametrize("row,status", DENIAL_ROWS, ids=[r for r, _ in DENIAL_ROWS])
+async def test_each_denial_of_the_contract_reaches_both_sdks(stack, store, row, status):
+    import anthropic
+    import openai
+    key, call = await denial_row(store, row)
+    seen = len(stack.upstream.calls)
+    code = row.split("/")[0]
+    model = call["body"]["model"]
+    no_key = {"Authorization": openai.omit} if key is None else {}
+    with pytest.raises(getattr(openai, OPENAI_STATUS[status])) as err:
+        await chat(stack, key or "unused", model, extra_headers=no_key)
+    assert err.value.status_code == status and err.value.code == code
+    assert err.value.response.headers["content-type"] == "application/json"
+    assert orjson.loads(err.value.response.headers["x-auth-error"]) == \
+        err.value.response.json()
+    name, kind = ANTHROPIC_STATUS[status]
+    no_key = {"x-api-key": anthropic.omit} if key is None else {}
+    with pytest.raises(getattr(anthropic, name)) as err:
+        await message(stack, key or "unused", model, extra_headers=no_key)
+    assert err.value.status_code == status and err.value.body["error"]["type"] == kind
+    upstream_saw_nothing_since(stack, seen)
+
 
 async def test_openai_sdk_gets_each_denial_as_its_own_class(stack, store):
     import openai
