@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = accounts.add_parser("show", parents=[common])
     show.add_argument("account")
     from .cli_admin import add_admin_commands  # orgs, members, projects, ... (cli_admin.py)
-    add_admin_commands(sub, keys, common)
+    add_admin_commands(sub, keys, common, accounts)
     return parser
 
 

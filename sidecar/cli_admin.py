@@ -25,7 +25,7 @@ _COLUMNS = {"organization": ("id", "name", "created_at"),
             "audit_event": ("id", "time", "action", "resource", "actor")}
 
 
-def add_admin_commands(sub, keys, common: argparse.ArgumentParser) -> None:
+def add_admin_commands(sub, keys, common: argparse.ArgumentParser, accounts=None) -> None:
     """Register the control-plane commands on the `sidecar` parser (called by cli.py)."""
     from .cli import _csv, _non_negative, _Parser, _positive_int, _when
 
@@ -155,6 +155,13 @@ def add_admin_commands(sub, keys, common: argparse.ArgumentParser) -> None:
                                          "admin keys: the member it is tied to")
     create.add_argument("--service-account", help="org keys: the owning service account")
     create.set_defaults(run_admin=_wrap(_key_create), usage_error=create.error)
+    # An organization's billing accounts are its own (another org's "acme" is another
+    # wallet): --org picks the organization; without it, a standalone account.
+    for action in ("set-balance", "show") if accounts is not None else ():
+        acct = accounts.choices[action]
+        acct.add_argument("--org", help="organization id or name: its own billing account "
+                                        "(default: a standalone account)")
+        acct.set_defaults(run_admin=_wrap(_account, own_output=False))
     # Key changes go through the control plane too, so they land in the audit log; the
     # answers keep cli.py's shapes and printing.
     for action in ("disable", "enable", "delete", "set-quota"):
@@ -310,6 +317,15 @@ async def _audit_list(args, store):
         resource_type=args.resource_type, resource_id=args.resource_id,
         since_ms=ms(args.since), until_ms=ms(args.until), limit=args.limit)
     return events
+
+
+async def _account(args, store):
+    if not args.org:
+        return None                     # a standalone account: cli.py's plain path
+    org = await store.resolve_org(args.org)
+    if args.action == "set-balance":
+        return await store.set_account_balance(org, args.account, args.units)
+    return await store.account(org, args.account)
 
 
 async def _key_rotate(args, store):

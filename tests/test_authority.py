@@ -142,3 +142,105 @@ def test_a_cascade_needs_the_authority_over_every_key_it_disables(plane: Plane):
     gone = plane.ok("DELETE", f"/projects/{prj['id']}")      # the owner may
     assert gone["disabled_keys"] == [owner_scoped["id"]]
     assert plane.authz(owner_scoped["key"]).code == "key_disabled"
+
+
+# -- tenancy -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tenants(plane: Plane):
+    """Org A (the plane's) and org B, each with an owner key (all), over one sidecar."""
+    b = cli_json(plane.redis.url, "admin", "bootstrap", "--org", "beta", "--user",
+                 "bob@beta.example")
+    return plane.key, b["key"], b["organization"]["id"]
+
+
+def test_billing_accounts_are_the_organizations_own(plane: Plane, tenants):
+    a_key, b_key, b_org = tenants
+    funded = cli_json(plane.redis.url, "accounts", "set-balance", "--org", plane.org,
+                      "wallet", "1000")
+    assert (funded["org_id"], funded["balance"]) == (plane.org, 1000)
+    a_sub = plane.ok("POST", "/subscriptions", {"account": "wallet", "plan": "pro",
+                                                "cycle_quota": 1, "payg_fallback": True})
+    assert a_sub["payg_balance"] == 1000
+
+    # Org B names the same account: it gets its own, empty wallet, never A's.
+    b_sub = plane.ok("POST", "/subscriptions", {"account": "wallet", "plan": "pro",
+                                                "cycle_quota": 1, "payg_fallback": True},
+                     key=b_key)
+    assert (b_sub["org_id"], b_sub["payg_balance"]) == (b_org, 0)
+    assert plane.authz(b_sub["key"]).status == 200             # its cycle quota
+    spent = plane.authz(b_sub["key"])                           # then its own wallet: empty
+    assert (spent.status, spent.code) == (402, "quota_exhausted")
+    assert cli_json(plane.redis.url, "accounts", "show", "--org", plane.org,
+                    "wallet")["balance"] == 1000
+    assert plane.ok("GET", f"/subscriptions/{a_sub['id']}")["payg_balance"] == 1000
+
+    # A's wallet pays for A's key only.
+    assert plane.authz(a_sub["key"]).status == 200
+    assert plane.authz(a_sub["key"]).status == 200
+    assert cli_json(plane.redis.url, "accounts", "show", "--org", plane.org,
+                    "wallet")["balance"] == 999
+    # An account name that spells another org's wallet field is not a name at all.
+    spelled = plane.admin("POST", "/subscriptions", {
+        "account": f"{plane.org}:wallet", "plan": "p", "cycle_quota": 1}, key=b_key)
+    assert (spelled.status, spelled.param) == (400, "account")
+
+    # A standalone account of the same name stays the operator's, apart from both.
+    assert cli_json(plane.redis.url, "accounts", "show", "wallet")["balance"] == 0
+    assert cli_json(plane.redis.url, "accounts", "set-balance", "wallet",
+                    "7")["balance"] == 7
+    assert cli_json(plane.redis.url, "accounts", "show", "--org", plane.org,
+                    "wallet")["balance"] == 999
+    assert plane.ok("GET", f"/subscriptions/{b_sub['id']}", key=b_key)["payg_balance"] == 0
+    set_in_log = plane.ok("GET", "/audit_logs?action=account.*")["data"]
+    assert [(e["action"], e["after"]["balance"]) for e in set_in_log] == [
+        ("account.balance_set", 1000)]
+
+
+def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenants):
+    """Every route with an id, driven by org B's owner key (all) with org A's ids: 404,
+    and nothing of A's in the answer; A's things unchanged afterwards."""
+    a_key, b_key, _ = tenants
+    prj = plane.ok("POST", "/projects", {"name": "secret-project"})
+    ids = {"member_id": plane.ok("POST", "/members", {"user": "alice@a.example",
+                                                      "role": "member"})["id"],
+           "project_id": prj["id"],
+           "service_account_id": plane.ok("POST", "/service_accounts", {
+               "project_id": prj["id"], "name": "secret-bot"})["id"],
+           "subscription_id": plane.ok("POST", "/subscriptions", {
+               "account": "secret-acct", "plan": "p", "cycle_quota": 5})["id"]}
+    a_key_made = plane.ok("POST", "/keys", {"project_id": prj["id"], "unlimited": True,
+                                            "name": "secret-key"})
+    ids["key_id"] = a_key_made["id"]
+    bodies = {"PATCH": {"name": "mine"}, "POST": {}}
+    body_for = {"/keys/{key_id}/quota": {"set": 0}, "/members/{member_id}": {"role": "member"},
+                "/subscriptions/{subscription_id}": {"plan": "mine"}}
+    doc = plane.ok("GET", "/openapi.json")
+    tried = 0
+    for path, ops in doc["paths"].items():
+        if "{" not in path:
+            continue
+        local = path.removeprefix("/admin/v1")
+        for method in ops:
+            body = body_for.get(local, bodies.get(method.upper()))
+            reply = plane.admin(method.upper(), local.format(**ids), body, key=b_key)
+            assert (reply.status, reply.code) == (404, "not_found"), (method, path, reply.body)
+            text = str(reply.body)
+            for secret in ("secret", plane.org, "alice"):
+                assert secret not in text, (method, path, reply.body)
+            tried += 1
+    assert tried == 20          # members 3, projects 3, service accounts 3, keys 8, subs 3
+    # Ids of A in B's request bodies and filters: not found either.
+    for body in ({"project_id": prj["id"]}, {"service_account_id": ids["service_account_id"]},
+                 {"owner": "user", "member_id": ids["member_id"]}):
+        reply = plane.admin("POST", "/keys", body, key=b_key)
+        assert reply.status == 404 and "secret" not in str(reply.body), reply.body
+    assert plane.admin("GET", f"/keys?project_id={prj['id']}", key=b_key).status == 404
+    assert plane.admin("POST", "/service_accounts", {"project_id": prj["id"], "name": "x"},
+                       key=b_key).status == 404
+    # A's things are as they were.
+    assert plane.ok("GET", f"/keys/{a_key_made['id']}")["status"] == "active"
+    assert plane.authz(a_key_made["key"]).status == 200
+    assert plane.ok("GET", f"/members/{ids['member_id']}")["role"] == "member"
+    assert plane.ok("GET", f"/projects/{prj['id']}")["name"] == "secret-project"
+    assert plane.ok("GET", f"/subscriptions/{ids['subscription_id']}")["plan"] == "p"

@@ -26,6 +26,10 @@ IPS = {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength"
 SCOPES = {"type": "array", "maxItems": 50,     # resource:read|write
           "items": {"type": "string", "minLength": 3, "maxLength": 100,
                     "pattern": "^[^,:]+:[^,:]+$"}}
+# A billing account (PAYG wallet) of the caller's organization, by the name it gives it:
+# each organization has its own names, so another org's "acme" is another wallet.
+ACCOUNT = {"type": "string", "pattern": "^[A-Za-z0-9_.@+-]{1,128}$", "maxLength": 128,
+           "description": "the organization's own billing account (PAYG wallet)"}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 500}
 OFFSET_CURSOR = {"type": "string", "pattern": "^[0-9]{1,12}$"}
 
@@ -59,7 +63,7 @@ KEY_CREATE = obj({
     "quota": UNITS, "unlimited": {"type": "boolean"},
     "models": MODELS, "allowed_ips": IPS, "expires_at": WHEN,
     "rpm": UNITS, "tpm": UNITS, "permission": PERMISSION, "scopes": SCOPES,
-    "account": REQUIRED_TEXT,
+    "account": ACCOUNT,
 })
 KEY_EDIT = obj({"name": NAME, "permission": PERMISSION, "scopes": SCOPES, "models": MODELS,
                 "allowed_ips": IPS, "rpm": UNITS, "tpm": UNITS, "expires_at": WHEN},
@@ -69,7 +73,7 @@ KEY_QUOTA = obj({"set": UNITS,
                  "unlimited": {"type": "boolean"}}, min_properties=1)
 KEY_ROTATE = obj({"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 2_592_000},
                   "idempotency_key": REQUIRED_TEXT})
-SUB_CREATE = obj({"account": REQUIRED_TEXT,
+SUB_CREATE = obj({"account": ACCOUNT,
                   "plan": REQUIRED_NAME, "cycle_quota": UNITS,
                   "cycle_days": {"type": "integer", "minimum": 1, "maximum": 3660},
                   "payg_fallback": {"type": "boolean"}, "name": NAME},

@@ -62,8 +62,24 @@ class SubscriptionOps:
         return {"object": "subscription", "id": rec["id"], "org_id": rec["org"],
                 "account": rec["acct"], "plan": rec["plan"], "key_id": rec["key"],
                 "status": key["status"] if key else "deleted",
-                **cycle_view(key), "payg_balance": await self.keys.balance(rec["acct"]),
+                **cycle_view(key), "payg_balance": await self.keys.balance(rec["acct"], rec["org"]),
                 "created_at": _iso(rec.get("ca")), "created_by": rec.get("cb") or None}
+
+    # -- billing accounts (PAYG wallets) of an organization: the operator's -------------
+
+    async def account(self, org: str, account: str) -> dict:
+        await self.org(org)
+        return {"object": "account", "account": account, "org_id": org,
+                "balance": await self.keys.balance(account, org)}
+
+    async def set_account_balance(self, org: str, account: str, units: int,
+                                  actor: Actor = CLI) -> dict:
+        before = await self.account(org, account)
+        await self.keys.set_balance(account, units, org=org)
+        after = await self.account(org, account)
+        await self.audit.record(org, actor, "account.balance_set", "account", account,
+                                before, after)
+        return after
 
     async def list_subscriptions(self, org: str) -> list[dict]:
         await self.org(org)

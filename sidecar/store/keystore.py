@@ -135,7 +135,7 @@ def validate_spec(spec: KeySpec, now: datetime | None = None) -> dict[str, str]:
                    pg="1" if spec.payg_fallback else "0")
     optional = {"ips": ",".join(nets), "m": _set(spec.models), "sc": _set(spec.scopes),
                 "rpm": str(spec.rpm or ""), "tpm": str(spec.tpm or ""),
-                "ow": spec.account or "", "org": spec.org, "prj": spec.project,
+                "ow": wallet_field(spec.org, spec.account), "org": spec.org, "prj": spec.project,
                 "mem": spec.member, "sa": spec.service_account, "sub": spec.subscription}
     rec.update({k: v for k, v in optional.items() if v})
     return rec
@@ -145,9 +145,26 @@ _ACCOUNT = re.compile(r"[A-Za-z0-9_.@+-]{1,128}")
 
 
 def check_account(account: str) -> None:
-    """Account ids are wallet fields; no ':' so they never collide with a quota pool."""
+    """Account names are wallet fields; no ':' so they never collide with a quota pool
+    or with another organization's accounts (names.org_account)."""
     if not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
         raise InvalidKeySpec(f"account: {account!r} is not 1-128 of [A-Za-z0-9_.@+-]")
+
+
+def wallet_field(org: str | None, account: str | None) -> str:
+    """Where an account's balance lives: an organization's accounts are its own."""
+    if not account:
+        return ""
+    check_account(account)
+    return names.org_account(org, account) if org else account
+
+
+def _account_name(rec: dict[str, str]) -> str | None:
+    """The account as its organization calls it (the wallet field without the org)."""
+    field_, org = rec.get("ow") or "", rec.get("org") or ""
+    if org and field_.startswith(org + ":"):
+        return field_[len(org) + 1:]
+    return field_ or None
 
 
 def view(rec: dict[str, str], now_ms: int | None = None) -> dict:
@@ -171,7 +188,7 @@ def view(rec: dict[str, str], now_ms: int | None = None) -> dict:
         "scopes": _list(rec.get("sc")),
         "rpm": int(rec.get("rpm") or 0),
         "tpm": int(rec.get("tpm") or 0),
-        "account": rec.get("ow") or None,
+        "account": _account_name(rec),
         "org_id": rec.get("org") or None,
         "project_id": rec.get("prj") or None,
         "member_id": rec.get("mem") or None,
@@ -210,7 +227,7 @@ class KeyStore:
     async def create(self, spec: KeySpec) -> tuple[dict, str]:
         """Store a new key; returns (view, plaintext). The plaintext is not kept."""
         rec = validate_spec(spec)
-        shard = self.hasher.account_tag(spec.account) if spec.account else None
+        shard = self.hasher.account_tag(rec["ow"]) if rec.get("ow") else None
         plaintext, key_hash = mint(spec.type, self.hasher, shard)
         rec["id"] = new_id("key")
         # Record first, index second: an index entry never points at nothing.
@@ -417,20 +434,22 @@ class KeyStore:
         for owner in _owners(rec):
             await self.redis.srem(names.OWNER_INDEX + owner, key_id)
 
-    async def set_balance(self, account: str, units: int, add: bool = False) -> int:
-        """PAYG balance of an account (the wallet its subscription keys fall back to)."""
-        check_account(account)
+    async def set_balance(self, account: str, units: int, add: bool = False,
+                          org: str | None = None) -> int:
+        """PAYG balance of an account (the wallet its subscription keys fall back to):
+        a standalone account, or (org given) that organization's own account."""
+        field_ = wallet_field(org, account)
         if not -MAX_QUOTA <= units <= MAX_QUOTA or (units < 0 and not add):
             raise InvalidKeySpec(f"balance: must be between 0 and {MAX_QUOTA}")
-        wallet = names.wallet(self.hasher.account_tag(account))
+        wallet = names.wallet(self.hasher.account_tag(field_))
         if add:
-            return int(await self.redis.hincrby(wallet, account, units))
-        await self.redis.hset(wallet, account, units)
+            return int(await self.redis.hincrby(wallet, field_, units))
+        await self.redis.hset(wallet, field_, units)
         return units
 
-    async def balance(self, account: str) -> int:
-        check_account(account)
-        value = await self.redis.hget(names.wallet(self.hasher.account_tag(account)), account)
+    async def balance(self, account: str, org: str | None = None) -> int:
+        field_ = wallet_field(org, account)
+        value = await self.redis.hget(names.wallet(self.hasher.account_tag(field_)), field_)
         return int(value or 0)
 
 

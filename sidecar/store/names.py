@@ -22,6 +22,13 @@ def wallet(shard: str) -> str:
     return f"w:{{{shard}}}"
 
 
+def org_account(org_id: str, account: str) -> str:
+    """Wallet field of an organization's billing account: each organization has its own
+    name space, so org B's "acme" is not org A's. Standalone account names (the CLI's
+    `accounts`, keys outside any organization) cannot contain ':', so never collide."""
+    return f"{org_id}:{account}"
+
+
 def pool_field(pool_id: str) -> str:
     """Wallet field of a shared quota pool. Account ids cannot contain ':' (keystore)."""
     return "q:" + pool_id
