@@ -15,7 +15,7 @@ from . import metrics
 from .config import Settings
 from .decision import Code, denial_answer, identity_headers, limit_headers
 from .edge import Answer, Call, error_answer
-from .keys import KeyHasher, key_type, shard_of
+from .keys import KeyHasher, key_type, new_reservation_id, shard_of
 from .request import (
     ClientIp,
     bearer_or_api_key,
@@ -47,6 +47,9 @@ class Authorizer:
         self.model_costs = settings.model_costs
         self.cost_header = settings.cost_header
         self.fail_open = settings.failure_mode == "open"
+        # With /settle on, each allowed call records its reservation for the report.
+        self.reservation_ms = settings.reservation_ttl_s * 1000 \
+            if settings.settlement_token else 0
 
     async def __call__(self, call: Call) -> Answer:
         """An authorize call on the HTTP edge: the original method, path and client IP by
@@ -82,14 +85,19 @@ class Authorizer:
 
         key_hash = self.hasher(key)
         hexed = ip_hex(ip)
+        keys = (names.record(key_hash), names.wallet(shard_of(key_hash)))
+        # An IP header a trusted proxy filled with something else is no IP: keys with
+        # an IP list are refused, and recent activity records no junk.
+        args = [int(time.time() * 1000), cost, hexed, ip if hexed else "", model,
+                endpoint.scope, endpoint.granting, 1 if endpoint.write else 0,
+                0 if certain else 1]
+        reservation = ""
+        if self.reservation_ms:
+            reservation = new_reservation_id()
+            keys += (names.reservation(key_hash, reservation),)
+            args.append(self.reservation_ms)
         try:
-            # An IP header a trusted proxy filled with something else is no IP: keys with
-            # an IP list are refused, and recent activity records no junk.
-            reply = await self.runner.run(
-                AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
-                [int(time.time() * 1000), cost, hexed, ip if hexed else "", model,
-                 endpoint.scope, endpoint.granting, 1 if endpoint.write else 0,
-                 0 if certain else 1])
+            reply = await self.runner.run(AUTHORIZE, keys, args)
         except RedisUnavailable as exc:
             # Failure policy: Redis could not decide within redis_timeout_ms. Closed (the
             # default) answers 503, which proxies treat as an error, never as a business
@@ -104,7 +112,7 @@ class Authorizer:
 
         code = reply[0]
         if code == Code.allow:
-            out = identity_headers(reply)
+            out = identity_headers(reply, reservation)
             out.update(limit_headers(reply))
             out[REMOVE_HEADER] = _STRIP_FROM_UPSTREAM
             return self._answer(200, "ok", start, out, b"")
@@ -119,7 +127,7 @@ class Authorizer:
         return self.model_cost(model)
 
     def model_cost(self, model: str) -> int:
-        """Units a call to `model` reserves (no cost header): what /settle refunds against."""
+        """Units a call to `model` reserves when no cost header says otherwise."""
         return self.model_costs.get(model, self.default_cost)
 
     def _deny(self, code: Code, anthropic: bool, start: float,

@@ -52,6 +52,7 @@ class Settings:
     # Usage settlement (POST /settle on the data plane): off until a token is set.
     settlement_token: str | None = None  # the gateway sends it as `Authorization: Bearer`
     token_costs: dict[str, int] = field(default_factory=dict)  # units per 1000 tokens
+    reservation_ttl_s: int = 3600        # how long an allowed call's reservation awaits
     log_level: str = "info"
     # Benchmark-only routes on the data plane: /bench/baseline (authorize's request work
     # against a fixed record, no Redis) and /bench/bare (200 "ok"). Off in production.
@@ -208,6 +209,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("model_costs: costs must not be negative")
     if s.settlement_token is not None and len(s.settlement_token) < 16:
         raise ConfigError("settlement_token: must be at least 16 characters")
+    if not 1 <= s.reservation_ttl_s <= 604_800:
+        raise ConfigError("reservation_ttl_s: must be between 1 and 604800 (a week)")
     if any(c < 0 for c in s.token_costs.values()):
         raise ConfigError("token_costs: units per 1000 tokens must not be negative")
     if s.log_level not in ("debug", "info", "warning", "error"):

@@ -148,14 +148,16 @@ def limit_headers(reply: list) -> dict[str, str]:
     return headers
 
 
-def identity_headers(reply: list) -> dict[str, str]:
-    """Who the caller is, for the upstream. Always all four, so a proxy that copies them
-    overwrites anything a client forged (an empty value means 'not set')."""
+def identity_headers(reply: list, reservation_id: str = "") -> dict[str, str]:
+    """Who the caller is, for the upstream, and the reservation its usage report settles
+    (empty when /settle is off). Always all five, so a proxy that copies them overwrites
+    anything a client forged (an empty value means 'not set')."""
     return {
         "x-key-id": _text(reply[1]),
         "x-key-type": KEY_TYPES.get(_text(reply[2]), ""),
         "x-org-id": _text(reply[3]),
         "x-project-id": _text(reply[4]),
+        "x-reservation-id": reservation_id,
     }
 
 

@@ -10,6 +10,7 @@ thousand tries, milliseconds), so the tag leaks nothing from the plaintext.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import string
@@ -100,3 +101,27 @@ def mint(typ: KeyType, hasher: KeyHasher, shard: str | None = None) -> tuple[str
 
 def new_id(kind: str = "key") -> str:
     return f"{kind}_{secrets.token_hex(8)}"
+
+
+# Reservation ids (one per allowed call, see settle.py): 128 random bits, so they cannot
+# be guessed or collide. Lower-case hex only, matched exactly: no two spellings of an id.
+RESERVATION_ID = re.compile(r"rsv_[0-9a-f]{32}")
+_RANDOM_BLOCK = 8192            # hex digits drawn per os.urandom call: 256 ids
+_random = {"hex": "", "at": 0}
+
+
+def new_reservation_id() -> str:
+    """A fresh reservation id. The hot path makes one per allowed call: the random bytes
+    come from os.urandom a block at a time (one system call per 256 ids, not per id)."""
+    at = _random["at"]
+    if at >= len(_random["hex"]):
+        _random["hex"], at = os.urandom(_RANDOM_BLOCK // 2).hex(), 0
+    _random["at"] = at + 32
+    return "rsv_" + _random["hex"][at:at + 32]
+
+
+def _forget_random() -> None:
+    _random["hex"], _random["at"] = "", 0      # a forked worker must not reuse its parent's
+
+
+os.register_at_fork(after_in_child=_forget_random)

@@ -61,7 +61,7 @@ def data_plane(settings: Settings, runner) -> tuple[EdgeServer, Authorizer]:
     settle = None
     if settings.settlement_token:  # POST /settle exists only once a token is configured
         from .settle import Settler
-        settle = Settler(settings, hasher, runner, authorize.model_cost)
+        settle = Settler(settings, hasher, runner)
 
     async def ok(_: Call) -> Answer:
         return Answer(200, {}, b"ok", "text/plain")

@@ -3,15 +3,16 @@
     authenticate the gateway (settlement_token, constant-time compare)
     -> parse the report                            parse_report, pure
     -> find the key: hash the client's key, or look its key id up in the index
-    -> price it: reserved = what authorize charged for the model (Authorizer.model_cost)
-       unless the report says (a cost header set it), actual = the reported cost, else
-       tokens x token_costs, else = reserved
-    -> one script call: settle.lua (refund / extra charge, tokens per minute, once per
-       request id, atomically)
+    -> price it: actual = the reported cost, else tokens x token_costs, else what the
+       call reserved
+    -> one script call: settle.lua (the reservation authorize.lua recorded for the call,
+       by the id the upstream got in x-reservation-id: refund at most what it reserved,
+       or charge the overage; tokens per minute; the reservation settled once, atomically)
 
-A report that cannot be settled (bad token, bad JSON, unknown key, negative tokens) gets a
-4xx and changes nothing. A retried report (same key, same request id, within a day)
-answers 200 `already_settled` and changes nothing, so a gateway may retry freely.
+A report that cannot be settled (bad token, bad JSON, unknown key, no such reservation,
+negative tokens) gets a 4xx and changes nothing. A reservation is settled once: a second
+report of it answers 409 `already_settled` and changes nothing, so a gateway may retry
+a report whose answer it did not get.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from . import metrics
 from .config import Settings
 from .edge import Answer, Call, json_answer
-from .keys import KeyHasher, key_type, shard_of
+from .keys import RESERVATION_ID, KeyHasher, key_type, shard_of
 from .store import names
 from .store.keystore import MAX_QUOTA
 from .store.pipeline import RedisUnavailable
@@ -40,11 +40,11 @@ log = logging.getLogger("sidecar.settle")
 
 MAX_REPORT_BYTES = 16_384
 MAX_TOKENS = 10**9
-MARKER_TTL_MS = 86_400_000       # a report retried within a day is not settled again
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+SETTLED_TTL_MS = 600_000        # a settled reservation answers 409, not 404, this long
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-_SCRIPT_UNKNOWN, _SCRIPT_DUPLICATE = 1, 2        # settle.lua's return codes
+# settle.lua's return codes
+_SCRIPT_UNKNOWN_KEY, _SCRIPT_SETTLED, _SCRIPT_NO_RESERVATION = 1, 2, 3
 
 
 class BadReport(ValueError):
@@ -53,13 +53,12 @@ class BadReport(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    request_id: str
+    reservation_id: str      # from the authorize answer's x-reservation-id
     key: str | None          # the client's key (hashed at once, never kept) ...
     key_id: str | None       # ... or its id, as the sidecar told the upstream (x-key-id)
     model: str
     tokens: int              # prompt + completion
     cost: int | None         # units the call really cost, when the gateway knows
-    reserved: int | None = None  # units authorize reserved, when a cost header set them
 
 
 def parse_report(body: bytes) -> Report:
@@ -70,9 +69,13 @@ def parse_report(body: bytes) -> Report:
         raise BadReport("body: not valid JSON") from None
     if not isinstance(doc, dict):
         raise BadReport("body: expected a JSON object")
-    request_id = doc.get("request_id")
-    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
-        raise BadReport("request_id: required, 1-128 characters of [A-Za-z0-9._:/+=-]")
+    reservation_id = doc.get("reservation_id")
+    # Exactly the form the sidecar gives out: no case or padding variants of one id.
+    if not isinstance(reservation_id, str) or not RESERVATION_ID.fullmatch(reservation_id):
+        raise BadReport("reservation_id: required, the x-reservation-id of the allowed call "
+                        "(rsv_ and 32 lower-case hex digits)")
+    if "reserved" in doc:
+        raise BadReport("reserved: not accepted; the reservation says what was reserved")
     key, key_id = doc.get("key"), doc.get("key_id")
     if (key is None) == (key_id is None):
         raise BadReport("key / key_id: give exactly one")
@@ -89,23 +92,22 @@ def parse_report(body: bytes) -> Report:
         if not _whole(value, MAX_TOKENS):
             raise BadReport(f"{name}: a whole number between 0 and {MAX_TOKENS}")
         tokens += value
-    units = {}
-    for name in ("cost", "reserved"):
-        units[name] = doc.get(name)
-        if units[name] is not None and not _whole(units[name], MAX_QUOTA):
-            raise BadReport(f"{name}: whole quota units between 0 and {MAX_QUOTA}")
-    return Report(request_id, key, key_id, model, tokens, units["cost"], units["reserved"])
+    cost = doc.get("cost")
+    if cost is not None and not _whole(cost, MAX_QUOTA):
+        raise BadReport(f"cost: whole quota units between 0 and {MAX_QUOTA}")
+    return Report(reservation_id, key, key_id, model, tokens, cost)
 
 
-def actual_cost(report: Report, reserved: int, token_costs: dict[str, int]) -> int:
+def actual_cost(report: Report, token_costs: dict[str, int]) -> int | None:
     """Units the call really cost: the reported cost, else its tokens priced per 1000 for
-    the model (rounded up), else what was reserved. Pure."""
+    the model (rounded up), else None: what the call reserved (only its tokens count).
+    Pure."""
     if report.cost is not None:
         return report.cost
     per_1k = token_costs.get(report.model)
     if per_1k is not None:
         return -(-report.tokens * per_1k // 1000)
-    return reserved
+    return None
 
 
 def _whole(value: object, limit: int) -> bool:
@@ -113,12 +115,10 @@ def _whole(value: object, limit: int) -> bool:
 
 
 class Settler:
-    def __init__(self, settings: Settings, hasher: KeyHasher, runner: ScriptRunner,
-                 reserved_cost: Callable[[str], int]):
+    def __init__(self, settings: Settings, hasher: KeyHasher, runner: ScriptRunner):
         assert settings.settlement_token, "the endpoint is off without a token"
         self.runner = runner
         self.hasher = hasher
-        self.reserved_cost = reserved_cost
         self.token_costs = settings.token_costs
         self._token = ("Bearer " + settings.settlement_token).encode()
         self._redis_url = settings.redis_url
@@ -147,7 +147,7 @@ class Settler:
             return await self._settle(report)
         except (RedisUnavailable, RedisError, OSError, TimeoutError) as exc:
             # Nothing was settled: the gateway should retry the same report later; the
-            # request id keeps a retry from settling twice.
+            # reservation keeps a retry from settling twice.
             log.warning("settlement not applied, redis unavailable: %s", exc)
             metrics.settlement("unavailable")
             return _error(503, "service_unavailable", "Usage could not be settled now; "
@@ -157,22 +157,29 @@ class Settler:
         key_hash = self.hasher(report.key) if report.key else await self._hash_of(report.key_id)
         if key_hash is None:
             return self._unknown()
-        reserved = report.reserved if report.reserved is not None \
-            else self.reserved_cost(report.model)
-        actual = actual_cost(report, reserved, self.token_costs)
+        actual = actual_cost(report, self.token_costs)
         reply = await self.runner.run(
             SETTLE, (names.record(key_hash), names.wallet(shard_of(key_hash)),
-                     names.settlement(key_hash, report.request_id)),
-            [int(time.time() * 1000), reserved, actual, report.tokens, MARKER_TTL_MS])
-        if reply[0] == _SCRIPT_UNKNOWN:
+                     names.reservation(key_hash, report.reservation_id)),
+            [int(time.time() * 1000), "" if actual is None else actual, report.tokens,
+             SETTLED_TTL_MS])
+        rid = report.reservation_id
+        if reply[0] == _SCRIPT_UNKNOWN_KEY:
             return self._unknown()
-        if reply[0] == _SCRIPT_DUPLICATE:
+        if reply[0] == _SCRIPT_NO_RESERVATION:
+            metrics.settlement("unknown_reservation")
+            return _error(404, "unknown_reservation",
+                          f"No reservation {rid} for this key: it was never made, has "
+                          "expired (reservation_ttl_s), or belongs to another key.")
+        if reply[0] == _SCRIPT_SETTLED:
             metrics.settlement("duplicate")
-            return _json(200, {"request_id": report.request_id, "status": "already_settled"})
-        metrics.settlement("refund" if reply[1] < 0 else "charge" if reply[1] > 0 else "exact")
-        return _json(200, {"request_id": report.request_id, "status": "settled",
-                           "reserved": reserved, "actual": actual, "delta": int(reply[1]),
-                           "from_wallet": int(reply[2]), "tokens": report.tokens})
+            return _error(409, "already_settled",
+                          f"Reservation {rid} has already been settled; nothing changed.")
+        reserved, delta, from_wallet = (int(v) for v in reply[1:4])
+        metrics.settlement("refund" if delta < 0 else "charge" if delta > 0 else "exact")
+        return _json(200, {"reservation_id": rid, "status": "settled", "reserved": reserved,
+                           "actual": reserved + delta, "delta": delta,
+                           "from_wallet": from_wallet, "tokens": report.tokens})
 
     async def _hash_of(self, key_id: str) -> str | None:
         if self._index is None:

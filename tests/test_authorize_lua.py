@@ -14,7 +14,7 @@ import pytest
 from redis.crc import key_slot
 
 from sidecar.decision import Code
-from sidecar.keys import KeyType, shard_of
+from sidecar.keys import KeyType, new_reservation_id, shard_of
 from sidecar.request import classify, ip_hex
 from sidecar.store import names
 from sidecar.store.keystore import DAY_MS, KeySpec
@@ -32,15 +32,20 @@ def mid_window() -> int:
 
 
 async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str = "gpt-5.5",
-                    ip: str = "127.0.0.1", cost: int = 1, certain: bool = True) -> list:
-    """One authorize call, KEYS and ARGV as sidecar/authorize.py builds them."""
+                    ip: str = "127.0.0.1", cost: int = 1, certain: bool = True,
+                    reservation: str | None = None, reservation_ms: int = 60_000) -> list:
+    """One authorize call, KEYS and ARGV as sidecar/authorize.py builds them (with a
+    reservation id when /settle is on)."""
     key_hash = store.hasher(key)
     endpoint = classify(*route)
     hexed = ip_hex(ip)
-    return await runner.run(
-        AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
-        [now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,
-         1 if endpoint.write else 0, 0 if certain else 1])
+    keys = (names.record(key_hash), names.wallet(shard_of(key_hash)))
+    args = [now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,
+            1 if endpoint.write else 0, 0 if certain else 1]
+    if reservation:
+        keys += (names.reservation(key_hash, reservation),)
+        args.append(reservation_ms)
+    return await runner.run(AUTHORIZE, keys, args)
 
 
 @pytest.fixture
@@ -354,6 +359,32 @@ async def test_tokens_per_minute(call, store):
     # Counts of an older window do not apply.
     await store.redis.hset(names.record(key_hash), mapping={"tw": window - 1, "tc": 10**6})
     assert (await call(key, now=now))[0] == Code.allow
+
+
+# -- the reservation for /settle -------------------------------------------------------
+
+async def test_allowed_call_records_units_and_source_of_its_reservation(call, store, aredis):
+    """'<units> <source>': q the key's quota, u nothing (unlimited), c<end> the cycle
+    ending then, w the PAYG wallet; with the TTL asked for. A denial records nothing."""
+    account = "acct-rsv"
+    _, own = await make(store, quota=10)
+    _, free = await make(store, unlimited=True)
+    sub_view, sub = await make(store, type=KeyType.subscription, quota=1, account=account,
+                               payg_fallback=True)
+    await store.set_balance(account, 5)
+    ce = (await store.record(sub_view["id"]))[1]["ce"]
+    cases = [(own, 3, "3 q"), (free, 4, "4 u"), (sub, 1, f"1 c{ce}"), (sub, 2, "2 w")]
+    for key, cost, held in cases:
+        rid = new_reservation_id()
+        assert (await call(key, cost=cost, reservation=rid, reservation_ms=5000))[0] == 0
+        name = names.reservation(store.hasher(key), rid)
+        assert (await aredis.get(name)).decode() == held
+        assert 0 < await aredis.pttl(name) <= 5000
+        assert key_slot(name.encode()) == key_slot(names.record(store.hasher(key)).encode())
+    rid = new_reservation_id()
+    await assert_denied_untouched(call, store, own, Code.quota_exhausted, cost=100,
+                                  reservation=rid)
+    assert await aredis.exists(names.reservation(store.hasher(own), rid)) == 0
 
 
 # -- recent activity -----------------------------------------------------------------

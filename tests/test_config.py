@@ -121,6 +121,9 @@ BAD_VALUES = [
     ("model_costs", "gpt-5.5=-1"),
     ("model_costs", "gpt-5.5"),
     ("model_costs", "gpt-5.5=ten"),
+    ("reservation_ttl_s", "0"),
+    ("reservation_ttl_s", "604801"),
+    ("reservation_ttl_s", "an hour"),
     ("log_level", "verbose"),
     ("bench_endpoints", "maybe"),
 ]

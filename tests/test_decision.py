@@ -141,8 +141,9 @@ def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
 
 def test_allow_row_headers():
     reply = [0, b"key_abc", b"o", b"org_1", b"prj_1", 60, 59, 0, 0, 1500]
-    assert identity_headers(reply) == {"x-key-id": "key_abc", "x-key-type": "org",
-                                       "x-org-id": "org_1", "x-project-id": "prj_1"}
+    assert identity_headers(reply, "rsv_" + "a" * 32) == {
+        "x-key-id": "key_abc", "x-key-type": "org", "x-org-id": "org_1",
+        "x-project-id": "prj_1", "x-reservation-id": "rsv_" + "a" * 32}
     # No tpm limit: only the request trio.
     assert limit_headers(reply) == {"x-ratelimit-limit-requests": "60",
                                     "x-ratelimit-remaining-requests": "59",
@@ -151,9 +152,11 @@ def test_allow_row_headers():
 
 def test_allow_without_limits_still_overwrites_identity():
     reply = [0, b"key_abc", b"s", b"", b"", 0, 0, 0, 0, 1500]
-    # Empty values, present: a proxy copying them replaces a client-forged x-org-id.
+    # Empty values, present: a proxy copying them replaces a client-forged x-org-id (and
+    # x-reservation-id, empty when /settle is off).
     assert identity_headers(reply) == {"x-key-id": "key_abc", "x-key-type": "standard",
-                                       "x-org-id": "", "x-project-id": ""}
+                                       "x-org-id": "", "x-project-id": "",
+                                       "x-reservation-id": ""}
     assert limit_headers(reply) == {}
 
 

@@ -102,7 +102,8 @@ def test_headers_in_and_out():
         request["headers_to_add"]
     response = authz["http_service"]["authorization_response"]
     upstream = {p["exact"] for p in response["allowed_upstream_headers"]["patterns"]}
-    assert upstream == {"x-key-id", "x-key-type", "x-org-id", "x-project-id"}
+    assert upstream == {"x-key-id", "x-key-type", "x-org-id", "x-project-id",
+                        "x-reservation-id"}
     client = response["allowed_client_headers"]["patterns"]
     assert {"content-type", "retry-after", "x-auth-error"} <= \
         {p.get("exact") for p in client}

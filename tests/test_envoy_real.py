@@ -31,7 +31,10 @@ from proxies import (
     start_envoy,
 )
 
-IDENTITY = ("x-key-id", "x-key-type", "x-org-id", "x-project-id")
+from sidecar.keys import RESERVATION_ID
+
+IDENTITY = ("x-key-id", "x-key-type", "x-org-id", "x-project-id", "x-reservation-id")
+FORGED_RESERVATION = "rsv_" + "f" * 32
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
 
 
@@ -66,7 +69,8 @@ def stack(tmp_path_factory, redis_server):
     tmp = tmp_path_factory.mktemp("envoy")
     upstream = RecordingUpstream().start()
     car = start_sidecar(tmp / "sidecar", redis_server.url, trusted_proxies="127.0.0.1/32",
-                        max_body_bytes=deployed_max_body(), model_costs="gpt-big=10")
+                        max_body_bytes=deployed_max_body(), model_costs="gpt-big=10",
+                        settlement_token="envoy-settle-token-0123")
     envoy = None
     try:
         envoy = envoy_in_front_of(tmp / "envoy", car.port, upstream.port)
@@ -264,11 +268,15 @@ async def test_forged_identity_headers_are_replaced(stack, store):
     envoy, upstream, _ = stack
     key_id, key = await make(store, unlimited=True)
     chat(oai(envoy, key, default_headers={"x-key-id": "key_forged",
-                                          "x-org-id": "org_forged"}))
+                                          "x-org-id": "org_forged",
+                                          "x-reservation-id": FORGED_RESERVATION}))
     seen = upstream.calls[-1]
     assert seen.headers["x-key-id"] == key_id
     assert seen.headers["x-org-id"] == ""          # sent empty: 'not set'
     assert names(seen).count("x-key-id") == 1
+    # The upstream's usage report names the sidecar's reservation, never the client's.
+    assert RESERVATION_ID.fullmatch(seen.headers["x-reservation-id"])
+    assert names(seen).count("x-reservation-id") == 1
 
 
 def aliases(name: str) -> list[str]:

@@ -26,6 +26,7 @@ from aiohttp import web
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
 from live import CLIENT_TIMEOUT, avoid_minute_edge
 
+from sidecar.keys import RESERVATION_ID
 from sidecar.store.keystore import KeySpec
 
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
@@ -197,7 +198,8 @@ async def test_allowed_call_reaches_upstream_with_identity_and_without_the_key(
     body = {"model": "gpt-a", "messages": [{"role": "user", "content": "hi"}]}
     reply = await call(http, nginx, "/v1/chat/completions?x=1", key=key, body=body,
                        headers={"x-api-key": key, "x-key-id": "key_forged",
-                                "x-org-id": "org_forged"})
+                                "x-org-id": "org_forged",
+                                "x-reservation-id": "rsv_" + "f" * 32})
     assert reply.status == 200 and reply.json == {"ok": True}
     seen = upstream.calls[-1]
     assert (seen["method"], seen["path"]) == ("POST", "/v1/chat/completions?x=1")
@@ -207,7 +209,10 @@ async def test_allowed_call_reaches_upstream_with_identity_and_without_the_key(
     assert "x-org-id" not in headers           # forged, removed: this key has no org
     assert "authorization" not in headers and "x-api-key" not in headers
     assert key not in repr(headers)
-    assert len(headers["x-request-id"]) == 32   # settlement reports name the call by it
+    # The upstream's usage report names the sidecar's reservation, never a forged one.
+    assert RESERVATION_ID.fullmatch(headers["x-reservation-id"])
+    assert headers["x-reservation-id"] != "rsv_" + "f" * 32
+    assert len(headers["x-request-id"]) == 32   # for tracing a call
 
 
 async def test_read_call_keeps_its_method_and_limits_reach_the_client(stack, store, http):
@@ -337,7 +342,7 @@ async def test_sidecar_unreachable_is_503_json(tmp_path, http):
 
 async def test_usage_reported_by_the_upstream_is_settled(stack, store, http, tmp_path):
     """The whole loop: nginx -> sidecar (reserves) -> stub upstream, which reports its
-    usage to /settle by the x-key-id and X-Request-Id nginx gave it -> refund."""
+    usage to /settle by the x-key-id and x-reservation-id nginx gave it -> refund."""
     _, _, car = stack
     port = free_port()
     env = {**os.environ, "STUB_LISTEN": f"127.0.0.1:{port}",

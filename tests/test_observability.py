@@ -124,14 +124,16 @@ async def drive(car, store, http, redis_server) -> None:
     """Make the sidecar produce every kind of series the dashboard and rules use."""
     avoid_minute_edge()
     _, ok = await store.create(KeySpec(unlimited=True, rpm=1))
-    assert (await authz(http, car, key=ok, body={"model": "m"})).status == 200
+    first = await authz(http, car, key=ok, body={"model": "m"})
+    assert first.status == 200
     assert (await authz(http, car, key=ok, body={"model": "m"})).status == 429
     _, broke = await store.create(KeySpec(quota=0))
     assert (await authz(http, car, key=broke, body={"model": "m"})).status == 402
     assert (await authz(http, car, body={"model": "m"})).status == 401
     async with http.post(car.url + "/settle", timeout=CLIENT_TIMEOUT,
                          headers={"Authorization": f"Bearer {TOKEN}"},
-                         json={"request_id": "obs-1", "key": ok, "cost": 0}) as resp:
+                         json={"reservation_id": first.headers["x-reservation-id"],
+                               "key": ok, "cost": 0}) as resp:
         assert resp.status == 200
     # A Redis stall longer than redis_timeout_ms: a 503 decision and a Redis error.
     stall = threading.Thread(target=redis_server.pause, args=(0.6,))

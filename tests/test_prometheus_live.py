@@ -146,10 +146,11 @@ def prometheus(tmp_path, car):
     stop_process(server.proc)
 
 
-async def settle(http, car, token: str, key: str, request_id: str) -> int:
+async def settle(http, car, token: str, key: str, reservation_id: str) -> int:
     async with http.post(car.url + "/settle", timeout=CLIENT_TIMEOUT,
                          headers={"Authorization": f"Bearer {token}"},
-                         json={"request_id": request_id, "key": key, "cost": 0}) as resp:
+                         json={"reservation_id": reservation_id, "key": key,
+                               "cost": 0}) as resp:
         return resp.status
 
 
@@ -167,8 +168,10 @@ async def load(car, store, http, redis_server) -> set[int]:
                            (None, "m")):
             seen.add((await authz(http, car, key=key, body={"model": model})).status)
         if round_ == LOAD_ROUNDS // 2:
-            assert await settle(http, car, TOKEN, ok, f"live-{round_}") == 200
-            assert await settle(http, car, "wrong-token-0123456789", ok, "x") == 401
+            allowed = await authz(http, car, key=ok, body={"model": "m"})
+            reservation = allowed.headers["x-reservation-id"]
+            assert await settle(http, car, TOKEN, ok, reservation) == 200
+            assert await settle(http, car, "wrong-token-0123456789", ok, reservation) == 401
             stall = threading.Thread(target=redis_server.pause, args=(0.6,))
             stall.start()
             try:

@@ -32,6 +32,7 @@ from proxies import (
 )
 
 from sidecar.decision import identity_headers
+from sidecar.keys import RESERVATION_ID
 
 TRAEFIK = ROOT / "deploy" / "traefik"
 IDENTITY = set(identity_headers([0, b"k", b"s", b"", b""]))
@@ -138,7 +139,8 @@ def start_stack(tmp: Path, redis_url: str) -> Stack:
     try:
         # Traefik sends whole bodies up to 1 MiB: the sidecar reads all of them.
         car = start_sidecar(tmp / "sidecar", redis_url, trusted_proxies="127.0.0.1/32",
-                            max_body_bytes="1048576", model_costs="gpt-big=10")
+                            max_body_bytes="1048576", model_costs="gpt-big=10",
+                            settlement_token="traefik-settle-token-0123")
         fallback, fallback_port = start_fallback(tmp)
         traefik = start_traefik(tmp / "traefik", car.port, fallback_port, upstream.port)
     except BaseException:
@@ -227,12 +229,16 @@ def upstream_saw_nothing_since(stack: Stack, seen: int) -> None:
 async def test_allowed_calls_through_both_sdks_reach_upstream_without_the_key(
         stack, store):
     key_id, key = await make(store, unlimited=True)
-    forged = {"X-Key-Id": "key_forged", "X-Org-Id": "org_forged", "x-api-key": key}
+    forged = {"X-Key-Id": "key_forged", "X-Org-Id": "org_forged", "x-api-key": key,
+              "X-Reservation-Id": "rsv_" + "f" * 32}
     done = await chat(stack, key, extra_headers=forged)
     assert done.choices[0].message.content == "ok"
     seen = stack.upstream.calls[-1]
     assert (seen.method, seen.path) == ("POST", "/v1/chat/completions")
     assert seen.headers["x-key-id"] == key_id and seen.headers["x-key-type"] == "standard"
+    # The upstream's usage report names the sidecar's reservation, never a forged one.
+    assert RESERVATION_ID.fullmatch(seen.headers["x-reservation-id"])
+    assert seen.headers["x-reservation-id"] != forged["X-Reservation-Id"]
     assert seen.headers.get("x-org-id", "") == ""       # forged, replaced: no org
     assert "authorization" not in seen.headers and "x-api-key" not in seen.headers
     assert key not in repr(seen.headers) and key not in repr(seen.raw_names)

@@ -3,9 +3,9 @@
 It answers in the OpenAI shape (and the Anthropic one on /v1/messages) with made-up text
 and token counts, and then does what a real upstream behind the sidecar should do:
 report the call's usage to the sidecar (POST /settle), naming the key by the x-key-id
-the proxy set from the sidecar's answer, and the call by X-Request-Id. A report that
-fails for a transient reason is retried with the same request id: the sidecar settles a
-request id once, however many times it is reported.
+and the call's reservation by the x-reservation-id the proxy set from the sidecar's
+answer. A report that fails for a transient reason (5xx, no answer) is retried as it
+is: the sidecar settles a reservation once, however many times it is reported.
 
 Environment:
   STUB_LISTEN                host:port to listen on (default 0.0.0.0:9000)
@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import time
-import uuid
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
@@ -81,10 +80,10 @@ class Stub:
         model = body.get("model") if isinstance(body.get("model"), str) else "gpt-stub"
         prompt, completion = usage_of(body, raw)
         key_id = request.headers.get("x-key-id")
-        if self.settle_url and key_id:
-            report = {"request_id": request.headers.get("x-request-id") or uuid.uuid4().hex,
-                      "key_id": key_id, "model": model, "prompt_tokens": prompt,
-                      "completion_tokens": completion}
+        reservation_id = request.headers.get("x-reservation-id")
+        if self.settle_url and key_id and reservation_id:
+            report = {"reservation_id": reservation_id, "key_id": key_id, "model": model,
+                      "prompt_tokens": prompt, "completion_tokens": completion}
             task = asyncio.get_running_loop().create_task(self.report(report))
             self.reports.add(task)
             task.add_done_callback(self.reports.discard)
@@ -97,7 +96,7 @@ class Stub:
                 async with self.session.post(self.settle_url, json=report,
                                              headers=headers) as resp:
                     if resp.status < 500:
-                        return  # settled, already settled, or refused for good (4xx)
+                        return  # settled, already settled (409), or refused for good
             except (TimeoutError, ClientError):
                 pass
             await asyncio.sleep(0.2 * 2 ** attempt)

@@ -6,6 +6,8 @@
 -- KEYS[1]  key record hash     k:{tag}:<hash>
 -- KEYS[2]  wallet hash         w:{tag}        (PAYG balances, field = account id; and
 --                                             quota pools, field = 'q:' .. pool id)
+-- KEYS[3]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
+--                                             on (without it, no reservation is kept)
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  cost                units this call reserves
 -- ARGV[3]  client ip           32 hex digits (IPv4 mapped into IPv6), '' if unknown
@@ -15,11 +17,15 @@
 -- ARGV[7]  granting scope      a scope that also grants ARGV[6] ('' if none)
 -- ARGV[8]  write               '1' for a write call
 -- ARGV[9]  model uncertain     '1' when the model was read from a cut-off body
+-- ARGV[10] reservation ttl     ms (only with KEYS[3])
 --
 -- Returns {code, id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining, reset_ms}
 -- code: 0 allow, 1 unknown key, 2 disabled, 3 expired, 4 admin key, 5 ip, 6 model,
 --       7 permission, 8 quota, 9 requests/min, 10 tokens/min.  Order = the contract's table.
--- Nothing is written unless the code is 0.
+-- Nothing is written unless the code is 0. An allowed call with KEYS[3] also records its
+-- reservation there, '<units> <source>', for settle.lua: source 'q' the key's quota (own
+-- or shared pool), 'u' nothing (unlimited), 'c<cycle end ms>' a subscription cycle,
+-- 'w' the PAYG wallet.
 
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'st', 'ex', 'ips', 'm', 'pm', 'sc',          -- 1..8
@@ -143,4 +149,9 @@ elseif f[9] ~= '1' then
   end
 end
 redis.call('HSET', KEYS[1], unpack(set))
+if KEYS[3] then
+  local source = (typ ~= 'b' and (f[9] == '1' and 'u' or 'q'))
+                 or (pay_wallet and 'w') or ('c' .. ce)
+  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. source, 'PX', ARGV[10])
+end
 return answer(0, 1)

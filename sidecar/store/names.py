@@ -34,13 +34,14 @@ def pool_field(pool_id: str) -> str:
     return "q:" + pool_id
 
 
-def settlement(key_hash: str, request_id: str) -> str:
-    """String: marks a key's usage report as settled (idempotency), expires after a day.
+def reservation(key_hash: str, reservation_id: str) -> str:
+    """String: what one allowed call reserved, '<units> <source>' (authorize.lua writes
+    it, with a TTL of reservation_ttl_s), until settle.lua replaces it by 's' (settled).
 
-    The name carries 16 hex digits of the key hash: two keys reporting the same request id
-    (ids come from gateways, and a client may choose its own) never share a marker.
+    The name carries 16 hex digits of the key hash, so a key's report finds only its own
+    reservations; the id is a keys.RESERVATION_ID (random, no ':' or braces).
     """
-    return f"u:{{{shard_of(key_hash)}}}:{key_hash[:16]}:{request_id}"
+    return f"r:{{{shard_of(key_hash)}}}:{key_hash[:16]}:{reservation_id}"
 
 
 KEY_INDEX = "idx:keys"          # hash: key id -> key hash (admin lookups, listing)

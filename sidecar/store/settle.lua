@@ -1,5 +1,5 @@
--- settle.lua: settle one usage report against the reservation authorize.lua made,
--- atomically and at most once per request id, in one round trip.
+-- settle.lua: settle one usage report against the reservation authorize.lua recorded for
+-- the call, atomically and at most once, in one round trip.
 --
 -- Times are in milliseconds; reserved and actual are integer quota units; tokens are
 -- counted in the key's tokens-per-minute window (window id = floor(now / 60000), the
@@ -8,37 +8,47 @@
 -- KEYS[1]  key record hash     k:{tag}:<hash>
 -- KEYS[2]  wallet hash         w:{tag}             (PAYG balances, field = account id;
 --                                                  quota pools, field = 'q:' .. pool id)
--- KEYS[3]  settlement marker   u:{tag}:<hash16>:<request id>
+-- KEYS[3]  reservation         r:{tag}:<hash16>:<reservation id>  '<units> <source>' as
+--                                                  authorize.lua wrote it, 's' once settled
 -- ARGV[1]  now                 ms since epoch
--- ARGV[2]  reserved            units authorize reserved for this call
--- ARGV[3]  actual              units the call really cost
--- ARGV[4]  tokens              prompt + completion tokens, for tokens per minute
--- ARGV[5]  marker ttl          ms; a report retried within it is not settled again
+-- ARGV[2]  actual              units the call really cost; '' = what it reserved
+-- ARGV[3]  tokens              prompt + completion tokens, for tokens per minute
+-- ARGV[4]  settled ttl         ms a settled reservation still answers 'already settled'
 --
--- Returns {code, delta, from_wallet}
--- code: 0 settled, 1 unknown (or deleted) key, 2 already settled (nothing written)
--- delta = actual - reserved: < 0 refunded, > 0 charged extra; from_wallet = units of an
--- extra charge taken from the PAYG wallet (subscription keys past their cycle quota).
+-- Returns {code, reserved, delta, from_wallet}
+-- code: 0 settled, 1 unknown (or deleted) key, 2 already settled, 3 no such reservation
+-- for this key (never made, expired, or another key's). Codes 1-3 write nothing.
+-- delta = actual - reserved: < 0 refunded (at most what was reserved), > 0 charged extra;
+-- from_wallet = units of an extra charge taken from the PAYG wallet.
 --
--- Where the delta goes, by key type (the rule deploy/README.md documents):
--- * standard / org, own quota: qr -= delta. An overage may take qr below zero: the call
---   was served, so it is owed, and the next authorize is refused until quota is added.
--- * unlimited: no quota to move; only the used counter qu changes.
--- * subscription: the cycle is renewed first if it ended (as authorize would), then
---   cu += delta. A refund is floored at zero. An extra charge beyond the cycle quota is
---   taken from the owner's wallet when PAYG fallback is on (pu grows), else cu passes
---   cq and the next call is refused until the cycle renews.
+-- Where the delta goes (the rule deploy/README.md documents):
+-- * a refund goes back where the reservation was taken from: the key's quota (own, or
+--   the shared pool of a rotated key), the subscription cycle if that cycle is still
+--   running (a renewed cycle starts at zero: the old one's units are gone), or the PAYG
+--   wallet (pu shrinks). An unlimited key's reservation took nothing: nothing goes back.
+-- * an extra charge goes where the key's quota is now: standard / org keys qr -= delta,
+--   and qr may go below zero (the call was served, so it is owed: the next authorize is
+--   refused until quota is added); unlimited keys nothing; subscription keys the cycle
+--   (renewed first if it ended, as authorize would), the part beyond the cycle quota
+--   from the owner's wallet when PAYG fallback is on (pu grows), else cu passes cq and
+--   the next call is refused until the cycle renews.
 -- Every type: qu (units used) += delta, floored at zero.
 
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'ul', 'qu', 'tw', 'tc',                      -- 1..6
   'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp')         -- 7..14
 if not f[1] then return {1} end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
+local held = redis.call('GET', KEYS[3])
+if not held then return {3} end
+if held == 's' then return {2} end
+local reserved, source = string.match(held, '^(%d+) (.+)$')
+reserved = tonumber(reserved)
 
 local now = tonumber(ARGV[1])
-local delta = tonumber(ARGV[3]) - tonumber(ARGV[2])
-local tokens = tonumber(ARGV[4])
+local actual = ARGV[2] == '' and reserved or tonumber(ARGV[2])
+local delta = actual - reserved
+local refund = math.max(-delta, 0)
+local tokens = tonumber(ARGV[3])
 local from_wallet = 0
 local set = {'qu', math.max(tonumber(f[4] or '0') + delta, 0)}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
@@ -54,18 +64,28 @@ end
 if f[2] == 'b' then
   local cq, cu = tonumber(f[7] or '0'), tonumber(f[8] or '0')
   local ce, cp = tonumber(f[9] or '0'), tonumber(f[10] or '0')
+  local same_cycle = source == 'c' .. ce
   if cp > 0 and now >= ce then
     ce = ce + (math.floor((now - ce) / cp) + 1) * cp
     cu = 0
+    same_cycle = false
     put('ce', ce)
   end
-  if delta > 0 and f[11] == '1' and f[12] and cu + delta > cq then
-    from_wallet = cu + delta - math.max(cq, cu)
-    redis.call('HINCRBY', KEYS[2], f[12], -from_wallet)
-    put('pu', tonumber(f[13] or '0') + from_wallet)
+  if delta > 0 then
+    if f[11] == '1' and f[12] and cu + delta > cq then
+      from_wallet = cu + delta - math.max(cq, cu)
+      redis.call('HINCRBY', KEYS[2], f[12], -from_wallet)
+      put('pu', tonumber(f[13] or '0') + from_wallet)
+    end
+    cu = cu + delta - from_wallet
+  elseif source == 'w' and f[12] then
+    redis.call('HINCRBY', KEYS[2], f[12], refund)
+    put('pu', math.max(tonumber(f[13] or '0') - refund, 0))
+  elseif same_cycle then
+    cu = math.max(cu - refund, 0)
   end
-  put('cu', math.max(cu + delta - from_wallet, 0))
-elseif f[3] ~= '1' and delta ~= 0 then
+  put('cu', cu)
+elseif f[3] ~= '1' and (delta > 0 or (refund > 0 and source == 'q')) then
   if f[14] then   -- a rotated key's shared quota pool (see authorize.lua)
     redis.call('HINCRBY', KEYS[2], 'q:' .. f[14], -delta)
   else
@@ -74,5 +94,5 @@ elseif f[3] ~= '1' and delta ~= 0 then
 end
 
 redis.call('HSET', KEYS[1], unpack(set))
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
-return {0, delta, from_wallet}
+redis.call('SET', KEYS[3], 's', 'PX', ARGV[4])
+return {0, reserved, delta, from_wallet}
