@@ -45,4 +45,5 @@ if [ $dev = 1 ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
-echo "install.sh: ready (.venv)" >&2
+echo "install.sh: ready (.venv). To run \`sidecar\` by name, put it on your PATH:" >&2
+echo "  export PATH=\"$PWD/.venv/bin:\$PATH\"" >&2

@@ -1,46 +1,77 @@
 """`sidecar` command line: serve, and key management straight on Redis.
 
-Every failure is one line on stderr (`sidecar: error: ...`) and a non-zero exit, never a
-traceback: 2 for bad arguments or configuration, 1 for a failed operation.
+Errors follow one convention: one line on stderr (`sidecar: error: FIELD: ...`), never a
+traceback; exit 2 for a usage error (a bad argument, option or setting: nothing was
+tried) and 1 for an operation that failed (no such key, Redis unreachable, the state
+folder in use, a port held). A field is named as its option is (`quota`, `cycle-days`),
+whichever way the value came.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import shlex
+import shutil
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 
-from .config import ConfigError, Settings, load_settings, with_overrides
+from .config import ConfigError, Refused, Settings, load_settings, state_path, with_overrides
 
 
 class CliError(Exception):
-    """A one-line error for the user."""
+    """A one-line error for the user: an operation that failed (exit 1)."""
+
+    code = 1
+
+
+class UsageError(CliError):
+    """A one-line error for the user: the command line is wrong (exit 2)."""
+
+    code = 2
+
+
+# argparse words its errors "argument --quota: ..."; ours say "quota: ..." like the rest.
+_ARGUMENT = re.compile(r"^argument (?:-+)?([\w-]+)(?:/-*[\w-]+)*: ")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + line
-        print(f"sidecar: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise UsageError(_ARGUMENT.sub(r"\1: ", message))
 
 
-def _non_negative(text: str) -> int:
+def count(text: str, minimum: int = 0) -> int:
+    """The one rule for every count the CLI takes, as an option or an argument (argparse
+    names the field): a whole number, at least `minimum`."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text} is negative" if minimum == 0 else
+                                         f"{text} is less than {minimum}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    return count(text)
 
 
 def _positive_int(text: str) -> int:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+    return count(text, 1)
+
+
+def _quota_or_unlimited(text: str) -> int | str:
+    if text == "unlimited":
+        return text
+    try:
+        return count(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (a whole number or 'unlimited')") from None
 
 
 def _when(text: str) -> datetime:
@@ -55,13 +86,30 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def command_name() -> str:
+    """How to run this very `sidecar` from any shell: the bare name when PATH finds this
+    one, else its absolute path (the venv's bin need not be on PATH)."""
+    beside = Path(sys.executable).parent / "sidecar"
+    if not beside.exists():
+        return shlex.join([sys.executable, "-m", "sidecar"])
+    found = shutil.which("sidecar")
+    if found and Path(found).resolve() == beside.resolve():
+        return "sidecar"
+    return shlex.quote(str(beside.absolute()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sidecar", description="API-key auth sidecar for LLM gateways")
-    parser.add_argument("--config", help="YAML settings file (default config/sidecar.yaml)")
+    parser.add_argument("--config", help="YAML settings file (default: $SIDECAR_CONFIG, "
+                                         "else none)")
+    parser.add_argument("--state-dir", help="the embedded default's store (default: "
+                                            "$SIDECAR_STATE_DIR, state_dir, else "
+                                            "~/.local/state/llm-key-sidecar)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the data-plane and admin listeners")
     serve.add_argument("--config", dest="config_sub")
+    serve.add_argument("--state-dir", dest="state_dir_sub")
     serve.add_argument("--workers", type=_positive_int)
     serve.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
 
@@ -74,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--config", dest="config_sub")
+    common.add_argument("--state-dir", dest="state_dir_sub")
 
     create = keys.add_parser("create", parents=[common], help="create a key (printed once)")
     create.add_argument("--type", default="standard",
@@ -98,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--payg-fallback", action="store_true",
                         help="subscription keys: spend the account balance when the cycle "
                              "quota is used up")
+    create.add_argument("--quiet", "-q", action="store_true",
+                        help="print the new key only (KEY=$(sidecar keys create ... -q))")
 
     for action, text in (("list", "list keys"),):
         lister = keys.add_parser(action, parents=[common], help=text)
@@ -108,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
     setq = keys.add_parser("set-quota", parents=[common], help="set a key's remaining quota")
     setq.add_argument("id")
-    setq.add_argument("quota", help="units, or 'unlimited'")
+    setq.add_argument("quota", type=_quota_or_unlimited, help="units, or 'unlimited'")
 
     accounts = sub.add_parser("accounts", help="PAYG balances").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -123,20 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "fallback":   # no settings: it must run where the sidecar's don't
             return _fallback(args)
-        settings = load_settings(getattr(args, "config_sub", None) or args.config)
+        _check_usage(args)
+        settings = load_settings(_config_path(args))
+        state_dir = getattr(args, "state_dir_sub", None) or args.state_dir
+        if state_dir:
+            from .config import absolute_dir
+            settings = with_overrides(settings, state_dir=absolute_dir(state_dir, Path.cwd()))
         if args.command == "serve":
             return _serve(args, settings)
         return asyncio.run(_manage(args, settings))
-    except ConfigError as exc:
-        print(f"sidecar: error: {exc}", file=sys.stderr)
-        return 2
     except CliError as exc:
+        print(f"sidecar: error: {_field_named(str(exc))}", file=sys.stderr)
+        return exc.code
+    except (ConfigError, Refused) as exc:   # these name settings (state_dir, listen)
         print(f"sidecar: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
 
@@ -154,45 +210,96 @@ def _fallback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field_named(message: str) -> str:
+    """'cycle_days: ...' from the key store reads 'cycle-days: ...', as the option."""
+    field, sep, rest = message.partition(": ")
+    return field.replace("_", "-") + sep + rest if sep and field.isidentifier() else message
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "config_sub", None) or args.config
+
+
+def _check_usage(args: argparse.Namespace) -> None:
+    """What the command line alone shows to be wrong, before any store is touched."""
+    if (args.command, getattr(args, "action", None)) == ("keys", "create") and \
+            args.type != "admin" and args.quota is None and not args.unlimited:
+        # A key with no quota would be refused (402) from its very first call.
+        raise UsageError("quota: give --quota N (units the key may spend) or --unlimited")
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from . import logs, server
-    from .embedded import resolve
 
     if args.workers:
         settings = with_overrides(settings, workers=args.workers)
     logs.setup(settings.log_level)
     server.require_grpc(settings)
     if args.worker_process:  # started by a supervising `serve --workers N`
-        server._run_loop(server.run(settings, data=True, admin=False))
+        server._run_loop(server.run(settings, data=True, admin=False, worker=True))
         return 0
     server.prepare_multiprocess_metrics(settings.workers)
-    settings, embedded = resolve(settings)
+    lock = embedded = None
+    if settings.embedded_redis:
+        from .embedded import for_serve
+        lock, embedded = for_serve(settings)    # held until this process ends
+    # A port held by another process (with SO_REUSEPORT or not) stops us here, before
+    # redis-server starts: our own workers are the only ones to share the data plane's.
+    server.check_free(settings.listen, "listen")
+    server.check_free(settings.admin_listen, "admin_listen")
+    if settings.grpc_listen:
+        server.check_free(settings.grpc_listen, "grpc_listen")
     if embedded is not None:
+        from .embedded import start
+        settings = start(settings, embedded)
         logs.event("embedded_redis", socket=embedded.url, state_dir=str(embedded.dir),
                    note="no redis_url set: using a private redis-server with AOF on")
-        print(f"sidecar: embedded Redis at {embedded.url}. Make a first key in another "
-              f"shell:\n  sidecar keys create --name first --quota 1000\nthen try:\n"
-              f"  curl -i -H 'Authorization: Bearer <key>' "
-              f"http://{settings.listen}/authz/v1/models", file=sys.stderr, flush=True)
-    return server.serve(settings, embedded, getattr(args, "config_sub", None) or args.config)
+    print(first_key_hint(settings, args, embedded is not None), file=sys.stderr, flush=True)
+    try:
+        return server.serve(settings, embedded, _config_path(args))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def first_key_hint(settings: Settings, args: argparse.Namespace, embedded: bool) -> str:
+    """What serve prints: two lines to paste as they are into another shell."""
+    from .config import parse_hostport
+
+    cmd = command_name()
+    config = _config_path(args)
+    if config:
+        cmd += f" --config {shlex.quote(str(Path(config).absolute()))}"
+    if embedded and settings.state_dir:   # not the default: the other shell needs it
+        cmd += f" --state-dir {shlex.quote(settings.state_dir)}"
+    host, port = parse_hostport(settings.listen, "listen")
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (f"sidecar: serving on http://{where}. Make a first key and try it "
+            f"(paste in another shell):\n"
+            f"  KEY=$({cmd} keys create --name first --quota 1000 --quiet)\n"
+            f"  curl -i -H \"Authorization: Bearer $KEY\" "
+            f"-d '{{\"model\":\"gpt-5.5\",\"messages\":[]}}' "
+            f"http://{where}/authz/v1/chat/completions")
 
 
 async def _manage(args: argparse.Namespace, settings: Settings) -> int:
     from redis.exceptions import RedisError
 
-    from .embedded import resolve
     from .keys import KeyHasher
-    from .store.keystore import InvalidKeySpec, KeyError_, KeyStore
+    from .store.keystore import InvalidKeySpec, KeyConflict, KeyError_, KeyStore
     from .store.runner import control_client
 
-    settings, started = resolve(settings)
+    settings, started, lock = _open_store(settings)
     client = control_client(settings.redis_url, settings.redis_timeout_ms / 1000 * 8,
                             settings.redis_pool_size)
     store = KeyStore(client, KeyHasher(settings.key_pepper))
     try:
         result = await _run_action(args, store)
-    except InvalidKeySpec as exc:
+    except KeyConflict as exc:
         raise CliError(str(exc)) from None
+    except InvalidKeySpec as exc:
+        raise UsageError(str(exc)) from None
     except KeyError_ as exc:
         raise CliError(str(exc).strip('"')) from None
     except (RedisError, OSError) as exc:
@@ -203,8 +310,27 @@ async def _manage(args: argparse.Namespace, settings: Settings) -> int:
         await client.aclose()
         if started is not None:
             started.stop()
+        if lock is not None:
+            lock.release()
     _print(result, args)
     return 0
+
+
+def _open_store(settings: Settings):
+    """(settings, redis-server started for this command, lock) for a CLI command. With the
+    embedded default the store must exist: the CLI never makes a new one (and a new
+    pepper) in a folder the server does not use."""
+    if not settings.embedded_redis:
+        return settings, None, None
+    from .embedded import for_command, store_exists
+
+    state = state_path(settings)
+    if not store_exists(state):
+        where = "state_dir" if settings.state_dir else "the default state_dir"
+        raise CliError(f"no sidecar store in {state} ({where}); create it with "
+                       f"`{command_name()} serve`, or name yours with --state-dir DIR "
+                       f"or SIDECAR_STATE_DIR")
+    return for_command(settings)
 
 
 async def _run_action(args: argparse.Namespace, store):
@@ -254,23 +380,18 @@ async def _run_action(args: argparse.Namespace, store):
     if action == "delete":
         await store.delete(args.id)
         return {"id": args.id, "deleted": True}
-    if action == "set-quota":
-        if args.quota == "unlimited":
-            return await store.set_quota(args.id, None)
-        try:
-            quota = int(args.quota)
-        except ValueError:
-            raise InvalidKeySpec(f"quota: {args.quota!r} is not a whole number or "
-                                 "'unlimited'") from None
-        if quota < 0:
-            raise InvalidKeySpec(f"quota: {quota} is negative")
-        return await store.set_quota(args.id, quota)
+    if action == "set-quota":   # args.quota: parsed by _quota_or_unlimited
+        return await store.set_quota(args.id, None if args.quota == "unlimited"
+                                     else args.quota)
     raise CliError(f"unknown action {action}")  # pragma: no cover - argparse restricts
 
 
 def _print(result, args: argparse.Namespace) -> None:
     if args.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if getattr(args, "quiet", False) and isinstance(result, dict) and result.get("key"):
+        print(result["key"])
         return
     if getattr(args, "print_admin", None):
         return args.print_admin(result)

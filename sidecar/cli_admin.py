@@ -172,15 +172,15 @@ def _wrap(run: Callable, own_output: bool = True) -> Callable:
     """ControlStore from the CLI's KeyStore; control errors become one-line CLI errors.
     A handled result is printed by _show (None: cli.py's own path goes on)."""
     async def call(args: argparse.Namespace, keystore):
-        from .cli import CliError
+        from .cli import CliError, UsageError
         from .control.errors import ControlError
         from .control.store import ControlStore
 
         store = ControlStore(keystore.redis, keystore.hasher)
         try:
             result = await run(args, store)
-        except ControlError as exc:
-            raise CliError(exc.message) from None
+        except ControlError as exc:   # a 400 is a bad command line; the rest failed
+            raise (UsageError if exc.status == 400 else CliError)(exc.message) from None
         if result is not None and own_output:
             args.print_admin = _show
         return result
@@ -349,22 +349,14 @@ async def _key_edit(args, store):
 
 
 async def _key_change(args, store):
-    from .control.errors import Invalid
-
     if args.action == "delete":
         await store.delete_key(None, args.id)
         return {"id": args.id, "deleted": True}
     if args.action in ("disable", "enable"):
         return await store.set_key_status(None, args.id, args.action == "enable")
-    if args.quota == "unlimited":
+    if args.quota == "unlimited":   # parsed by cli._quota_or_unlimited
         return await store.set_key_quota(None, args.id, unlimited=True)
-    try:
-        quota = int(args.quota)
-    except ValueError:
-        raise Invalid(f"quota: {args.quota!r} is not a whole number or 'unlimited'") from None
-    if quota < 0:
-        raise Invalid(f"quota: {quota} is negative")
-    return await store.set_key_quota(None, args.id, set_to=quota)
+    return await store.set_key_quota(None, args.id, set_to=args.quota)
 
 
 async def _key_create(args, store):
@@ -396,6 +388,15 @@ def _show(result) -> None:
     """Human output of a control-plane result (--json is printed by cli.py)."""
     if isinstance(result, list):
         _table(result)
+        return
+    if result.get("changed") is False:   # admin bootstrap, run again
+        from .cli import command_name
+        org, key = result["organization"], result["admin_key"]
+        again = f"{command_name()} admin create-key --org {org['id']}"
+        if key.get("member_id"):
+            again += f" --member {key['member_id']}"
+        print(f"Organization {org['name']} already has an active admin key ({key['id']}): "
+              f"nothing changed. Another admin key: {again}")
         return
     if result.get("key"):
         kind = result.get("type") or result.get("admin_key", {}).get("type") or "new"

@@ -15,12 +15,16 @@ from urllib.parse import urlsplit
 
 import yaml
 
-DEFAULT_CONFIG = Path("config/sidecar.yaml")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel")
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
+
+
+class Refused(RuntimeError):
+    """The settings are fine but this machine refuses them (the state folder is another
+    process's, a port is held, there is no store yet): one line, exit 1."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Settings:
     max_body_bytes: int = 65_536         # bodies are read only this far for the model
     # Secrets and state.
     key_pepper: str | None = None        # HMAC secret; generated under state_dir when embedded
-    state_dir: str = ".sidecar-state"
+    state_dir: str | None = None         # the embedded default's store; None: state_path()
     # Who may tell us the client IP; no proxy is trusted by default.
     trusted_proxies: tuple[str, ...] = ()
     trusted_hops: int = 1                # X-Forwarded-For entries appended by trusted proxies
@@ -74,6 +78,34 @@ class Settings:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
 
 
+APP = "llm-key-sidecar"
+
+
+def default_state_dir(env: dict[str, str] | None = None, uid: int | None = None) -> Path:
+    """Where the embedded default keeps its store unless state_dir says otherwise: the same
+    folder whatever the current directory, so `serve` and the CLI always agree.
+    $XDG_STATE_HOME/llm-key-sidecar when set; else /var/lib/llm-key-sidecar for root and
+    ~/.local/state/llm-key-sidecar for everyone else."""
+    env = os.environ if env is None else env
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():   # the XDG spec: a relative value is ignored
+        return Path(xdg) / APP
+    if (os.geteuid() if uid is None else uid) == 0:
+        return Path("/var/lib") / APP
+    home = env.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / APP
+
+
+def state_path(settings: Settings) -> Path:
+    """The state folder in use: state_dir (made absolute when loaded), or the default."""
+    return Path(settings.state_dir) if settings.state_dir else default_state_dir()
+
+
+def absolute_dir(path: str, base: Path) -> str:
+    """`path` (~ expanded) as an absolute path, a relative one taken from `base`."""
+    return str((base / Path(path).expanduser()).absolute())
+
+
 def mask_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
@@ -92,11 +124,14 @@ _ENV_PREFIX = "SIDECAR_"
 
 
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Read YAML (if any), apply SIDECAR_* overrides, validate. Raises ConfigError."""
+    """Read the YAML file (`path`, else $SIDECAR_CONFIG, else none: the current directory
+    is never searched), apply SIDECAR_* overrides, validate. Raises ConfigError.
+    A relative state_dir is taken from the file's folder (from the current one when it
+    comes from the environment), so it names one folder wherever the command runs."""
     env = dict(os.environ if env is None else env)
     raw: dict[str, Any] = {}
-    chosen = Path(path) if path else Path(env.get("SIDECAR_CONFIG", "")) if env.get(
-        "SIDECAR_CONFIG") else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    chosen = Path(path) if path else Path(env["SIDECAR_CONFIG"]) if env.get(
+        "SIDECAR_CONFIG") else None
     if chosen is not None:
         try:
             loaded = yaml.safe_load(chosen.read_text()) or {}
@@ -107,6 +142,8 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {chosen}: expected a mapping of settings")
         raw.update(loaded)
+        if isinstance(raw.get("state_dir"), str) and raw["state_dir"]:
+            raw["state_dir"] = absolute_dir(raw["state_dir"], chosen.parent)
     known = {f.name: f for f in fields(Settings)}
     for name in raw:
         if name not in known:
@@ -115,6 +152,8 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         value = env.get(_ENV_PREFIX + name.upper())
         if value is not None:
             raw[name] = value
+    if env.get("SIDECAR_STATE_DIR"):
+        raw["state_dir"] = absolute_dir(env["SIDECAR_STATE_DIR"], Path.cwd())
     return validate(Settings(**{k: _coerce(k, v, known[k].type) for k, v in raw.items()}))
 
 

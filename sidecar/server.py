@@ -2,10 +2,12 @@
 
 Process model
 - workers == 1: one process runs the data plane, the admin listener and (when embedded)
-  supervises redis-server.
+  supervises redis-server; it binds without SO_REUSEPORT.
 - workers == N: the supervisor runs the admin listener and redis-server and starts N
-  worker processes that share the data-plane port (SO_REUSEPORT); metrics are shared
-  through PROMETHEUS_MULTIPROC_DIR. A worker that dies is started again.
+  worker processes that share the data-plane port (SO_REUSEPORT, set by them alone);
+  metrics are shared through PROMETHEUS_MULTIPROC_DIR. A worker that dies is started again.
+- Before anything starts, `serve` holds the state folder's lock (embedded.py) and checks
+  both ports with a bind that any other listener conflicts with (check_free).
 SIGTERM / SIGINT: stop accepting, let in-flight calls finish (shutdown_timeout_s), close
 Redis, then stop redis-server last.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from . import logs
-from .config import ConfigError, Settings, parse_hostport
+from .config import ConfigError, Refused, Settings, parse_hostport
 from .edge import Answer, Call, EdgeServer
 from .embedded import EmbeddedRedis
 
@@ -104,7 +108,8 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 async def run(settings: Settings, *, data: bool, admin: bool,
-              embedded: EmbeddedRedis | None = None, stop: asyncio.Event | None = None) -> None:
+              embedded: EmbeddedRedis | None = None, stop: asyncio.Event | None = None,
+              worker: bool = False) -> None:
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain. redis_url must be set."""
     from .admin_app import admin_app
     from .store.runner import make_runner
@@ -119,19 +124,23 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     if data:
         host, port = parse_hostport(settings.listen, "listen")
         edge, authorize = data_plane(settings, runner)
-        await edge.listen(host, port)
+        # SO_REUSEPORT only among this server's own workers (`worker`: one of the N that
+        # `serve --workers N` starts); one process binds without it, so nothing can share.
+        with _bind_errors(settings.listen, "listen"):
+            await edge.listen(host, port, reuse_port=worker)
         if settings.grpc_listen:
             # Same loop, same runner: both modes' calls share the Redis batches.
             from . import grpc_authz
             host, port = parse_hostport(settings.grpc_listen, "grpc_listen")
             grpc_server = await grpc_authz.start(settings, authorize, host, port)
-    if admin:
+    if admin:  # one process (the supervisor) runs it: no SO_REUSEPORT
         host, port = parse_hostport(settings.admin_listen, "admin_listen")
         app_runner = web.AppRunner(await admin_app(settings, runner), handle_signals=False,
                                    shutdown_timeout=settings.shutdown_timeout_s,
                                    access_log=None)
         await app_runner.setup()
-        await web.TCPSite(app_runner, host, port, reuse_port=True).start()
+        with _bind_errors(settings.admin_listen, "admin_listen"):
+            await web.TCPSite(app_runner, host, port, reuse_port=False).start()
         runners.append(app_runner)
     logs.event("listening", pid=os.getpid(), data=settings.listen if data else None,
                grpc=settings.grpc_listen if grpc_server else None,
@@ -152,6 +161,39 @@ async def run(settings: Settings, *, data: bool, admin: bool,
         watch.cancel()
     await runner.close()
     logs.event("stopped", pid=os.getpid())
+
+
+def check_free(address: str, name: str) -> None:
+    """Refuse a listen address another process holds, before anything starts.
+
+    The probe binds without SO_REUSEPORT, so a listener that set it (a second sidecar, or
+    anything else) still conflicts; SO_REUSEADDR only lets it past the TIME_WAIT
+    connections a previous run left, never past a listener.
+    """
+    host, port = parse_hostport(address, name)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise Refused(f"{name}: cannot resolve {host!r} ({exc.strerror})") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe, _bind_errors(address, name):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(sockaddr)
+
+
+@contextlib.contextmanager
+def _bind_errors(address: str, name: str):
+    """A bind that fails is one line naming the setting, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise Refused(f"{name}: {address}: address in use (another process listens "
+                          "there; stop it or choose another port)") from None
+        raise Refused(f"{name}: {address}: cannot listen ({exc.strerror})") from None
 
 
 async def _supervise_redis(embedded: EmbeddedRedis, stop: asyncio.Event) -> None:

@@ -25,6 +25,20 @@ PEPPER = "test-pepper-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config) -> None:
+    """No test may touch this machine's own sidecar store (~/.local/state/..., or
+    /var/lib/... for root): the default state folder of every process the tests start
+    is a fresh temporary one."""
+    import tempfile
+    config._sidecar_state_home = os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(
+        prefix="sidecar-test-state-")
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "_sidecar_state_home", None):
+        shutil.rmtree(config._sidecar_state_home, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,14 +169,19 @@ def sidecar_env(redis_url: str, **settings: str) -> dict[str, str]:
     return env
 
 
-def start_sidecar(tmp: Path, redis_url: str | None, *args: str, **settings) -> Sidecar:
-    """`python -m sidecar serve` as a real process; waits until /readyz answers 200."""
+def start_sidecar(tmp: Path, redis_url: str | None, *args: str,
+                  env: dict[str, str] | None = None, **settings) -> Sidecar:
+    """`python -m sidecar serve` as a real process; waits until /readyz answers 200.
+    redis_url None: the embedded default, in `env` (default os.environ) + `settings`."""
     import urllib.request
     port, admin_port = free_port(), free_port()
     settings.setdefault("listen", f"127.0.0.1:{port}")
     settings.setdefault("admin_listen", f"127.0.0.1:{admin_port}")
+    port = int(settings["listen"].rpartition(":")[2])
+    admin_port = int(settings["admin_listen"].rpartition(":")[2])
     env = sidecar_env(redis_url, **settings) if redis_url else {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+        **(env if env is not None else
+           {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}),
         **{"SIDECAR_" + k.upper(): str(v) for k, v in settings.items()}}
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / f"sidecar-{port}.log"

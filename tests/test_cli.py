@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import redis as redis_sync
 from conftest import PEPPER, ROOT, free_port, sidecar_env
 
 from sidecar.keys import KeyType, key_type
@@ -56,7 +56,7 @@ def env(redis_url) -> dict[str, str]:
     ("subscription", ["--quota", "100", "--cycle-days", "7", "--account", "acct-1",
                       "--payg-fallback"]),
     ("org", ["--permission", "restricted", "--scopes", "chat.completions:write,models:read",
-             "--project", "prj-1"]),
+             "--project", "prj-1", "--unlimited"]),
     ("admin", ["--permission", "read-only", "--org", "default", "--member", "{owner}"]),
 ])
 def test_create_every_type(env, typ, extra):
@@ -91,7 +91,7 @@ def test_admin_key_without_a_member_is_a_usage_error(env, extra):
 
 
 def test_create_prints_the_key_once_in_text(env):
-    done = cli("keys", "create", "--name", "plain", env=env)
+    done = cli("keys", "create", "--name", "plain", "--quota", "1", env=env)
     assert done.returncode == 0, done.stderr
     keys = [w for w in done.stdout.split() if key_type(w) is KeyType.standard]
     assert len(keys) == 1
@@ -110,7 +110,7 @@ def test_create_with_every_restriction(env):
 
 
 def test_org_key_without_project_goes_to_default(env):
-    made = ok_json("keys", "create", "--type", "org", env=env)
+    made = ok_json("keys", "create", "--type", "org", "--quota", "1", env=env)
     assert (made["org_id"], made["project_id"]) == ("default", "default")
 
 
@@ -154,8 +154,8 @@ async def test_show_and_list_never_reveal_the_key(env, redis_url):
 
 
 def test_list_filters(env):
-    std = ok_json("keys", "create", env=env)
-    sub = ok_json("keys", "create", "--type", "subscription", env=env)
+    std = ok_json("keys", "create", "--quota", "1", env=env)
+    sub = ok_json("keys", "create", "--type", "subscription", "--quota", "1", env=env)
     assert {v["id"] for v in ok_json("keys", "list", env=env)} == {std["id"], sub["id"]}
     assert [v["id"] for v in ok_json("keys", "list", "--type", "subscription", env=env)] \
         == [sub["id"]]
@@ -164,7 +164,7 @@ def test_list_filters(env):
 # -- change a key ------------------------------------------------------------------
 
 def test_disable_enable_delete(env):
-    made = ok_json("keys", "create", env=env)
+    made = ok_json("keys", "create", "--unlimited", env=env)
     assert ok_json("keys", "disable", made["id"], env=env)["status"] == "disabled"
     assert ok_json("keys", "show", made["id"], env=env)["status"] == "disabled"
     assert [v["id"] for v in ok_json("keys", "list", "--status", "disabled", env=env)] \
@@ -193,36 +193,72 @@ def test_accounts_balance(env):
     assert ok_json("accounts", "show", "acct-9", env=env)["balance"] == 50
 
 
-# -- errors: one line, non-zero, no traceback ------------------------------------------
+# -- errors: one line, no traceback; 2 for usage, 1 for a failed operation ---------------
 
-@pytest.mark.parametrize("args,fragment", [
-    (["keys", "create", "--expires", "2020-01-01T00:00:00Z"], "expires"),
-    (["keys", "create", "--expires", "next tuesday"], "expires"),
-    (["keys", "create", "--ips", "10.0.0.0/33"], "ips"),
-    (["keys", "create", "--ips", "10.0.0.1,nonsense"], "nonsense"),
-    (["keys", "create", "--quota", "-1"], "quota"),
-    (["keys", "create", "--quota", "lots"], "quota"),
-    (["keys", "create", "--quota", "5", "--unlimited"], "quota"),
-    (["keys", "create", "--rpm", "-5"], "rpm"),
-    (["keys", "create", "--type", "superuser"], "type"),
-    (["keys", "create", "--permission", "restricted"], "scopes"),
-    (["keys", "create", "--permission", "restricted", "--scopes", "chat"], "scopes"),
-    (["keys", "create", "--type", "subscription", "--payg-fallback"], "account"),
-    (["keys", "create", "--project", "p1"], "project"),
-    (["keys", "set-quota", "key_0000000000000000", "-1"], "quota"),
-    (["keys", "set-quota", "key_0000000000000000", "many"], "quota"),
-    (["keys", "show", "key_0000000000000000"], "key_0000000000000000"),
-    (["keys", "disable", "key_0000000000000000"], "key_0000000000000000"),
-    (["keys", "delete", "key_0000000000000000"], "key_0000000000000000"),
-    (["accounts", "set-balance", "acct", "-3"], "units"),
-    (["keys", "frobnicate"], "frobnicate"),
+MISSING = "key_0000000000000000"
+Q = ["--quota", "1"]
+
+
+@pytest.mark.parametrize("args,fragment,rc", [
+    (["keys", "create", *Q, "--expires", "2020-01-01T00:00:00Z"], "expires", 2),
+    (["keys", "create", *Q, "--expires", "next tuesday"], "expires: 'next tuesday'", 2),
+    (["keys", "create", *Q, "--ips", "10.0.0.0/33"], "ips", 2),
+    (["keys", "create", *Q, "--ips", "10.0.0.1,nonsense"], "nonsense", 2),
+    (["keys", "create", "--quota", "-1"], "quota: -1 is negative", 2),
+    (["keys", "create", "--quota", "lots"], "quota: 'lots' is not a whole number", 2),
+    (["keys", "create", "--quota", "5", "--unlimited"], "quota", 2),
+    (["keys", "create"], "quota: give --quota N", 2),
+    (["keys", "create", "--type", "subscription"], "quota: give --quota N", 2),
+    (["keys", "create", *Q, "--rpm", "-5"], "rpm: -5 is negative", 2),
+    (["keys", "create", *Q, "--cycle-days", "0"], "cycle-days: 0 is less than 1", 2),
+    (["keys", "create", *Q, "--type", "superuser"], "type: invalid choice", 2),
+    (["keys", "create", *Q, "--permission", "restricted"], "scopes", 2),
+    (["keys", "create", *Q, "--permission", "restricted", "--scopes", "chat"], "scopes", 2),
+    (["keys", "create", *Q, "--type", "subscription", "--payg-fallback"], "account", 2),
+    (["keys", "create", *Q, "--project", "p1"], "project", 2),
+    (["keys", "set-quota", MISSING, "-1"], "quota: -1 is negative", 2),
+    (["keys", "set-quota", MISSING, "many"], "quota: 'many' is not a whole number", 2),
+    (["keys", "set-quota", MISSING, "5"], MISSING, 1),
+    (["keys", "show", MISSING], MISSING, 1),
+    (["keys", "disable", MISSING], MISSING, 1),
+    (["keys", "delete", MISSING], MISSING, 1),
+    (["accounts", "set-balance", "acct", "-3"], "units: -3 is negative", 2),
+    (["keys", "frobnicate"], "frobnicate", 2),
+    (["keys", "show"], "required: id", 2),
 ])
-def test_bad_arguments(env, args, fragment):
-    assert_one_line_error(cli(*args, env=env), fragment)
+def test_bad_arguments(env, args, fragment, rc):
+    done = cli(*args, env=env)
+    assert_one_line_error(done, fragment)
+    assert done.returncode == rc, (args, done.stderr)
+
+
+def test_the_same_mistake_reads_the_same_wherever_it_is_made(env):
+    """`--quota -5` on create and `set-quota ID -5`: one field name, one wording, one code."""
+    made = ok_json("keys", "create", "--quota", "1", env=env)
+    on_create = cli("keys", "create", "--quota", "-5", env=env)
+    on_change = cli("keys", "set-quota", made["id"], "-5", env=env)
+    assert on_create.returncode == on_change.returncode == 2
+    assert on_create.stderr.startswith("sidecar: error: quota: -5 is negative")
+    assert on_change.stderr.startswith("sidecar: error: quota: -5 is negative")
+
+
+def test_a_key_made_without_a_quota_choice_is_refused_not_made(env):
+    """A key with no quota would be a 402 on its first call: the CLI asks for the choice."""
+    done = cli("keys", "create", "--name", "forgot", env=env)
+    assert_one_line_error(done, "--quota N", "--unlimited")
+    assert done.returncode == 2
+    assert ok_json("keys", "list", env=env) == []
+
+
+def test_quiet_prints_the_key_alone(env):
+    done = cli("keys", "create", "--quota", "2", "--quiet", env=env)
+    assert done.returncode == 0, done.stderr
+    assert key_type(done.stdout.strip()) is KeyType.standard
+    assert done.stdout.count("\n") == 1
 
 
 def test_nothing_created_by_a_refused_create(env):
-    assert cli("keys", "create", "--ips", "bad", env=env).returncode != 0
+    assert cli("keys", "create", "--ips", "bad", "--quota", "1", env=env).returncode != 0
     assert ok_json("keys", "list", env=env) == []
 
 
@@ -248,41 +284,22 @@ def test_bad_config_file(env, tmp_path, yaml_text, field):
         assert_one_line_error(cli(*args, env=env), field)
 
 
-# -- the embedded default --------------------------------------------------------------
+# -- admin bootstrap: once, however often it is run --------------------------------------
 
-def _redis_processes_under(path: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "redis" in cmdline and str(path) in cmdline:
-            found.append(int(proc.name))
-    return found
+def test_bootstrap_twice_changes_nothing_the_second_time(env, redis_url):
+    first = ok_json("admin", "bootstrap", "--user", "owner@example.com", env=env)
+    assert first["changed"] is True and first["key"].startswith("sk-admin_")
+    db = redis_sync.Redis.from_url(redis_url)
+    writes = db.info("persistence")["rdb_changes_since_last_save"]   # every change counts
 
-
-def test_embedded_default_persists_and_stops(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    state = tmp_path / ".sidecar-state"
-    try:
-        done = cli("keys", "create", "--name", "emb", "--quota", "4", "--json", env=env,
-                   cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        made = json.loads(done.stdout)
-        assert key_type(made["key"]) is KeyType.standard
-        assert (state / "pepper").stat().st_mode & 0o077 == 0
-        assert _redis_processes_under(state) == []
-
-        # A second command starts a fresh private server, which reads the AOF back.
-        done = cli("keys", "list", "--json", env=env, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        assert [(v["id"], v["quota_remaining"]) for v in json.loads(done.stdout)] == [
-            (made["id"], 4)]
-        assert _redis_processes_under(state) == []
-        assert made["key"] not in done.stdout
-    finally:
-        for pid in _redis_processes_under(state):   # only if the test failed midway
-            os.kill(pid, 15)
+    again = cli("admin", "bootstrap", "--user", "owner@example.com", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "nothing changed" in again.stdout and first["admin_key"]["id"] in again.stdout
+    assert "sk-admin_" not in again.stdout and again.stderr == ""
+    other_user = ok_json("admin", "bootstrap", "--user", "someone@example.com", env=env)
+    assert other_user["changed"] is False and "key" not in other_user
+    assert db.info("persistence")["rdb_changes_since_last_save"] == writes   # no write
+    members = ok_json("members", "list", env=env)
+    assert [m["user"] for m in members] == ["owner@example.com"]
+    admin_keys = ok_json("keys", "list", "--type", "admin", env=env)
+    assert [k["id"] for k in admin_keys] == [first["admin_key"]["id"]]

@@ -29,9 +29,12 @@ def test_bootstrap_then_every_resource(url: str):
     org = boot["organization"]["id"]
     assert boot["key"].startswith("sk-admin_") and boot["member"]["role"] == "owner"
     assert boot["admin_key"]["permission"] == "all" and "key" not in boot["admin_key"]
-    human = cli(url, "admin", "bootstrap", "--org", "initech", "--user", "o@x.io")
-    assert human.returncode == 0 and "Store it now" in human.stdout
-    assert human.stdout.count("sk-admin_") == 1
+    # Run again it changes nothing (no second owner, no second admin key) and says so.
+    again = cli(url, "admin", "bootstrap", "--org", "initech", "--user", "o@x.io")
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stderr
+    assert "sk-admin_" not in again.stdout and boot["admin_key"]["id"] in again.stdout
+    assert cli_json(url, "admin", "bootstrap", "--org", "initech")["changed"] is False
+    assert len(cli_json(url, "members", "list", "--org", org)) == 1
 
     assert [o["name"] for o in cli_json(url, "orgs", "list")] == ["initech"]
     assert cli_json(url, "orgs", "show", "initech")["id"] == org
@@ -98,8 +101,9 @@ def test_errors_are_one_line(url: str):
         url, "members", "remove", cli_json(url, "members", "list")[0]["id"])
     assert "built-in default project" in one_line_error(url, "projects", "delete", "default")
     assert "no key" in one_line_error(url, "keys", "rotate", "key_nope")
-    assert "give at least one" in one_line_error(url, "keys", "edit", "key_nope")
+    assert "give at least one" in one_line_error(url, "keys", "edit", "key_nope", code=2)
     assert "member" in one_line_error(url, "admin", "create-key", code=2)
     assert "scopes" in one_line_error(url, "keys", "create", "--type", "org", "--org",
-                                      "default", "--scopes", "a:read")
+                                      "default", "--scopes", "a:read", "--quota", "1",
+                                      code=2)
     assert "ISO-8601" in one_line_error(url, "audit", "list", "--since", "later", code=2)

@@ -208,3 +208,37 @@ def test_serve_with_bad_setting_exits_with_one_line(tmp_path, settings, args, na
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith(f"sidecar: error: {name}")
+
+
+# -- the state folder: one place, whatever the current directory ---------------------------
+
+def test_default_state_dir(tmp_path):
+    from sidecar.config import default_state_dir
+    home = {"HOME": "/home/ann"}
+    assert default_state_dir(home, uid=1000) == Path("/home/ann/.local/state/llm-key-sidecar")
+    assert default_state_dir(home, uid=0) == Path("/var/lib/llm-key-sidecar")
+    xdg = {**home, "XDG_STATE_HOME": "/srv/state"}
+    assert default_state_dir(xdg, uid=1000) == Path("/srv/state/llm-key-sidecar")
+    assert default_state_dir(xdg, uid=0) == Path("/srv/state/llm-key-sidecar")
+    relative = {**home, "XDG_STATE_HOME": "state"}   # ignored, as the XDG spec says
+    assert default_state_dir(relative, uid=1000) == Path(
+        "/home/ann/.local/state/llm-key-sidecar")
+
+
+def test_state_dir_is_absolute_whatever_the_current_directory(tmp_path, monkeypatch):
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = write(conf_dir, "state_dir: data/sidecar\n")
+    for cwd in (tmp_path, conf_dir, ROOT):
+        monkeypatch.chdir(cwd)
+        # from a file: next to the file; from the environment: from where it was set
+        assert load_settings(path, env={}).state_dir == str(conf_dir / "data" / "sidecar")
+        assert load_settings(path, env={"SIDECAR_STATE_DIR": "s"}).state_dir == str(cwd / "s")
+        assert load_settings(env={}).state_dir is None      # None: default_state_dir()
+
+
+def test_the_current_directory_is_never_searched_for_a_config(tmp_path, monkeypatch):
+    (tmp_path / "config").mkdir()
+    write(tmp_path / "config", "workers: 5\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(env={}).workers == 1

@@ -128,14 +128,15 @@ async def test_two_workers_answer_aggregate_and_stop(tmp_path, redis_url, store)
 
 
 async def test_embedded_default_starts_and_stops_its_redis(tmp_path, http):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    car = start_sidecar(tmp_path, None)
+    state = tmp_path / "state"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+           "SIDECAR_STATE_DIR": str(state)}
+    car = start_sidecar(tmp_path, None, state_dir=str(state))
     redis_pids: list[int] = []
     try:
         redis_pids = [p for p in children(car.proc.pid)
                       if Path(f"/proc/{p}/comm").read_text().strip() == "redis-server"]
         assert len(redis_pids) == 1
-        state = tmp_path / ".sidecar-state"
         assert (state / "pepper").exists()
         assert list(state.rglob("*.aof")), "AOF is on"
 

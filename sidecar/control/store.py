@@ -37,7 +37,8 @@ class ControlStore(EntityOps, KeyOps, SubscriptionOps):
     # -- bootstrap -----------------------------------------------------------------------
 
     async def bootstrap(self, org_name: str | None = None, user: str = "owner") -> dict:
-        """The organization (if missing), an owner member, and a first admin key (all)."""
+        """The organization (if missing), an owner member, and a first admin key (all);
+        nothing when the organization already has an active admin key."""
         if org_name is None or org_name == DEFAULT:
             org_id = await self.resolve_org(DEFAULT)
         else:
@@ -45,6 +46,17 @@ class ControlStore(EntityOps, KeyOps, SubscriptionOps):
                 org_id = await self.resolve_org(org_name)
             except NotFound:
                 org_id = (await self.create_org(org_name))["id"]
+        # Idempotent: an organization that already has a working admin key is bootstrapped;
+        # a second run changes nothing (no second owner, no second key) and says so.
+        cursor = 0
+        while True:
+            found, cursor = await self.list_keys(org_id, type_="admin", status="active",
+                                                 limit=500, cursor=cursor)
+            if found:
+                return {"organization": await self.org(org_id), "changed": False,
+                        "admin_key": found[0]}
+            if not cursor:
+                break
         held = await self.redis.hget(names.org_users(org_id), user)
         if held:
             member = await self.member(org_id, text(held))
@@ -54,5 +66,5 @@ class ControlStore(EntityOps, KeyOps, SubscriptionOps):
             member = await self.add_member(org_id, user, "owner")
         key, plaintext = await self.create_key(org_id, {
             "type": "admin", "name": "bootstrap", "member_id": member["id"]})
-        return {"organization": await self.org(org_id), "member": member,
+        return {"organization": await self.org(org_id), "changed": True, "member": member,
                 "admin_key": key, "key": plaintext}
