@@ -9,20 +9,22 @@ cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# A user's PATH may lack /usr/sbin (where Debian puts nginx): look there too.
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
 need=()
-command -v redis-server >/dev/null || need+=(redis-server)
+have redis-server || need+=(redis-server)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ $dev = 1 ]; then
-  command -v nginx >/dev/null || need+=(nginx)
+  have nginx || need+=(nginx)
   [ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || need+=(libnginx-mod-http-js)
   [ -e /usr/lib/nginx/modules/ndk_http_module.so ] || need+=(libnginx-mod-http-lua)
   # Debian's lua-nginx-redis installs resty.redis as nginx/redis.lua
   [ -e /usr/share/lua/5.1/resty/redis.lua ] || [ -e /usr/share/lua/5.1/nginx/redis.lua ] \
     || need+=(lua-nginx-redis)
   dpkg -s lua-cjson >/dev/null 2>&1 || need+=(lua-cjson)   # benchmarks/nginx_lua peer
-  command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
-  command -v npm >/dev/null || need+=(npm)
-  command -v wrk >/dev/null || need+=(wrk)
+  have prometheus && have promtool || need+=(prometheus)
+  have npm || need+=(npm)
+  have wrk || need+=(wrk)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "install.sh: installing ${need[*]}" >&2
