@@ -69,8 +69,8 @@ DENIALS: dict[Code, Denial] = {
                                    "This API key does not have permission for this "
                                    "operation."),
     Code.quota_exhausted: Denial(402, "quota_exhausted", "insufficient_quota", "billing_error",
-                                 "You exceeded your current quota. Add more quota or enable "
-                                 "PAYG fallback."),
+                                 "You exceeded your current quota. Add more quota to this "
+                                 "API key."),
     Code.rate_limited: Denial(429, "rate_limited", "rate_limit_error", "rate_limit_error",
                               "Rate limit reached for requests per minute."),
     Code.rate_limited_tokens: Denial(429, "rate_limited", "rate_limit_error",
@@ -81,6 +81,16 @@ DENIALS: dict[Code, Denial] = {
 }
 
 KEY_TYPES = {"s": "standard", "b": "subscription", "o": "org", "a": "admin"}
+
+# A denial worded for one key type, by (code, the script's type letter): only subscription
+# keys have a billing cycle and a PAYG fallback to suggest.
+BY_KEY_TYPE: dict[tuple[Code, str], Denial] = {
+    (Code.quota_exhausted, "b"): Denial(
+        402, "quota_exhausted", "insufficient_quota", "billing_error",
+        "You exceeded this billing cycle's quota, and the account's pay-as-you-go balance "
+        "(if PAYG fallback is on) cannot cover the request. Wait for the next cycle, raise "
+        "the plan's quota, top up the balance or enable PAYG fallback."),
+}
 
 
 def error_body(denial: Denial, anthropic: bool) -> bytes:
@@ -94,24 +104,31 @@ def error_body(denial: Denial, anthropic: bool) -> bytes:
 
 
 # Bodies and header values are the same for every denial of a kind: build them once.
-_RENDERED: dict[tuple[Code, bool], tuple[bytes, str]] = {}
+_RENDERED: dict[tuple[Code, bool, str], tuple[Denial, bytes, str]] = {}
 
 
-def rendered_denial(code: Code, anthropic: bool) -> tuple[Denial, bytes, str]:
-    """(denial, body, X-Auth-Error header value) for a denial code."""
-    cached = _RENDERED.get((code, anthropic))
+def rendered_denial(code: Code, anthropic: bool,
+                    key_type: str = "") -> tuple[Denial, bytes, str]:
+    """(denial, body, X-Auth-Error header value) for a denial code; `key_type` is the
+    script's type letter, for the denials worded per key type."""
+    if (code, key_type) not in BY_KEY_TYPE:
+        key_type = ""                    # the one wording for every other type
+    cached = _RENDERED.get((code, anthropic, key_type))
     if cached is None:
-        body = error_body(DENIALS[code], anthropic)
-        cached = _RENDERED[(code, anthropic)] = (body, body.decode())
-    return DENIALS[code], cached[0], cached[1]
+        denial = BY_KEY_TYPE.get((code, key_type)) or DENIALS[code]
+        body = error_body(denial, anthropic)
+        cached = _RENDERED[(code, anthropic, key_type)] = (denial, body, body.decode())
+    return cached
 
 
 def denial_answer(code: Code, anthropic: bool,
                   reply: list | None = None) -> tuple[Denial, dict[str, str], bytes]:
     """(denial, headers, body) of a denial. The JSON is copied into X-Auth-Error because
     NGINX drops auth bodies; 401 names its scheme; a script reply adds x-ratelimit-* for
-    the limits that apply, and Retry-After on a 429."""
-    denial, body, header = rendered_denial(code, anthropic)
+    the limits that apply, and Retry-After on a 429; it also names the key's type, for a
+    message that says only what applies to it."""
+    key_type = _text(reply[2]) if reply is not None and len(reply) > 2 else ""
+    denial, body, header = rendered_denial(code, anthropic, key_type)
     headers = {"X-Auth-Error": header}
     if denial.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="api"'

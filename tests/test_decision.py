@@ -118,6 +118,17 @@ def test_anthropic_dialect(row):
     _check_common_headers(status, headers, body, script_reply(code))
 
 
+@pytest.mark.parametrize("letter", ["s", "o", "b"])
+def test_quota_denial_says_only_what_applies_to_the_key_type(letter):
+    reply = [int(Code.quota_exhausted), b"key_1", letter.encode(), b"", b"", 0, 0, 0, 0, 1]
+    for dialect in (False, True):
+        denial, headers, body = denial_answer(Code.quota_exhausted, dialect, reply)
+        message = json.loads(body)["error"]["message"]
+        assert denial.status == 402 and denial.code == "quota_exhausted"
+        assert ("PAYG" in message) == (letter == "b"), message
+        assert json.loads(headers["X-Auth-Error"]) == json.loads(body)
+
+
 def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
                           reply: list | None) -> None:
     # NGINX drops the auth body: the header is the same JSON, on one line.

@@ -152,6 +152,20 @@ async def test_rate_limited_with_retry_after(car, store, ask):
         assert denied.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+async def test_a_402_suggests_only_what_the_key_type_has(car, store, ask):
+    """PAYG fallback exists for subscription keys only: a standard or org key's 402 must
+    not send its owner looking for it."""
+    for spec in ({}, {"type": KeyType.org, "org": "default", "project": "default"},
+                 {"type": KeyType.subscription, "account": "acct_9"}):
+        _, key = await make(store, quota=0, **spec)
+        for path in (CHAT, MESSAGES):
+            answer = await ask(car, path, key=key, body={"model": "m"})
+            assert answer.status == 402, (spec, answer.raw)
+            message = answer.json["error"]["message"]
+            assert ("PAYG" in message) == (spec.get("type") is KeyType.subscription), message
+            assert ("billing cycle" in message) == ("PAYG" in message), message
+
+
 async def test_subscription_cycle_then_payg_wallet_then_402(car, store, ask):
     key_id, key = await make(store, type=KeyType.subscription, quota=1, account="acct_1",
                              payg_fallback=True)
