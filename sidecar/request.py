@@ -1,6 +1,6 @@
 """What an authorize call asks, read from the proxy's request. Pure functions, no I/O.
 
-Each proxy speaks differently (see shared/reference/proxies.md): Envoy sends the original
+Each proxy speaks differently (see docs/proxies.md): Envoy sends the original
 method and `/authz<path>`; NGINX and Traefik send GET with X-Original-*/X-Forwarded-*.
 """
 

@@ -269,3 +269,37 @@ def test_pods_drain_before_they_are_killed(tmp_path):
     pod = k8s_docs()["Deployment"]["spec"]["template"]["spec"]
     pause = int(container()["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > settings.shutdown_timeout_s + pause
+
+
+# -- the repository stands alone ---------------------------------------------------------
+
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".hypothesis", ".pytest_cache", "results"}
+TEXT = {".md", ".py", ".lua", ".yaml", ".yml", ".conf", ".js", ".sh", ".toml", ".json", ""}
+
+
+def repository_text_files():
+    for path in sorted(ROOT.rglob("*")):
+        parts = set(path.relative_to(ROOT).parts)
+        if parts & SKIP_DIRS or any(p.endswith(".egg-info") for p in parts):
+            continue
+        if path.is_file() and path.suffix in TEXT and path.stat().st_size < 2_000_000:
+            yield path
+
+
+def test_nothing_cites_a_document_outside_the_repository():
+    outside = ("shared/reference", "/work/shared", "CONTRACT.md", "reference/proxies.md",
+               "reference/api-keys.md")
+    cited = [(str(p.relative_to(ROOT)), word) for p in repository_text_files()
+             for word in outside if word in p.read_text(errors="replace")
+             and p != Path(__file__)]
+    assert cited == []
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                ROOT / "deploy" / "README.md"]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" not in target and not (doc.parent / target).exists():
+                broken.append((doc.name, target))
+    assert broken == []
