@@ -369,3 +369,25 @@ async def test_usage_reported_by_the_upstream_is_settled(stack, store, http, tmp
         if front is not None:
             stop_process(front.proc)
         stop_process(stub)
+
+
+async def test_business_denials_leave_no_error_line(stack, store, http):
+    """402 and 429 are answers, not faults: the client gets them, the error log gets
+    nothing (NGINX logs "auth request unexpected status" for any status it does not
+    expect from auth_request)."""
+    nginx, upstream, _ = stack
+    avoid_minute_edge()
+    _, broke = await make(store, quota=0)
+    _, limited = await make(store, unlimited=True, rpm=1)
+    assert (await call(http, nginx, key=limited, body={"model": "m"})).status == 200
+    before = nginx.errors().count("\n")
+    seen = len(upstream.calls)
+    for _ in range(3):
+        assert_denied(await call(http, nginx, key=broke, body={"model": "m"}), 402,
+                      "quota_exhausted", upstream, seen)
+        reply = await call(http, nginx, key=limited, body={"model": "m"})
+        assert_denied(reply, 429, "rate_limited", upstream, seen)
+        assert int(reply.headers["retry-after"]) >= 1
+    new_lines = nginx.errors().splitlines()[before:]
+    assert [line for line in new_lines if "[error]" in line or "unexpected" in line] == []
+    assert "unexpected status" not in nginx.errors()
