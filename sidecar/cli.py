@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shlex
 import shutil
@@ -267,7 +268,7 @@ def first_key_hint(settings: Settings, args: argparse.Namespace, embedded: bool)
     from .config import parse_hostport
 
     cmd = command_name()
-    config = _config_path(args)
+    config = _config_path(args) or os.environ.get("SIDECAR_CONFIG")
     if config:
         cmd += f" --config {shlex.quote(str(Path(config).absolute()))}"
     if embedded and settings.state_dir:   # not the default: the other shell needs it

@@ -58,9 +58,11 @@ def test_serve_hint_pasted_as_printed_makes_a_key_and_an_allowed_call(tmp_path):
         stop_process(proc)
 
 
-def test_the_readme_shows_what_serve_prints():
+def test_the_readme_shows_what_serve_prints(monkeypatch):
     from sidecar.cli import build_parser, command_name, first_key_hint
     from sidecar.config import Settings
+
+    monkeypatch.delenv("SIDECAR_CONFIG", raising=False)   # the defaults, as in the README
 
     printed = first_key_hint(Settings(), build_parser().parse_args(["serve"]), True)
     readme = (ROOT / "README.md").read_text()
