@@ -7,6 +7,9 @@ from pathlib import Path
 
 LABELS = {"authorize": "sidecar authorize", "baseline": "baseline (no Redis)",
           "bare": "bare handler", "nginx_lua": "NGINX + Lua peer"}
+ENVOY_LABELS = {"alone": "Envoy alone (direct_response, no ext_authz)",
+                "sidecar": "Envoy + ext_authz → sidecar",
+                "nginx_lua": "Envoy + ext_authz → NGINX + Lua peer"}
 STYLES = {"authorize": ("tab:blue", "o"), "baseline": ("tab:green", "s"),
           "bare": ("tab:gray", "^"), "nginx_lua": ("tab:red", "D")}
 
@@ -131,6 +134,8 @@ def all_runs(results: dict, alone: bool = True) -> list[dict]:
     """Every run; `alone=False` leaves out the sections run on their own (--only)."""
     runs = [r for rs in results.get("sweep", {}).values() for r in rs]
     for row in results.get("traefik", {}).get("rounds", []) if alone else []:
+        runs += list(row.values())
+    for row in results.get("envoy", {}).get("rounds", []) if alone else []:
         runs += list(row.values())
     runs += [results["edge"][k] for k in ("plain", "authz") if k in results.get("edge", {})]
     for row in results.get("workers", []):
@@ -346,6 +351,8 @@ def results_markdown(results: dict) -> str:
                 f"rate-limiting). {e['note']} Config: benchmarks/edge/nginx.conf."]
     if "traefik" in results:
         out += traefik_markdown(results["traefik"])
+    if "envoy" in results:
+        out += envoy_markdown(results["envoy"])
     rec_load, rec_used = keys["record_after_load"], mem["record_after_traffic"]
     record_ok = _ok(rec_used["bytes_beyond_hash"], targets["record_bytes_beyond_hash_max"],
                     higher=False)
@@ -457,7 +464,8 @@ def traefik_lines(t: dict) -> list[str]:
 def summary_lines(results: dict) -> list[str]:
     if "main" not in results:   # sections run alone
         lines = [f"  !! INVALID: {p}" for p in results.get("problems", [])]
-        return lines + (traefik_lines(results["traefik"]) if "traefik" in results else [])
+        return lines + (traefik_lines(results["traefik"]) if "traefik" in results else []) \
+            + (envoy_lines(results["envoy"]) if "envoy" in results else [])
     main = results["main"]
     r = main["ratios"]
     n = main.get("repeat", 1)
@@ -507,4 +515,64 @@ def summary_lines(results: dict) -> list[str]:
     lines.append(f"  memory: sidecar RSS {_mib(results['memory']['sidecar_rss_bytes'])}, "
                  f"record {rec['memory_usage_avg']:.0f} B ({rec['bytes_beyond_hash']:.0f} B "
                  "beyond the hash)")
+    return lines
+
+
+def envoy_markdown(e: dict) -> list[str]:
+    """The Envoy section (--only envoy): the three fronts and their ratios."""
+    if "error" in e:
+        return ["", "## Behind real Envoy", "", f"Not measured: {e['error']}."]
+    meta, n = e.get("meta", {}), e.get("repeat", 1)
+    out = ["", f"## Behind real Envoy (HTTP ext_authz, POST, c{e['concurrency']})", "",
+           f"Command: `{meta.get('command', 'python -m benchmarks.run --only envoy')}` "
+           f"({meta.get('timestamp', '?')}, commit {meta.get('git', '?')}); {e['envoy']}, "
+           f"`--concurrency {e['envoy_workers']}`; {n} interleaved round(s); sidecar 1 "
+           "worker.", "",
+           noise_line({}, [e[k] for k in ENVOY_LABELS if k in e]), "",
+           "| front | req/s | p50 ms | p99 ms | µs CPU/call (all servers) | CPU |",
+           "|---|---:|---:|---:|---:|---|"]
+    for k, label in ENVOY_LABELS.items():
+        if k in e:
+            lat = e[k]["latency_ms"]
+            out.append(f"| {label} | {_rps(e[k])} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
+                       f"{e[k].get('servers_cpu_us_per_call', '-')} | {_cpu(e[k])} |")
+    if e.get("problems"):
+        out += ["", "Invalid runs: " + "; ".join(e["problems"]) + "."]
+    r, spread = e["ratios"], e.get("ratio_spread") or {}
+    out += ["", "| ratio | median of the per-round ratios (min–max) | aim |",
+            "|---|---:|---|",
+            f"| Envoy + sidecar / Envoy alone | "
+            f"{_ratio_cell(r, spread, 'sidecar_over_alone', n)} | "
+            f"≥ 0.3 ({_ok(r.get('sidecar_over_alone'), 0.3)}) |"]
+    if "nginx_lua_over_alone" in r:
+        out += [f"| Envoy + NGINX+Lua / Envoy alone | "
+                f"{_ratio_cell(r, spread, 'nginx_lua_over_alone', n)} | reported |",
+                f"| Envoy + sidecar / Envoy + NGINX+Lua | "
+                f"{_ratio_cell(r, spread, 'sidecar_over_nginx_lua', n)} | reported |"]
+    reuse = e.get("authorizer_connections") or {}
+    if reuse:
+        out += ["", "Envoy → authorizer connections (Envoy's cluster counters over the whole "
+                "section): " + "; ".join(
+                    f"{ENVOY_LABELS[k].split('→ ')[-1]}: {v['calls']:,} calls on "
+                    f"{v['connections']} connections" for k, v in reuse.items()) + "."]
+    out += ["", "Where the difference goes: with ext_authz each call crosses Envoy twice "
+            "more (a second HTTP exchange, the body buffered and copied into the check) and "
+            "adds the authorizer and Redis, so the ratio is bounded by CPU per call (the "
+            "µs CPU/call column), and on a machine other processes load it also waits for "
+            "the CPU in each of the three processes, which the lone Envoy does not.",
+            "", "All three Envoys are the shipped deploy/envoy/envoy.yaml with the addresses "
+            "moved to loopback and the upstream replaced by a `direct_response` (no upstream "
+            "process shares the cores); \"alone\" also has the ext_authz filter removed and "
+            "a buffer filter of the same size in its place (Envoy reads the whole body, as "
+            "with ext_authz; answering before it, Envoy would close every connection). Every "
+            "call is allowed (random key of the loaded set). See benchmarks/envoy.py."]
+    return out
+
+
+def envoy_lines(e: dict) -> list[str]:
+    if "ratios" not in e:
+        return [f"  envoy: {e.get('error', 'not run')}"]
+    lines = [f"  envoy c{e['concurrency']}: " + ", ".join(
+        f"{k} {_rps(e[k])}" for k in ENVOY_LABELS if k in e)]
+    lines.append("  envoy ratios: " + "  ".join(f"{k} {v}" for k, v in e["ratios"].items()))
     return lines

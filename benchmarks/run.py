@@ -17,6 +17,9 @@ It starts its own redis-server (temp dir, free port), loads N keys, starts the s
   workers  sidecar and peer with --workers N / worker_processes N, CPU% per process
   traefik  only with --only traefik: the shipped Traefik files with and without
            forwardAuth, and variants (benchmarks/traefik.py)
+  envoy    only with --only envoy: real Envoy on the shipped envoy.yaml alone, with
+           ext_authz -> sidecar and with ext_authz -> the NGINX + Lua peer
+           (benchmarks/envoy.py)
 Results: results/<timestamp>.json always; with --publish (default for full runs) also
 results.json, plot.png, RESULTS.md and PROFILE.md beside this file.
 """
@@ -61,7 +64,7 @@ SCRIPT = HERE.parent / "sidecar" / "store" / "authorize.lua"
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
 SECTIONS = ("peer", "profile", "edge", "workers", "script")
-ONLY = ("traefik",)     # sections run alone (--only), merged into results.json on publish
+ONLY = ("traefik", "envoy")    # sections run alone (--only), merged into results.json on publish
 
 # What issue 5 asks for; reported next to the figures, never asserted by tests.
 TARGET_RATIOS = {"authorize_over_baseline": 0.8, "p99_authorize_over_baseline_max": 1.5,
@@ -118,6 +121,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", type=_only, default=[],
                    help=f"run only these sections: {','.join(ONLY)} (keys and one sidecar; "
                         "--publish merges them into the published results)")
+    p.add_argument("--envoy-concurrency", type=int, default=32,
+                   help="connections for the envoy section (32)")
+    p.add_argument("--envoy-workers", type=int, default=2,
+                   help="Envoy --concurrency (worker threads) in the envoy section (2)")
     p.add_argument("--results-dir", type=Path, default=HERE / "results",
                    help="where results/<timestamp>.json goes")
     p.add_argument("--publish", type=Path, default=None, metavar="DIR",
@@ -139,7 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.publish = None
     elif args.publish is None and not quick and not args.only:
         args.publish = HERE
-    if args.only:
+    if args.only and "envoy" not in args.only:   # the envoy section runs the peer too
         args.skip = sorted({*args.skip, "peer"})
     if min(args.keys, args.main_concurrency, args.wrk_threads, args.repeat) < 1:
         p.error("--keys, --main-concurrency, --wrk-threads and --repeat must be positive")
@@ -345,6 +352,9 @@ class Bench:
                 if "traefik" in args.only:
                     from .traefik import section
                     results["traefik"] = section(self, stack)
+                if "envoy" in args.only:
+                    from . import envoy
+                    results["envoy"] = envoy.section(self, stack)
             finally:
                 self.stop_stack(stack)
             return results

@@ -8,8 +8,9 @@
 - `RecordingUpstream`: the LLM API stand-in; answers like OpenAI / Anthropic (so the
   official SDKs parse the answer) and records every request it sees.
 - `listening_addresses`: where a process listens, to prove nothing beyond loopback.
-- `render_for_loopback`: a parsed YAML config (Envoy) with each of its socket addresses
-  and http:// URIs moved to a loopback port; every address must be given one.
+- `render_for_loopback` (from benchmarks/envoy.py): a parsed Envoy config with each of
+  its socket addresses and http:// URIs moved to a loopback port; every address must be
+  given one.
 - `start_envoy`: real Envoy on the shipped deploy/envoy/envoy.yaml (or another Envoy file)
   rendered that way; `envoy_warnings` reads its log.
 """
@@ -30,6 +31,8 @@ import yaml
 from aiohttp import web
 from conftest import ROOT, free_port, wait_for
 from live import socket_inodes
+
+from benchmarks.envoy import render_for_loopback  # one render for tests and benchmarks
 
 ENVOY_YAML = ROOT / "deploy" / "envoy" / "envoy.yaml"
 
@@ -168,39 +171,6 @@ def deployed_max_body() -> int:
 
 
 # -- Envoy --------------------------------------------------------------------------------
-
-def render_for_loopback(doc, ports: dict[str, int]):
-    """The parsed document with every `socket_address {address, port_value}` and every
-    `http://host:port` URI named in `ports` ("host:port" -> loopback port) moved to
-    127.0.0.1. An address the mapping does not name fails the test (the rendered proxy
-    must not listen on, or call, anything beyond loopback), and so does a name in the
-    mapping that the document no longer has."""
-    seen: set[str] = set()
-
-    def visit(node):
-        if isinstance(node, dict):
-            sock = node.get("socket_address")
-            if isinstance(sock, dict):
-                where = f"{sock['address']}:{sock['port_value']}"
-                assert where in ports, f"no loopback port given for {where}"
-                seen.add(where)
-                node = {**node, "socket_address": {**sock, "address": "127.0.0.1",
-                                                   "port_value": ports[where]}}
-            return {k: visit(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [visit(item) for item in node]
-        if isinstance(node, str) and node.startswith(("http://", "https://")):
-            scheme, _, rest = node.partition("://")
-            where, slash, path = rest.partition("/")
-            if where in ports:
-                seen.add(where)
-                return f"{scheme}://127.0.0.1:{ports[where]}{slash}{path}"
-        return node
-
-    rendered = visit(doc)
-    assert seen == set(ports), f"not in the configuration: {set(ports) - seen}"
-    return rendered
-
 
 @dataclass
 class Envoy:

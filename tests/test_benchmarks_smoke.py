@@ -131,3 +131,37 @@ def test_traefik_section_alone_merges_into_the_published_results(tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "## Traefik forwardAuth (c64)" in text and "## The authorize path" in text
     assert not (out / "plot.png").exists()      # the sweep's plot is not redrawn
+
+
+def test_envoy_section_alone_merges_into_the_published_results(tmp_path):
+    """`--only envoy`: real Envoy on the shipped envoy.yaml alone, in front of the sidecar
+    and in front of the NGINX + Lua peer, every front answering allows, added to the last
+    full run's results without touching the rest."""
+    out = tmp_path / "bench"
+    out.mkdir()
+    published = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(published))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "envoy", "--keys", "200",
+         "--duration", "1", "--repeat", "2", "--warmup", "0",
+         "--results-dir", str(out / "results"), "--publish", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    merged = json.loads((out / "results.json").read_text())
+    envoy = merged.pop("envoy")
+    assert merged == {k: v for k, v in published.items() if k != "envoy"}
+    for name in ("alone", "sidecar", "nginx_lua"):
+        run = envoy[name]
+        assert run["requests"] > 0 and run["non_2xx"] == 0, (name, run)
+        assert run["repeats"] == 2 and "envoy" in run["cpu_percent"], name
+    assert envoy["sidecar"]["cpu_percent"]["sidecar"] > 0
+    assert envoy["nginx_lua"]["cpu_percent"]["nginx_lua"] > 0
+    for key in ("sidecar_over_alone", "nginx_lua_over_alone", "sidecar_over_nginx_lua"):
+        lo, hi = envoy["ratio_spread"][key]
+        assert 0 < lo <= envoy["ratios"][key] <= hi, key
+    # Envoy kept its connections to the authorizer: far fewer than calls.
+    reuse = envoy["authorizer_connections"]["sidecar"]
+    assert 0 < reuse["connections"] < reuse["calls"]
+    text = (out / "RESULTS.md").read_text()
+    assert "## Behind real Envoy (HTTP ext_authz, POST, c32)" in text
+    assert "## The authorize path" in text
