@@ -19,6 +19,7 @@ from .keys import KeyHasher, key_type, new_reservation_id, shard_of
 from .request import (
     ClientIp,
     bearer_or_api_key,
+    body_is_whole,
     classify,
     ip_hex,
     original_call,
@@ -54,17 +55,20 @@ class Authorizer:
     async def __call__(self, call: Call) -> Answer:
         """An authorize call on the HTTP edge: the original method, path and client IP by
         the proxies' conventions (request.py), then the decision."""
-        method, uri = original_call(call.method, call.target, call.headers)
+        # Forwarded metadata (original method and URI, x-model, client IP, cost) counts
+        # only from a trusted proxy; from anyone else the request line and the peer decide.
         peer = call.peer_ip
-        return await self.decide(call, method, uri, self.client_ip(peer, call.headers),
-                                 self.client_ip.trusts(peer))
+        trusted = self.client_ip.trusts(peer)
+        method, uri = original_call(call.method, call.target, call.headers, trusted)
+        ip = self.client_ip(peer, call.headers, trusted)
+        return await self.decide(call, method, uri, ip, trusted)
 
     async def decide(self, call: Call, method: str, uri: str, ip: str,
                      trusted: bool) -> Answer:
         """The decision, whatever the transport (HTTP edge, gRPC ext_authz): `call` gives
         the headers and body; `method`, `uri` (path and query) and `ip` are the client's
         call as the transport vouches for it; `trusted`: the caller is a trusted proxy,
-        so its cost header counts."""
+        so its cost header and x-model count (read_model: the model rule)."""
         start = time.perf_counter()
         headers = call.headers
         endpoint = classify(method, uri.partition("?")[0])
@@ -75,10 +79,9 @@ class Authorizer:
         if key_type(key) is None:
             return self._deny(Code.malformed_api_key, endpoint.anthropic, start)
 
-        model, certain = read_model(call.body, headers, endpoint.path)
-        # A cut-off or compressed body hides the model the upstream will see.
-        certain = certain and not call.body_truncated and \
-            headers.get("content-encoding", "identity").lower() == "identity"
+        model, certain = read_model(call.body, endpoint.path,
+                                    headers.get("x-model") if trusted else None,
+                                    whole=body_is_whole(call.body_truncated, headers))
         cost = self._cost(model, headers, trusted)
         if cost is None:
             return error_answer(400, "bad_cost", "invalid cost header")

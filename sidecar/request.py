@@ -7,6 +7,7 @@ method and `/authz<path>`; NGINX and Traefik send GET with X-Original-*/X-Forwar
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import orjson
 AUTHZ_PREFIX = "/authz"
 READ_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 _MODEL_IN_BODY = re.compile(rb'(?<!\\)"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
-_MODEL_IN_PATH = re.compile(r"/models/([^/:?#]{1,256})")
+_MODEL_IN_PATH = re.compile(r"/models/([^/:?#]{1,257})")   # 257: longer is refused
+# "model" spelled with an escape (\u006d = 'm' ... \u006c = 'l'): every letter is \u006X.
+_ESCAPED_LETTER = b"\\u006"
 _VERSION = re.compile(r"v\d+(?:alpha|beta)?\d*")
 MAX_MODEL_LEN = 256
 
@@ -46,10 +49,18 @@ def bearer_or_api_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key else None
 
 
-def original_call(method: str, raw_path: str, headers: Mapping[str, str]) -> tuple[str, str]:
-    """(method, path with query) of the client's request behind the proxy."""
-    original_method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
-    uri = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
+def original_call(method: str, raw_path: str, headers: Mapping[str, str],
+                  trusted: bool) -> tuple[str, str]:
+    """(method, path with query) of the client's request behind the proxy.
+
+    X-Original-Method / X-Forwarded-Method and X-Original-URI / X-Forwarded-Uri count only
+    from a trusted proxy (`trusted`: the peer is in trusted_proxies). From anyone else the
+    request line is the call: a client cannot call its POST a GET.
+    """
+    original_method = uri = None
+    if trusted:
+        original_method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
+        uri = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
     if uri is None:
         uri = raw_path[len(AUTHZ_PREFIX):] if raw_path.startswith(AUTHZ_PREFIX) else raw_path
         uri = uri or "/"
@@ -91,44 +102,119 @@ def classify(method: str, path: str) -> Endpoint:
                     path.startswith("/v1/messages"))
 
 
-def model_of(body: bytes, headers: Mapping[str, str], path: str) -> str:
-    """The model named by the call ('' for none): JSON body, then x-model, then the path."""
-    return read_model(body, headers, path)[0]
+def model_of(body: bytes, path: str, relayed: str | None = None) -> str:
+    """The model named by the call ('' for none); see read_model."""
+    return read_model(body, path, relayed)[0]
 
 
-def read_model(body: bytes, headers: Mapping[str, str], path: str) -> tuple[str, bool]:
-    """(model, certain). JSON body first, then x-model, then the path.
+def read_model(body: bytes, path: str, relayed: str | None = None,
+               whole: bool = True) -> tuple[str, bool]:
+    """(model, certain): the model the upstream will serve, and whether we can be sure.
 
-    Envoy may send a truncated body (allow_partial_message): when it is not valid JSON, a
-    `"model": "..."` is still read from the bytes that arrived, for attribution and cost,
-    but it is *uncertain*: it may be nested, and a second "model" past the cut (the one an
-    upstream parser keeps) is unseen. authorize.lua refuses uncertain models on write calls
-    of whitelisted keys, so padding a body cannot smuggle a model past a whitelist.
+    The rule (README, "How a call is decided"):
+    1. The model is the first named of: the path (`/v1beta/models/<m>:generateContent`,
+       `/v1/models/<m>`), the JSON body's top-level "model", the x-model header. The
+       path wins because it is what the upstream serves, whatever the body or a header
+       says. `relayed` is x-model as a *trusted proxy* sent it (None from anyone else):
+       NGINX's njs reads the body the sidecar never sees and relays its model there.
+    2. The model is certain only when
+       - every source that names a model names the same one;
+       - a body that was sent could be read whole (`whole`: not cut off at max_body_bytes
+         or by Envoy, not compressed) as a JSON object with at most one top-level
+         "model", and that "model", if present, is a non-empty string. Not JSON, a cut,
+         multipart, `NaN`, two "model" keys (parsers disagree on which one counts): what
+         the upstream reads is unknown. A model is still read from such bytes, for
+         attribution and cost, but uncertain;
+       - it is not taken from x-model while the body was sent (the header stands in for
+         a body the proxy could not send, not for a model the body leaves out);
+       - the path names one plain model (no %-escape, no dot segment, which an upstream
+         may decode or normalise into another).
+    authorize.lua refuses an uncertain model on write calls of keys with a model
+    whitelist (model_not_allowed); other keys are unaffected.
     """
+    in_path, certain = _path_model(path)
+    in_body = ""
     if body:
-        model, certain = None, True
-        try:
-            doc = orjson.loads(body)
-            if isinstance(doc, dict):
-                value = doc.get("model")
-                model = value if isinstance(value, str) else None
-        except orjson.JSONDecodeError:
-            match = _MODEL_IN_BODY.search(body)
-            if match:
-                certain = False
-                try:
-                    model = orjson.loads(b'"' + match.group(1) + b'"')
-                except orjson.JSONDecodeError:
-                    model = None
-        if model:
-            return utf8(model[:MAX_MODEL_LEN]), certain
-    header = headers.get("x-model")
-    if header:
-        return utf8(header.strip()[:MAX_MODEL_LEN]), True
-    match = _MODEL_IN_PATH.search(path)
-    if match:
-        return match.group(1), True
-    return "", True
+        if whole:
+            in_body, readable = _body_model(body)
+        else:
+            in_body, readable = _scanned_model(body), False
+        certain = certain and readable
+    relayed = relayed.strip() if relayed else ""
+    model = in_path or in_body or relayed
+    if not model:
+        return "", certain
+    if body and not (in_path or in_body):   # the model comes from x-model alone
+        certain = False
+    for other in (in_path, in_body, relayed):
+        if other and other != model:
+            certain = False
+    if len(model) > MAX_MODEL_LEN:   # a prefix could equal a listed name
+        model, certain = model[:MAX_MODEL_LEN], False
+    return utf8(model), certain
+
+
+def body_is_whole(truncated: bool, headers: Mapping[str, str]) -> bool:
+    """The body as the upstream gets it, all of it: not cut at max_body_bytes or by Envoy
+    (x-envoy-auth-partial-body; believed from anyone, it can only make a model uncertain),
+    not compressed."""
+    return not truncated \
+        and headers.get("content-encoding", "identity").lower() == "identity" \
+        and headers.get("x-envoy-auth-partial-body", "false").lower() != "true"
+
+
+def _path_model(path: str) -> tuple[str, bool]:
+    if "/models/" not in path:
+        return "", True
+    found = _MODEL_IN_PATH.findall(path)
+    if not found:
+        return "", True
+    return found[0], len(found) == 1 and "%" not in path and "/." not in path
+
+
+def _body_model(body: bytes) -> tuple[str, bool]:
+    """(top-level "model" or '', readable) of a whole body."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _scanned_model(body), False
+    if not isinstance(doc, dict):
+        return "", False
+    value = doc.get("model")
+    if value is None:
+        return "", "model" not in doc          # "model": null is no name we can check
+    if not isinstance(value, str) or not value:
+        return "", False
+    # orjson keeps the last of repeated keys; some upstream parsers keep the first. Only a
+    # body that may hold a second one is parsed again (the common one costs two scans).
+    if (body.count(b'"model"') > 1 or _ESCAPED_LETTER in body) and _model_keys(body) != 1:
+        return value, False
+    return value, True
+
+
+def _scanned_model(body: bytes) -> str:
+    """A `"model": "..."` found in bytes that are not a JSON document (for attribution)."""
+    match = _MODEL_IN_BODY.search(body)
+    if not match:
+        return ""
+    try:
+        found = orjson.loads(b'"' + match.group(1) + b'"')
+    except orjson.JSONDecodeError:
+        return ""
+    return found if isinstance(found, str) else ""
+
+
+def _model_keys(body: bytes) -> int:
+    """How many top-level keys of a JSON object body decode to "model"."""
+    try:
+        pairs = json.loads(body, object_pairs_hook=_as_pairs)
+    except (ValueError, RecursionError):
+        return -1
+    return sum(1 for name, _ in pairs if name == "model")
+
+
+def _as_pairs(pairs: list) -> list:
+    return pairs
 
 
 @lru_cache(maxsize=65536)
@@ -177,9 +263,11 @@ class ClientIp:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self._trusted)
 
-    def __call__(self, peer: str | None, headers: Mapping[str, str]) -> str:
+    def __call__(self, peer: str | None, headers: Mapping[str, str],
+                 trusted: bool | None = None) -> str:
+        """`trusted`: trusts(peer), when the caller has it already."""
         peer = peer or ""
-        if not self._trusted or not self.trusts(peer):
+        if not (self.trusts(peer) if trusted is None else trusted):
             return peer
         for name in ("x-envoy-external-address", "x-client-ip", "X-Real-IP"):
             value = headers.get(name)

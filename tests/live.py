@@ -6,6 +6,7 @@ this module only holds the small request/CLI helpers those tests share.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -199,6 +200,29 @@ async def denial_row(store, row: str) -> tuple[str | None, dict]:
         _, key = await make(store, quota=0)
         return key, {"body": body}
     raise AssertionError(row)
+
+
+async def send(car, request: bytes, shut_write: bool = False) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one raw request on a fresh connection; 10 s bound."""
+    async def exchange():
+        reader, writer = await asyncio.open_connection("127.0.0.1", car.port)
+        try:
+            writer.write(request)
+            if shut_write:
+                writer.write_eof()
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            head_only = request.startswith(b"HEAD ")   # no body follows, whatever the length
+            body = await reader.readexactly(length) if length and not head_only else b""
+            return int(head.split(b" ", 2)[1]), head, body
+        finally:
+            writer.close()
+    return await asyncio.wait_for(exchange(), 10)
 
 
 def avoid_minute_edge(margin_s: float = 3.0) -> None:

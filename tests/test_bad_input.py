@@ -14,7 +14,7 @@ import pytest
 from conftest import start_sidecar, stop_process
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from live import evalsha_calls
+from live import evalsha_calls, send
 
 from sidecar.keys import KeyType
 from sidecar.store.keystore import KeySpec
@@ -31,29 +31,6 @@ def car(tmp_path_factory, redis_server):
                             max_body_bytes=MAX_BODY)
     yield sidecar
     stop_process(sidecar.proc)
-
-
-async def send(car, request: bytes, shut_write: bool = False) -> tuple[int, bytes, bytes]:
-    """(status, head, body) of one raw request on a fresh connection; 10 s bound."""
-    async def exchange():
-        reader, writer = await asyncio.open_connection("127.0.0.1", car.port)
-        try:
-            writer.write(request)
-            if shut_write:
-                writer.write_eof()
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            head_only = request.startswith(b"HEAD ")   # no body follows, whatever the length
-            body = await reader.readexactly(length) if length and not head_only else b""
-            return int(head.split(b" ", 2)[1]), head, body
-        finally:
-            writer.close()
-    return await asyncio.wait_for(exchange(), 10)
 
 
 def post(path: str = "/v1/chat/completions", headers: dict[str, str] | None = None,

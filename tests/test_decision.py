@@ -266,46 +266,112 @@ def test_bearer_without_value_is_missing_key():
      ("DELETE", "/v1/files/f1")),
 ])
 def test_original_call(method, raw_path, headers, expected):
-    assert original_call(method, raw_path, CIMultiDict(headers)) == expected
+    assert original_call(method, raw_path, CIMultiDict(headers), True) == expected
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Original-Method": "GET", "X-Original-URI": "/v1/models"},
+    {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/v1/models"},
+])
+def test_forwarded_call_headers_from_an_untrusted_peer_are_ignored(headers):
+    call = original_call("POST", "/authz/v1/chat/completions", CIMultiDict(headers), False)
+    assert call == ("POST", "/v1/chat/completions")
 
 
 # -- request.py: the model ---------------------------------------------------------------
 
-@pytest.mark.parametrize("body,headers,path,expected", [
-    (b'{"model": "gpt-5.5", "messages": []}', {}, "/v1/chat/completions", "gpt-5.5"),
-    (b'{"messages": [], "model": "claude-sonnet-4-6"}', {}, "/v1/messages",
+CHAT_PATH = "/v1/chat/completions"
+GEMINI = "/v1beta/models/gemini-2.5-pro:generateContent"
+
+
+@pytest.mark.parametrize("body,relayed,path,expected", [
+    (b'{"model": "gpt-5.5", "messages": []}', None, CHAT_PATH, "gpt-5.5"),
+    (b'{"messages": [], "model": "claude-sonnet-4-6"}', None, "/v1/messages",
      "claude-sonnet-4-6"),
     # Envoy's partial body: not JSON, the model is still read from what arrived.
-    (b'{"model": "gpt-5.5", "messages": [{"role": "user", "content": "Hel', {},
-     "/v1/chat/completions", "gpt-5.5"),
-    (b'{"stream": true, "model":"gpt-4o-mini", "input": "abc', {}, "/v1/responses",
+    (b'{"model": "gpt-5.5", "messages": [{"role": "user", "content": "Hel', None,
+     CHAT_PATH, "gpt-5.5"),
+    (b'{"stream": true, "model":"gpt-4o-mini", "input": "abc', None, "/v1/responses",
      "gpt-4o-mini"),
-    # Body first, then x-model, then the path.
-    (b'{"model": "gpt-5.5"}', {"x-model": "other"}, "/v1/models/third", "gpt-5.5"),
-    (b"", {"x-model": "o3"}, "/v1/models/third", "o3"),
-    (b'{"messages": []}', {"x-model": "o3"}, "/v1/chat/completions", "o3"),
-    (b"", {}, "/v1beta/models/gemini-2.5-pro:generateContent", "gemini-2.5-pro"),
-    (b"", {}, "/v1/models/gpt-5.5", "gpt-5.5"),
-    (b"", {}, "/v1/models", ""),
-    (b'{"model": 5}', {}, "/v1/chat/completions", ""),
-    (b"[1, 2]", {}, "/v1/chat/completions", ""),
-    (b"not json at all", {}, "/v1/chat/completions", ""),
+    # The path first (what the upstream serves), then the body, then x-model.
+    (b'{"model": "gpt-5.5"}', "other", "/v1/models/third", "third"),
+    (b'{"model": "gpt-5.5"}', "other", CHAT_PATH, "gpt-5.5"),
+    (b"", "o3", "/v1/models/third", "third"),
+    (b"", "o3", CHAT_PATH, "o3"),
+    (b'{"contents": []}', "gemini-flash", GEMINI, "gemini-2.5-pro"),
+    (b"", None, GEMINI, "gemini-2.5-pro"),
+    (b"", None, "/v1/models/gpt-5.5", "gpt-5.5"),
+    (b"", None, "/v1/models", ""),
+    (b'{"model": 5}', None, CHAT_PATH, ""),
+    (b"[1, 2]", None, CHAT_PATH, ""),
+    (b"not json at all", None, CHAT_PATH, ""),
     # A "model" inside a string value is not the top-level field.
-    (b'{"messages": [{"content": "say \\"model\\": \\"x\\""}], "mod', {},
-     "/v1/chat/completions", ""),
+    (b'{"messages": [{"content": "say \\"model\\": \\"x\\""}], "mod', None, CHAT_PATH, ""),
 ])
-def test_model(body, headers, path, expected):
-    assert model_of(body, CIMultiDict(headers), path) == expected
+def test_model(body, relayed, path, expected):
+    assert model_of(body, path, relayed) == expected
 
 
-@pytest.mark.parametrize("body,certain", [
-    (b'{"model": "gpt-5.5", "messages": []}', True),
+@pytest.mark.parametrize("body,relayed,path,whole", [
     # Cut off: the "model" seen may be nested, or a later one (past the cut) may win.
-    (b'{"metadata": {"model": "gpt-5.5"}, "model": "o3", "messages": [{"content": "x', False),
-    (b'{"model": "gpt-5.5", "messages": [{"role": "user", "content": "Hel', False),
+    (b'{"metadata": {"model": "gpt-5.5"}, "model": "o3", "messages": [{"content": "x', None,
+     CHAT_PATH, True),
+    (b'{"model": "gpt-5.5", "messages": [{"role": "user", "content": "Hel', None, CHAT_PATH,
+     True),
+    # Valid JSON, but the edge cut it at max_body_bytes, or it is compressed.
+    (b'{"model": "gpt-5.5"}', None, CHAT_PATH, False),
+    # Not JSON to a strict parser (NaN), multipart, a JSON array, a model not a string.
+    (b'{"metadata": {"model": "gpt-5.5"}, "t": NaN, "model": "o3"}', None, CHAT_PATH, True),
+    (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--', None,
+     "/v1/audio/transcriptions", True),
+    (b'[{"model": "gpt-5.5"}]', None, CHAT_PATH, True),
+    (b'{"model": null}', "gpt-5.5", CHAT_PATH, True),
+    (b'{"model": ["gpt-5.5"]}', None, CHAT_PATH, True),
+    # Two top-level "model" keys: orjson keeps the last, other parsers the first.
+    (b'{"model": "gpt-5.5", "messages": [], "model": "o3"}', None, CHAT_PATH, True),
+    (b'{"mod\\u0065l": "o3", "model": "gpt-5.5"}', None, CHAT_PATH, True),
+    (b'{"\\u006d\\u006F\\u0064\\u0065\\u006c": "o3", "model": "gpt-5.5"}', None, CHAT_PATH,
+     True),
+    # Sources that disagree.
+    (b'{"model": "gpt-5.5"}', "o3", CHAT_PATH, True),
+    (b'{"model": "gpt-5.5"}', None, "/v1beta/models/o3:generateContent", True),
+    (b"", "o3", GEMINI, True),
+    # x-model alone while the body (which names no model) was sent.
+    (b'{"messages": []}', "gpt-5.5", CHAT_PATH, True),
+    # A path an upstream may decode or normalise into another model.
+    (b"", None, "/v1beta/models/gemini%2Dpro:generateContent", True),
+    (b"", None, "/v1beta/models/a/../../v1beta/models/b:generateContent", True),
+    # Longer than any listed name can be: its prefix could equal one.
+    (b'{"model": "' + b"m" * 300 + b'"}', None, CHAT_PATH, True),
+    (b"", None, "/v1beta/models/" + "m" * 300 + ":generateContent", True),
 ])
-def test_model_from_a_cut_off_body_is_uncertain(body, certain):
-    assert read_model(body, CIMultiDict(), "/v1/chat/completions")[1] is certain
+def test_uncertain_models(body, relayed, path, whole):
+    assert read_model(body, path, relayed, whole)[1] is False
+
+
+@pytest.mark.parametrize("body,relayed,path", [
+    (b'{"model": "gpt-5.5", "messages": []}', None, CHAT_PATH),
+    (b'{"model": "gpt-5.5", "messages": []}', "gpt-5.5", CHAT_PATH),
+    (b"", "gpt-5.5", CHAT_PATH),                        # NGINX: njs relays the body's model
+    (b"", None, GEMINI),
+    (b'{"contents": [{"parts": [{"text": "hi"}]}]}', None, GEMINI),
+    (b'{"contents": []}', "gemini-2.5-pro", GEMINI),
+    (b"", None, CHAT_PATH),                             # no model at all: '' is certain
+    # "model" elsewhere: nested, as a value, inside a string.
+    (b'{"tools": [{"model": "x"}], "model": "gpt-5.5", "metadata": {"model": "y"}}', None,
+     CHAT_PATH),
+    (b'{"model": "model"}', None, CHAT_PATH),
+    (b'{"x": "\\"model\\": \\"y\\"", "model": "gpt-5.5"}', None, CHAT_PATH),
+    (b'{"text": "caf\\u00e9", "model": "gpt-5.5"}', None, CHAT_PATH),
+    (b'{"model": "gpt-3.5-turbo"}', None, "/v1/./chat/completions"),
+])
+def test_certain_models(body, relayed, path):
+    assert read_model(body, path, relayed)[1] is True
+
+
+def test_duplicate_model_keys_are_read_as_the_last_but_uncertain():
+    model, certain = read_model(b'{"model": "a", "model": "b"}', CHAT_PATH)
+    assert (model, certain) == ("b", False)
 
 
 # -- request.py: scope classification ---------------------------------------------------

@@ -272,17 +272,58 @@ async def test_model_from_the_body_wins_over_a_header(stack, store, http):
     lying = await call(http, nginx, key=key, body={"model": "gpt-b"},
                        headers={"x-model": "gpt-a"})
     assert_denied(lying, 403, "model_not_allowed", upstream, seen)
-    # No model in the body: the header names it (the sidecar's own order).
-    assert (await call(http, nginx, key=key, body={"messages": []},
-                       headers={"x-model": "gpt-a"})).status == 200
-    # A write call that names no model is refused for a key with a whitelist.
-    seen = len(upstream.calls)
+    # No model in the body: the client's own X-Model is not what the upstream reads, and
+    # NGINX does not relay it; a write call that names no model is refused for a key
+    # with a whitelist.
+    assert_denied(await call(http, nginx, key=key, body={"messages": []},
+                             headers={"x-model": "gpt-a"}), 403, "model_not_allowed",
+                  upstream, seen)
     assert_denied(await call(http, nginx, key=key, body={"messages": []}), 403,
                   "model_not_allowed", upstream, seen)
     # A newline in the model cannot inject a header into the auth request.
     sneaky = await call(http, nginx, key=key,
                         body={"model": "gpt-b\r\nX-Model: gpt-a"})
     assert_denied(sneaky, 403, "model_not_allowed", upstream, seen)
+
+
+NOT_CERTAIN = {
+    # JSON.parse fails on NaN (Python's json serves the last "model"); a text search
+    # would find the nested one first.
+    "nan": b'{"metadata": {"model": "gpt-a"}, "temperature": NaN, "model": "gpt-b"}',
+    # JSON.parse keeps the last "model", an upstream may read the first.
+    "duplicate": b'{"model": "gpt-b", "messages": [], "model": "gpt-a"}',
+    "escaped duplicate": b'{"mod\\u0065l": "gpt-b", "messages": [], "model": "gpt-a"}',
+    "cut off": b'{"model": "gpt-a", "messages": [{"role": "user", "content": "hi',
+}
+
+
+@pytest.mark.parametrize("body", NOT_CERTAIN.values(), ids=NOT_CERTAIN.keys())
+async def test_njs_never_sends_a_guess(stack, store, http, body):
+    nginx, upstream, _ = stack
+    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    seen = len(upstream.calls)
+    reply = await call(http, nginx, key=key, body=body,
+                       headers={"Content-Type": "application/json"})
+    assert_denied(reply, 403, "model_not_allowed", upstream, seen)
+    # The same call with a body njs can read for sure goes through (the check can fail),
+    # as do nested "model"s and a "model" value.
+    for good in (b'{"model": "gpt-a", "messages": []}',
+                 b'{"tools": [{"model": "gpt-b"}], "model": "gpt-a", "m": {"model": "x"}}',
+                 b'{"model": "gpt-a", "metadata": {"note": "model"}}'):
+        reply = await call(http, nginx, key=key, body=good,
+                           headers={"Content-Type": "application/json"})
+        assert reply.status == 200, (good, reply.raw)
+
+
+async def test_model_in_the_path_beats_the_body_through_nginx(stack, store, http):
+    nginx, upstream, _ = stack
+    _, key = await make(store, unlimited=True, models=["gemini-flash"])
+    seen = len(upstream.calls)
+    forbidden = "/v1beta/models/gemini-pro:generateContent"
+    assert_denied(await call(http, nginx, forbidden, key=key, body={"model": "gemini-flash"}),
+                  403, "model_not_allowed", upstream, seen)
+    assert (await call(http, nginx, "/v1beta/models/gemini-flash:generateContent", key=key,
+                       body={"contents": []})).status == 200
 
 
 async def test_ip_allow_list_sees_the_real_client(stack, store, http):

@@ -11,7 +11,8 @@
 //
 // Works with njs 0.7 (Debian 12) and later; ES5 only.
 
-var MODEL_IN_TEXT = /"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"/;
+// A JSON string (keys included) then, when it is a key, its colon; or a bracket.
+var TOKEN = /"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?|[{}\[\]]/g;
 var CONTROL = /[\u0000-\u001f\u007f]/g;
 var MAX_MODEL = 256;
 
@@ -19,25 +20,20 @@ function readBodyThenAuthorize(r) {
     r.internalRedirect('@llm');
 }
 
-// The model the call names, as the sidecar's own rule: the JSON body's "model", else the
-// client's X-Model header ('' for none; the sidecar also reads a model in the path).
+// The model the JSON body names, sent to the sidecar as X-Model: a model NGINX vouches
+// for (the sidecar trusts this NGINX). '' sends no X-Model, and the sidecar sees a call
+// that names no model (a key with a model whitelist refuses it on a write call).
+// Never a guess: a body this cannot read for sure gives ''. Never the client's own
+// X-Model header either: it is not what the upstream reads. The sidecar still reads a
+// model in the path itself (it beats X-Model).
 function model(r) {
     var body;
     try {
         body = r.requestText;
     } catch (e) {
-        // The body went to a temporary file (larger than client_body_buffer_size). Do not
-        // fall back to the client's X-Model header, which the body may contradict: no
-        // model makes the sidecar refuse a write call on a key with a model whitelist.
-        return '';
+        return '';   // the body went to a temporary file (above client_body_buffer_size)
     }
-    if (body) {
-        var found = fromBody(body);
-        if (found !== null) {
-            return headerSafe(found);
-        }
-    }
-    return headerSafe(r.headersIn['X-Model'] || '');
+    return body ? headerSafe(fromBody(body)) : '';
 }
 
 function fromBody(body) {
@@ -45,28 +41,46 @@ function fromBody(body) {
     try {
         doc = JSON.parse(body);
     } catch (e) {
-        // Not valid JSON: read a top-level-looking "model" from the text, as the sidecar
-        // does with a truncated body.
-        var match = MODEL_IN_TEXT.exec(body);
-        if (!match) {
-            return null;
-        }
-        try {
-            return JSON.parse('"' + match[1] + '"');
-        } catch (e2) {
-            return null;
+        return '';   // not JSON to a strict parser (NaN, cut off, form data...)
+    }
+    if (doc === null || typeof doc !== 'object' || Array.isArray(doc) ||
+            typeof doc.model !== 'string' || doc.model.length > MAX_MODEL) {
+        return '';
+    }
+    // JSON.parse keeps the last of repeated keys, some upstream parsers the first: a body
+    // that may repeat "model" (twice in the text, or spelled with \u006X escapes) is
+    // scanned for its top-level keys.
+    var first = body.indexOf('"model"');
+    if ((body.indexOf('"model"', first + 1) >= 0 || body.indexOf('\\u006') >= 0) &&
+            topLevelModels(body) !== 1) {
+        return '';
+    }
+    return doc.model;
+}
+
+// How many top-level keys of a valid JSON object text decode to "model".
+function topLevelModels(text) {
+    var depth = 0, count = 0, m, c;
+    TOKEN.lastIndex = 0;
+    while ((m = TOKEN.exec(text)) !== null) {
+        c = m[0].charAt(0);
+        if (c === '"') {
+            if (depth === 1 && m[1] &&
+                    JSON.parse(m[0].slice(0, m[0].length - m[1].length)) === 'model') {
+                count++;
+            }
+        } else if (c === '{' || c === '[') {
+            depth++;
+        } else {
+            depth--;
         }
     }
-    if (doc !== null && typeof doc === 'object' && typeof doc.model === 'string' && doc.model) {
-        return doc.model;
-    }
-    return null;
+    return count;
 }
 
 // A header value cannot hold control characters (a newline would inject a header into
 // the auth request): escape them, so the value still differs from every whitelisted name.
 function headerSafe(value) {
-    value = value.slice(0, MAX_MODEL);
     return value.replace(CONTROL, function (c) {
         return '%' + ('0' + c.charCodeAt(0).toString(16).toUpperCase()).slice(-2);
     });

@@ -16,7 +16,8 @@
 -- ARGV[6]  scope               e.g. chat.completions:write
 -- ARGV[7]  granting scope      a scope that also grants ARGV[6] ('' if none)
 -- ARGV[8]  write               '1' for a write call
--- ARGV[9]  model uncertain     '1' when the model was read from a cut-off body
+-- ARGV[9]  model uncertain     '1': sources disagree or the body could not be read
+--                              whole (request.py read_model)
 -- ARGV[10] reservation ttl     ms (only with KEYS[3])
 --
 -- Returns {code, id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining, reset_ms}
