@@ -40,7 +40,13 @@ class Settings:
     grpc_listen: str | None = None       # Envoy gRPC ext_authz (Authorization/Check); off
     workers: int = 1
     keepalive_timeout_s: float = 75.0    # must exceed the proxy's upstream idle timeout
-    request_timeout_s: float = 10.0      # a request begun must arrive whole within this
+    request_timeout_s: float = 10.0      # a request begun may not pause longer than this
+    request_deadline_s: float = 10.0     # ... and must arrive whole within this (408)
+    max_headers: int = 100               # per request (431 past it)
+    max_header_bytes: int = 32_768       # names + values, per request (431 past it)
+    max_connections: int = 10_000        # data-plane connections per process, and never
+                                         # above the open-file limit minus a reserve (0:
+                                         # that alone)
     shutdown_timeout_s: float = 10.0     # SIGTERM: how long in-flight calls may finish
     max_body_bytes: int = 65_536         # bodies are read only this far for the model
     # Secrets and state.
@@ -225,8 +231,17 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("workers: must be between 1 and 256")
     if s.keepalive_timeout_s <= 0:
         raise ConfigError("keepalive_timeout_s: must be positive")
-    if s.request_timeout_s <= 0:
-        raise ConfigError("request_timeout_s: must be positive")
+    if not 0 < s.request_timeout_s <= 3600:
+        raise ConfigError("request_timeout_s: must be between 0 and 3600 (exclusive of 0)")
+    if not 0 < s.request_deadline_s <= 3600:
+        raise ConfigError("request_deadline_s: must be between 0 and 3600 (exclusive of 0)")
+    if not 1 <= s.max_headers <= 10_000:
+        raise ConfigError("max_headers: must be between 1 and 10000")
+    if not 1024 <= s.max_header_bytes <= 1_048_576:
+        raise ConfigError("max_header_bytes: must be between 1024 and 1048576")
+    if not 0 <= s.max_connections <= 1_000_000:
+        raise ConfigError("max_connections: must be between 0 (from the open-file limit) "
+                          "and 1000000")
     if s.shutdown_timeout_s < 0:
         raise ConfigError("shutdown_timeout_s: must not be negative")
     if not 0 <= s.max_body_bytes <= 1_048_576:

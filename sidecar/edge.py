@@ -16,12 +16,21 @@ HTTP/1.1 details kept: keep-alive (and HTTP/1.0 close), pipelined requests answe
 order, chunked and Content-Length bodies (read up to `max_body`, the rest discarded),
 `Expect: 100-continue`, an idle timeout, 400/413/414/431 for malformed input, and a drain
 on shutdown that lets in-flight calls finish.
+
+Defenses against slow or greedy clients (all settings, config.py): a request must arrive
+whole within `request_deadline` of its first byte and may not pause longer than
+`request_timeout` (408 and a close: trickling a byte every few seconds holds nothing);
+at most `max_headers` headers and `max_header_bytes` of them (431 and a close); at most
+`max_connections` open connections (below the open-file limit, fdlimit.py): when full,
+the idle keep-alive connections go first, then those whose request began longest ago,
+so a fresh request is still answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,8 +44,8 @@ import orjson
 log = logging.getLogger("sidecar.edge")
 
 MAX_URL = 8192
-MAX_HEADER_BYTES = 65536
 MAX_PIPELINED = 64        # requests queued on one connection before we stop reading it
+SHED_SHARE = 16           # when full, close 1/16 of the cap at once: one scan, many accepts
 
 
 class Headers(dict):
@@ -144,11 +153,19 @@ class EdgeServer:
     """Owns the listening socket(s) and the open connections; drains on close."""
 
     def __init__(self, router: Router, *, max_body: int, keepalive_timeout: float,
-                 request_timeout: float = 10.0):
+                 request_timeout: float = 10.0, request_deadline: float = 10.0,
+                 max_headers: int = 100, max_header_bytes: int = 32768,
+                 max_connections: int = 10_000):
         self.router = router
         self.max_body = max_body
         self.keepalive_timeout = keepalive_timeout
         self.request_timeout = request_timeout
+        self.request_deadline = request_deadline
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+        self.max_connections = max_connections
+        self.shed_total = 0
+        self._shed_logged = 0.0
         self.connections: set[_Connection] = set()
         self.inflight = 0
         self._servers: list[asyncio.AbstractServer] = []
@@ -164,6 +181,30 @@ class EdgeServer:
         self.inflight -= 1
         if self.inflight == 0:
             self._idle.set()
+
+    def shed(self) -> None:
+        """Over max_connections: close the idle keep-alive connections first (least
+        recently active first), then those still receiving a request, the one begun
+        longest ago first: the slowest. A connection with answers pending is busy, not
+        slow (Redis bounds it): it stays. A share of the cap goes at once, so a flood of
+        accepts costs one scan per share, and the scan happens only when full."""
+        count = max(len(self.connections) - self.max_connections,
+                    self.max_connections // SHED_SHARE, 1)
+        idle, arriving = [], []
+        for conn in self.connections:
+            if not conn.queue and conn.transport is not None:
+                (arriving if conn.in_message else idle).append(conn)
+        victims = heapq.nsmallest(count, idle, key=_last_active)
+        if len(victims) < count:
+            victims += heapq.nsmallest(count - len(victims), arriving, key=_request_start)
+        for conn in victims:
+            conn.shed()
+        self.shed_total += len(victims)
+        now = time.monotonic()
+        if now - self._shed_logged > 10:
+            self._shed_logged = now
+            log.warning("connections full (%d): shed %d (%d so far)", self.max_connections,
+                        len(victims), self.shed_total)
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let in-flight calls finish (up to `timeout`), close the rest."""
@@ -182,6 +223,14 @@ class EdgeServer:
             await server.wait_closed()
 
 
+def _last_active(conn: _Connection) -> float:
+    return conn.last_active
+
+
+def _request_start(conn: _Connection) -> float:
+    return conn.request_start
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parse, dispatch, answer in order."""
 
@@ -195,6 +244,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.paused = False
         self.last_active = 0.0
+        self.request_start = 0.0   # when the request being received began
         self.in_message = False
         self.timer: asyncio.TimerHandle | None = None
         self._reset()
@@ -203,6 +253,7 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers = Headers()
         self.header_bytes = 0
+        self.header_count = 0
         self.body: list[bytes] = []
         self.body_size = 0
         self.truncated = False
@@ -213,9 +264,12 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
-        self.server.connections.add(self)
+        server = self.server
+        server.connections.add(self)
         self.last_active = self.loop.time()
-        self.timer = self.loop.call_later(self._limit(), self._idle_check)
+        self.timer = self.loop.call_later(server.keepalive_timeout, self._idle_check)
+        if len(server.connections) > server.max_connections:
+            server.shed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -224,15 +278,13 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = now = self.loop.time()
+        self.last_active = self.loop.time()
         try:
             self.parser.feed_data(data)
-            if self.in_message and self.timer and \
-                    self.timer.when() > now + self.server.request_timeout:
-                # A request arrived in part: bound its wait by the shorter timeout.
+            if self.in_message and self.timer and self.timer.when() > self._due():
+                # A request arrived in part: wake up by its (shorter) pause or deadline.
                 self.timer.cancel()
-                self.timer = self.loop.call_later(self.server.request_timeout,
-                                                  self._idle_check)
+                self.timer = self.loop.call_at(self._due(), self._idle_check)
         except httptools.HttpParserUpgrade:
             # The request itself was complete and is answered as any other; we just do
             # not switch protocols: close once its answer is out.
@@ -244,28 +296,45 @@ class _Connection(asyncio.Protocol):
                 code = "request_too_large"
             self._fail(status, code, message)
 
-    def _limit(self) -> float:
-        """How long the connection may stay silent: short in the middle of a request."""
+    def _due(self) -> float:
+        """Loop time by which the connection must have moved on: a request begun must
+        not pause past request_timeout nor last past request_deadline; between
+        requests, keep-alive idles for keepalive_timeout."""
         server = self.server
-        return server.request_timeout if self.in_message else server.keepalive_timeout
+        if self.in_message:
+            return min(self.last_active + server.request_timeout,
+                       self.request_start + server.request_deadline)
+        return self.last_active + server.keepalive_timeout
 
     def _idle_check(self) -> None:
         if self.transport is None:
             return
-        idle, limit = self.loop.time() - self.last_active, self._limit()
-        if not self.queue and idle >= limit:
-            if self.in_message:   # headers or body stopped half-way
-                self._fail(408, "request_timeout", "The request did not arrive in time.")
-            else:
-                self.transport.close()
-            return
-        wait = limit - idle if not self.queue else 1.0
+        now, wait = self.loop.time(), 1.0      # answers pending: Redis bounds those
+        if not self.queue:
+            due = self._due()
+            if now >= due:
+                if self.in_message:   # too slow or stalled half-way
+                    self._fail(408, "request_timeout", "The request did not arrive in time.")
+                else:
+                    self.transport.close()
+                return
+            wait = due - now
         self.timer = self.loop.call_later(max(wait, 0.05), self._idle_check)
+
+    def shed(self) -> None:
+        """Closed to make room (EdgeServer.shed): a request half-received gets a 503."""
+        self.server.connections.discard(self)   # counted out now, not when it is gone
+        if self.in_message:
+            self._fail(503, "overloaded", "Too many connections; retry.")
+        elif self.transport is not None:
+            self.closing = True
+            self.transport.close()
 
     # -- parser callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._reset()
         self.in_message = True
+        self.request_start = self.last_active   # the data_received that brought its start
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -275,7 +344,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
-        if self.header_bytes > MAX_HEADER_BYTES:
+        self.header_count += 1
+        server = self.server
+        if self.header_bytes > server.max_header_bytes or \
+                self.header_count > server.max_headers:
             self.too_large = (431, "Request headers too large.")
             raise httptools.HttpParserError("headers too large")
         key = name.decode("latin-1").lower()

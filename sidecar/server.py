@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import logs
+from . import fdlimit, logs
 from .config import ConfigError, Refused, Settings, parse_hostport
 from .edge import Answer, Call, EdgeServer
 from .embedded import EmbeddedRedis
@@ -84,9 +84,16 @@ def data_plane(settings: Settings, runner) -> tuple[EdgeServer, Authorizer]:
             return baseline, True
         return routes.get(path)
 
+    # The process's own descriptors, its Redis pool and the admin listener keep a reserve.
+    cap = fdlimit.connection_cap(settings.max_connections, fdlimit.raise_open_file_limit(),
+                                 fdlimit.RESERVE + settings.redis_pool_size)
     return EdgeServer(route, max_body=settings.max_body_bytes,
                       keepalive_timeout=settings.keepalive_timeout_s,
-                      request_timeout=settings.request_timeout_s), authorize
+                      request_timeout=settings.request_timeout_s,
+                      request_deadline=settings.request_deadline_s,
+                      max_headers=settings.max_headers,
+                      max_header_bytes=settings.max_header_bytes,
+                      max_connections=cap), authorize
 
 
 def require_grpc(settings: Settings) -> None:
@@ -116,6 +123,7 @@ async def run(settings: Settings, *, data: bool, admin: bool,
 
     loop = asyncio.get_running_loop()
     stop = stop or _stop_on_signals()
+    open_files = fdlimit.raise_open_file_limit()   # every process, before any listener
 
     runner = make_runner(settings.redis_url, settings.redis_timeout_ms / 1000)
     runners: list[web.BaseRunner] = []
@@ -144,7 +152,8 @@ async def run(settings: Settings, *, data: bool, admin: bool,
         runners.append(app_runner)
     logs.event("listening", pid=os.getpid(), data=settings.listen if data else None,
                grpc=settings.grpc_listen if grpc_server else None,
-               admin=settings.admin_listen if admin else None)
+               admin=settings.admin_listen if admin else None, open_files=open_files,
+               max_connections=edge.max_connections if edge else None)
 
     watch = loop.create_task(_supervise_redis(embedded, stop)) if embedded else None
     await stop.wait()

@@ -170,9 +170,12 @@ def sidecar_env(redis_url: str, **settings: str) -> dict[str, str]:
 
 
 def start_sidecar(tmp: Path, redis_url: str | None, *args: str,
-                  env: dict[str, str] | None = None, **settings) -> Sidecar:
+                  env: dict[str, str] | None = None, open_files: int | None = None,
+                  **settings) -> Sidecar:
     """`python -m sidecar serve` as a real process; waits until /readyz answers 200.
-    redis_url None: the embedded default, in `env` (default os.environ) + `settings`."""
+    redis_url None: the embedded default, in `env` (default os.environ) + `settings`.
+    `open_files`: the process's RLIMIT_NOFILE, soft and hard (so it cannot raise it)."""
+    import resource
     import urllib.request
     port, admin_port = free_port(), free_port()
     settings.setdefault("listen", f"127.0.0.1:{port}")
@@ -185,8 +188,11 @@ def start_sidecar(tmp: Path, redis_url: str | None, *args: str,
         **{"SIDECAR_" + k.upper(): str(v) for k, v in settings.items()}}
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / f"sidecar-{port}.log"
+    limit = None if open_files is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)))
     proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", *args], env=env,
-                            cwd=tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                            cwd=tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            preexec_fn=limit)
     grpc = settings.get("grpc_listen")
     car = Sidecar(proc, port, admin_port, log, int(grpc.rsplit(":", 1)[1]) if grpc else None)
 
