@@ -132,23 +132,31 @@ def read_model(body: bytes, path: str, relayed: str | None = None,
     authorize.lua refuses an uncertain model on write calls of keys with a model
     whitelist (model_not_allowed); other keys are unaffected.
     """
-    in_path, certain = _path_model(path)
+    in_path, certain = _path_model(path) if "/models/" in path else ("", True)
     in_body = ""
     if body:
         if whole:
             in_body, readable = _body_model(body)
         else:
             in_body, readable = _scanned_model(body), False
-        certain = certain and readable
-    relayed = relayed.strip() if relayed else ""
-    model = in_path or in_body or relayed
-    if not model:
-        return "", certain
-    if body and not (in_path or in_body):   # the model comes from x-model alone
-        certain = False
-    for other in (in_path, in_body, relayed):
-        if other and other != model:
+        if not readable:
             certain = False
+    if relayed:
+        relayed = relayed.strip()
+    if in_path:
+        model = in_path
+        if in_body and in_body != model or relayed and relayed != model:
+            certain = False
+    elif in_body:
+        model = in_body
+        if relayed and relayed != model:
+            certain = False
+    elif relayed:
+        model = relayed
+        if body:   # x-model stands in for a body the proxy could not send, not this one
+            certain = False
+    else:
+        return "", certain
     if len(model) > MAX_MODEL_LEN:   # a prefix could equal a listed name
         model, certain = model[:MAX_MODEL_LEN], False
     return utf8(model), certain
@@ -164,8 +172,6 @@ def body_is_whole(truncated: bool, headers: Mapping[str, str]) -> bool:
 
 
 def _path_model(path: str) -> tuple[str, bool]:
-    if "/models/" not in path:
-        return "", True
     found = _MODEL_IN_PATH.findall(path)
     if not found:
         return "", True
@@ -186,8 +192,11 @@ def _body_model(body: bytes) -> tuple[str, bool]:
     if not isinstance(value, str) or not value:
         return "", False
     # orjson keeps the last of repeated keys; some upstream parsers keep the first. Only a
-    # body that may hold a second one is parsed again (the common one costs two scans).
-    if (body.count(b'"model"') > 1 or _ESCAPED_LETTER in body) and _model_keys(body) != 1:
+    # body that may hold a second one is parsed again: "model" twice in the text, or an
+    # escape that spells one of its letters (a memchr for '\\' first: most bodies have
+    # none, and the rest pay a second scan).
+    if (body.count(b'"model"') > 1 or b"\\" in body and _ESCAPED_LETTER in body) \
+            and _model_keys(body) != 1:
         return value, False
     return value, True
 
