@@ -124,14 +124,16 @@ def rendered_denial(code: Code, anthropic: bool,
 def denial_answer(code: Code, anthropic: bool,
                   reply: list | None = None) -> tuple[Denial, dict[str, str], bytes]:
     """(denial, headers, body) of a denial. The JSON is copied into X-Auth-Error because
-    NGINX drops auth bodies; 401 names its scheme; a script reply adds x-ratelimit-* for
-    the limits that apply, and Retry-After on a 429; it also names the key's type, for a
-    message that says only what applies to it."""
+    NGINX drops auth bodies; 401 names its scheme; 503 says when to retry; a script reply
+    adds x-ratelimit-* for the limits that apply, and Retry-After on a 429; it also names
+    the key's type, for a message that says only what applies to it."""
     key_type = _text(reply[2]) if reply is not None and len(reply) > 2 else ""
     denial, body, header = rendered_denial(code, anthropic, key_type)
     headers = {"X-Auth-Error": header}
     if denial.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="api"'
+    elif code == Code.unavailable:   # an outage: the SDKs back off and retry
+        headers["Retry-After"] = "1"
     if reply is not None and len(reply) > 1:
         headers.update(limit_headers(reply))
         if code in (Code.rate_limited, Code.rate_limited_tokens):

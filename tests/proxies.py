@@ -35,6 +35,7 @@ from live import socket_inodes
 from benchmarks.envoy import render_for_loopback  # one render for tests and benchmarks
 
 ENVOY_YAML = ROOT / "deploy" / "envoy" / "envoy.yaml"
+ENVOY_GRPC_YAML = ROOT / "deploy" / "envoy" / "envoy-grpc.yaml"
 
 
 def venv_binary(name: str) -> Path:

@@ -141,6 +141,8 @@ def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
     if status == 429:
         assert headers["Retry-After"] == "13"                 # 12 345 ms, rounded up
         assert headers["x-ratelimit-remaining-requests"] == "0"
+    elif status == 503:                                       # an outage: retry soon
+        assert headers["Retry-After"] == "1"
     else:
         assert "Retry-After" not in headers
     if reply is not None and len(reply) > 1:                  # the quota check was reached

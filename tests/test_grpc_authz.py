@@ -202,3 +202,38 @@ async def test_both_modes_share_one_redis_pipeline(tmp_path, redis_server, store
         assert len(seen) == 40 and len(set(seen)) == 1, seen
     finally:
         stop_process(car.proc)
+
+
+# -- the shipped Envoy gRPC config agrees with the sidecar (it runs for real in
+#    test_envoy_real.py) ---------------------------------------------------------------
+
+def test_shipped_grpc_config_agrees_with_the_sidecar():
+    import yaml
+    from conftest import ROOT
+    from proxies import ENVOY_GRPC_YAML, deployed_max_body
+
+    doc = yaml.safe_load(ENVOY_GRPC_YAML.read_text())
+    defaults = yaml.safe_load((ROOT / "config" / "sidecar.yaml").read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    authz = next(f["typed_config"] for f in hcm["http_filters"]
+                 if f["name"] == "envoy.filters.http.ext_authz")
+    # Envoy waits longer than the sidecar's own bound on Redis: the sidecar answers 503.
+    assert float(authz["grpc_service"]["timeout"].rstrip("s")) * 1000 > \
+        defaults["redis_timeout_ms"]
+    assert authz["failure_mode_allow"] is False
+    assert authz["status_on_error"]["code"] == "ServiceUnavailable"
+    body = authz["with_request_body"]
+    assert body["pack_as_bytes"] is True and body["allow_partial_message"] is True
+    assert 1024 <= body["max_request_bytes"] <= deployed_max_body()
+    sent = {p["exact"] for p in authz["allowed_headers"]["patterns"]}
+    assert {"authorization", "x-api-key", "content-type", "content-encoding"} <= sent
+    # Nothing a client could use to rename its call or pick its model or IP.
+    assert not sent & {"x-model", "x-original-method", "x-original-uri",
+                       "x-forwarded-method", "x-forwarded-uri", "x-forwarded-for",
+                       "x-real-ip", "x-client-ip", "x-envoy-external-address"}
+    cluster = next(c for c in doc["static_resources"]["clusters"]
+                   if c["name"] == authz["grpc_service"]["envoy_grpc"]["cluster_name"])
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in options["explicit_http_config"]    # gRPC
