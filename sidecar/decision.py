@@ -153,17 +153,18 @@ def duration(ms: int) -> str:
 
 
 def limit_headers(reply: list) -> dict[str, str]:
-    """x-ratelimit-* from the script's reply, for the limits that apply to the key."""
-    rpm, rpm_left, tpm, tpm_left, reset_ms = reply[5:10]
+    """x-ratelimit-* from the script's reply, for the limits that apply to the key: the
+    limit, what is left of it now, and how long until it is whole again."""
+    rpm, rpm_left, tpm, tpm_left, rpm_reset_ms, tpm_reset_ms = reply[5:11]
     headers: dict[str, str] = {}
     if rpm:
         headers["x-ratelimit-limit-requests"] = str(rpm)
         headers["x-ratelimit-remaining-requests"] = str(rpm_left)
-        headers["x-ratelimit-reset-requests"] = duration(reset_ms)
+        headers["x-ratelimit-reset-requests"] = duration(rpm_reset_ms)
     if tpm:
         headers["x-ratelimit-limit-tokens"] = str(tpm)
         headers["x-ratelimit-remaining-tokens"] = str(tpm_left)
-        headers["x-ratelimit-reset-tokens"] = duration(reset_ms)
+        headers["x-ratelimit-reset-tokens"] = duration(tpm_reset_ms)
     return headers
 
 
@@ -181,8 +182,10 @@ def identity_headers(reply: list, reservation_id: str = "") -> dict[str, str]:
 
 
 def retry_after(reply: list) -> str:
-    """Seconds until the window resets, rounded up (Retry-After takes whole seconds)."""
-    return str(max(1, -(-int(reply[9]) // 1000)))
+    """Seconds until the next call would be allowed (the script's wait for every limit
+    that refuses it), rounded up: Retry-After takes whole seconds, and a client that
+    waits that long is let through."""
+    return str(max(1, -(-int(reply[11]) // 1000)))
 
 
 def _text(value: object) -> str:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 class FixedRecordRunner:
     """Benchmark baseline: the script's allow reply for a fixed record, without Redis."""
 
-    REPLY = [0, b"key_baseline", b"s", b"", b"", 600, 599, 0, 0, 30_000]
+    REPLY = [0, b"key_baseline", b"s", b"", b"", 600, 599, 0, 0, 100, 0, 0]
 
     async def run(self, script, keys, args) -> list:
         return self.REPLY

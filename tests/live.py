@@ -225,14 +225,6 @@ async def send(car, request: bytes, shut_write: bool = False) -> tuple[int, byte
     return await asyncio.wait_for(exchange(), 10)
 
 
-def avoid_minute_edge(margin_s: float = 3.0) -> None:
-    """Rate windows are whole minutes: wait out the last seconds of one, so a burst
-    meant for one window cannot straddle two (a wait, not a timed assertion)."""
-    into = time.time() % 60
-    if into > 60 - margin_s:
-        time.sleep(60 - into + 0.05)
-
-
 def cli(redis_url: str, *args: str, cwd=None, env: dict | None = None
         ) -> subprocess.CompletedProcess:
     """`python -m sidecar ...` against the test Redis, with the test pepper."""

@@ -2,7 +2,8 @@
 
 Records come from KeyStore.create, calls go through make_runner(...).run(AUTHORIZE, ...)
 with the same KEYS and ARGV that sidecar/authorize.py builds. Every call passes an
-explicit `now` in the middle of a rate window, so no assertion depends on the clock.
+explicit `now` (ARGV[1]), so no assertion depends on the clock: the rate tests drive
+time across minute boundaries and to the millisecond a Retry-After names.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sidecar.request import classify, ip_hex
 from sidecar.store import names
 from sidecar.store.keystore import DAY_MS, KeySpec
 from sidecar.store.runner import make_runner
-from sidecar.store.scripts import AUTHORIZE
+from sidecar.store.scripts import AUTHORIZE, SETTLE
 
 MINUTE = 60_000
 CHAT = ("POST", "/v1/chat/completions")
@@ -27,7 +28,7 @@ MODELS = ("GET", "/v1/models")
 
 
 def mid_window() -> int:
-    """Now, moved to the middle of its one-minute rate window."""
+    """Now, moved to the middle of its clock minute (rate tests step from there)."""
     return int(time.time() * 1000) // MINUTE * MINUTE + MINUTE // 2
 
 
@@ -330,35 +331,128 @@ async def test_no_payg_without_the_flag(call, store):
     assert await store.balance(account) == 100
 
 
-# -- rows 9-10: rate limits ------------------------------------------------------------
+# -- rows 9-10: rate limits (GCRA) -----------------------------------------------------
+
+def step_ms(limit: int) -> float:
+    """How often a limit of `limit` a minute lets one more unit through (µs rounded up)."""
+    return -(-60_000_000 // limit) / 1000
+
 
 async def test_requests_per_minute(call, store):
+    """rpm 2: two at once, then one more a step (30 s) after the first; the headers say
+    how many are left, when the limit is whole again, and when the next call fits."""
     _, key = await make(store, unlimited=True, rpm=2)
     now = mid_window()
     first = await call(key, now=now)
     assert first[0] == Code.allow
-    assert first[5:10] == [2, 1, 0, 0, MINUTE // 2]
-    assert (await call(key, now=now + 1))[5:7] == [2, 0]
+    assert first[5:12] == [2, 1, 0, 0, 30_000, 0, 0]
+    assert (await call(key, now=now + 1))[5:10] == [2, 0, 0, 0, 60_000 - 1]
     denied = await assert_denied_untouched(call, store, key, Code.rate_limited, now=now + 2)
-    assert denied[5:10] == [2, 0, 0, 0, MINUTE // 2 - 2]
-    # The next window starts counting from zero.
-    assert (await call(key, now=now + MINUTE))[:7] == first[:5] + [2, 1]
+    assert denied[5:12] == [2, 0, 0, 0, 60_000 - 2, 0, 30_000 - 2]
+    # Retry after is the truth: a millisecond early is refused, on time is allowed.
+    retry_at = now + 2 + denied[11]
+    await assert_denied_untouched(call, store, key, Code.rate_limited, now=retry_at - 1)
+    assert (await call(key, now=retry_at))[:7] == first[:5] + [2, 0]
+
+
+@pytest.mark.parametrize("before_ms,after_ms", [(1, 1), (500, 400), (30_000, 100)])
+async def test_no_burst_across_a_minute_boundary(call, store, before_ms, after_ms):
+    """The old fixed windows let an rpm-30 key make 30 calls just before a minute's end
+    and 30 more just after it. Now every call after the 30th waits for its step (2 s)."""
+    _, key = await make(store, unlimited=True, rpm=30)
+    edge = mid_window() // MINUTE * MINUTE + MINUTE          # a minute boundary
+    before = [(await call(key, now=edge - before_ms))[0] for _ in range(30)]
+    after = [(await call(key, now=edge + after_ms))[0] for _ in range(30)]
+    assert before == [Code.allow] * 30
+    # Those before the edge refill one call per 2 s since then, and no more.
+    refilled = int((before_ms + after_ms) // step_ms(30))
+    assert after == [Code.allow] * refilled + [Code.rate_limited] * (30 - refilled)
+
+
+async def test_steady_calls_get_the_rate_and_no_more(call, store):
+    """A call every half step for three minutes: once the burst allowance is used, one
+    call per step passes; no span of d ms holds more than rpm + d * rpm / 60 s calls."""
+    rpm, step = 12, 5_000
+    _, key = await make(store, unlimited=True, rpm=rpm)
+    start = mid_window()
+    allowed = [now for now in range(start, start + 3 * MINUTE, step // 2)
+               if (await call(key, now=now))[0] == Code.allow]
+    late = [now for now in allowed if now >= start + MINUTE]
+    assert late and {b - a for a, b in zip(late, late[1:], strict=False)} == {step}
+    for i, first in enumerate(allowed):
+        for j in range(i, len(allowed)):
+            assert j - i + 1 <= rpm + (allowed[j] - first) * rpm // MINUTE
+    assert max(sum(1 for t in allowed if s <= t < s + MINUTE) for s in allowed) \
+        <= 2 * rpm - 1
+
+
+@pytest.mark.parametrize("rpm", [1, 7, 60, 1000, 100_000])
+async def test_a_burst_is_exactly_the_limit_and_retry_after_is_exact(call, store, rpm):
+    _, key = await make(store, unlimited=True, rpm=rpm)
+    now = mid_window()
+    burst = min(rpm, 1000)
+    if rpm > burst:          # a large limit: take all but the last 1000 at once
+        await store.redis.hset(names.record(store.hasher(key)), "ra",
+                               now * 1000 + (rpm - burst) * int(step_ms(rpm) * 1000))
+    replies = [await call(key, now=now) for _ in range(burst)]
+    assert [r[0] for r in replies] == [Code.allow] * burst
+    assert [r[6] for r in replies] == list(range(burst - 1, -1, -1))
+    denied = await call(key, now=now)
+    assert denied[0] == Code.rate_limited and denied[11] > 0
+    assert (await call(key, now=now + denied[11] - 1))[0] == Code.rate_limited
+    assert (await call(key, now=now + denied[11]))[0] == Code.allow
 
 
 async def test_tokens_per_minute(call, store):
-    view, key = await make(store, unlimited=True, tpm=100)
+    """The tokens reported so far sit in ta (µs, as settle.lua writes it): a call passes
+    while at least one token is left; refused, it learns when one will be."""
+    _, key = await make(store, unlimited=True, tpm=100)        # a token every 600 ms
     key_hash = store.hasher(key)
     now = mid_window()
-    window = now // MINUTE
-    await store.redis.hset(names.record(key_hash), mapping={"tw": window, "tc": 99})
+    await store.redis.hset(names.record(key_hash), "ta", now * 1000 + 99 * 600_000)
     reply = await call(key, now=now)
-    assert reply[0] == Code.allow and reply[7:9] == [100, 1]
-    await store.redis.hset(names.record(key_hash), mapping={"tw": window, "tc": 100})
+    assert reply[0] == Code.allow and reply[7:11] == [100, 1, 0, 99 * 600]
+    await store.redis.hset(names.record(key_hash), "ta", now * 1000 + 100 * 600_000)
     denied = await assert_denied_untouched(call, store, key, Code.rate_limited_tokens, now=now)
-    assert denied[7:10] == [100, 0, MINUTE // 2]
-    # Counts of an older window do not apply.
-    await store.redis.hset(names.record(key_hash), mapping={"tw": window - 1, "tc": 10**6})
-    assert (await call(key, now=now))[0] == Code.allow
+    assert denied[7:12] == [100, 0, 0, MINUTE, 600]
+    assert (await call(key, now=now + 599))[0] == Code.rate_limited_tokens
+    assert (await call(key, now=now + 600))[7:9] == [100, 1]
+    # Use long past counts for nothing.
+    await store.redis.hset(names.record(key_hash), "ta", now * 1000 - 10**9)
+    assert (await call(key, now=now))[7:9] == [100, 100]
+
+
+async def test_retry_after_waits_for_both_limits(call, store):
+    _, key = await make(store, unlimited=True, rpm=1, tpm=100)
+    now = mid_window()
+    assert (await call(key, now=now))[0] == Code.allow             # next request: +60 s
+    await store.redis.hset(names.record(store.hasher(key)), "ta",
+                           now * 1000 + 230 * 600_000)             # next token: +78.6 s
+    denied = await call(key, now=now)
+    assert denied[0] == Code.rate_limited and denied[11] == 78_600
+
+
+async def test_reported_tokens_count_against_tokens_per_minute(runner, call, store):
+    """settle.lua adds a report's tokens (a step each) where authorize.lua reads them;
+    a report past the limit is owed and refuses calls until it drains."""
+    _, key = await make(store, unlimited=True, tpm=100)
+    key_hash = store.hasher(key)
+    now = mid_window()
+
+    async def settle(tokens: int, at: int) -> list:
+        rid = new_reservation_id()
+        assert (await call(key, now=at, reservation=rid))[0] == Code.allow
+        return await runner.run(SETTLE, (names.record(key_hash),
+                                         names.wallet(shard_of(key_hash)),
+                                         names.reservation(key_hash, rid)),
+                                [at, "", tokens, 60_000])
+    assert (await settle(60, now))[0] == 0
+    assert (await call(key, now=now))[7:9] == [100, 40]
+    assert (await call(key, now=now + 6_000))[7:9] == [100, 50]     # 10 drained
+    assert (await settle(100, now + 6_000))[0] == 0                    # 50 over
+    denied = await call(key, now=now + 6_000)
+    assert denied[0] == Code.rate_limited_tokens
+    assert denied[11] == 51 * 600                   # until 51 drained: one fits again
 
 
 # -- the reservation for /settle -------------------------------------------------------
@@ -434,9 +528,10 @@ async def test_order_of_checks(call, store, aredis):
         if prepare == "disable":
             await store.set_status(view["id"], False)
         elif prepare and prepare.startswith("use-rpm"):
-            fields = {"rw": kw["now"] // MINUTE, "rc": 1}
+            used = kw["now"] * 1000 + 60_000_000    # a limit of 1 a minute, used up now
+            fields = {"ra": used}
             if prepare.endswith("tpm"):
-                fields |= {"tw": kw["now"] // MINUTE, "tc": 1}
+                fields |= {"ta": used}
             await aredis.hset(names.record(key_hash), mapping=fields)
         await assert_denied_untouched(call, store, key, expected, **kw)
 

@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 from conftest import PEPPER, free_port, start_redis, start_sidecar, stop_process, wait_for
-from live import CLIENT_TIMEOUT, authz, avoid_minute_edge
+from live import CLIENT_TIMEOUT, authz
 from redis.crc import key_slot
 
 from sidecar.keys import KeyHasher, KeyType, shard_of
@@ -88,7 +88,6 @@ async def statuses(http, car, key: str, n: int, **call) -> list[int]:
 
 
 async def test_decisions_on_keys_spread_over_the_nodes(cluster, car, cstore, http):
-    avoid_minute_edge()
     made = {
         "quota": await make(cstore, quota=1),
         "models": await make(cstore, unlimited=True, models=["gpt-other"]),

@@ -68,7 +68,8 @@ ROWS = [
 ]
 ROW_IDS = [row[0].name for row in ROWS]
 
-# A script reply: code, id, type, org, project, rpm, rpm left, tpm, tpm left, reset ms.
+# A script reply: code, id, type, org, project, rpm, rpm left, tpm, tpm left,
+# rpm reset ms, tpm reset ms, retry ms.
 LUA_CODES = {Code.invalid_api_key, Code.key_disabled, Code.key_expired,
              Code.admin_key_not_allowed, Code.ip_not_allowed, Code.model_not_allowed,
              Code.permission_denied, Code.quota_exhausted, Code.rate_limited,
@@ -82,7 +83,7 @@ def script_reply(code: Code) -> list | None:
         return None
     if code < Code.quota_exhausted:
         return [int(code)]
-    return [int(code), b"key_1", b"s", b"", b"", 60, 0, 1000, 0, 12_345]
+    return [int(code), b"key_1", b"s", b"", b"", 60, 0, 1000, 0, 60_000, 30_000, 12_345]
 
 
 def test_script_codes_are_the_contract_order():
@@ -120,7 +121,7 @@ def test_anthropic_dialect(row):
 
 @pytest.mark.parametrize("letter", ["s", "o", "b"])
 def test_quota_denial_says_only_what_applies_to_the_key_type(letter):
-    reply = [int(Code.quota_exhausted), b"key_1", letter.encode(), b"", b"", 0, 0, 0, 0, 1]
+    reply = [int(Code.quota_exhausted), b"key_1", letter.encode(), b"", b"", 0, 0, 0, 0, 1, 0, 0]
     for dialect in (False, True):
         denial, headers, body = denial_answer(Code.quota_exhausted, dialect, reply)
         message = json.loads(body)["error"]["message"]
@@ -153,7 +154,7 @@ def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
 
 
 def test_allow_row_headers():
-    reply = [0, b"key_abc", b"o", b"org_1", b"prj_1", 60, 59, 0, 0, 1500]
+    reply = [0, b"key_abc", b"o", b"org_1", b"prj_1", 60, 59, 0, 0, 1500, 0, 0]
     assert identity_headers(reply, "rsv_" + "a" * 32) == {
         "x-key-id": "key_abc", "x-key-type": "org", "x-org-id": "org_1",
         "x-project-id": "prj_1", "x-reservation-id": "rsv_" + "a" * 32}
@@ -164,7 +165,7 @@ def test_allow_row_headers():
 
 
 def test_allow_without_limits_still_overwrites_identity():
-    reply = [0, b"key_abc", b"s", b"", b"", 0, 0, 0, 0, 1500]
+    reply = [0, b"key_abc", b"s", b"", b"", 0, 0, 0, 0, 0, 0, 0]
     # Empty values, present: a proxy copying them replaces a client-forged x-org-id (and
     # x-reservation-id, empty when /settle is off).
     assert identity_headers(reply) == {"x-key-id": "key_abc", "x-key-type": "standard",
@@ -182,7 +183,14 @@ def test_reset_duration_format(ms, text):
 @pytest.mark.parametrize("ms,seconds", [(1, "1"), (999, "1"), (1000, "1"), (1001, "2"),
                                         (60_000, "60")])
 def test_retry_after_rounds_up_to_whole_seconds(ms, seconds):
-    assert retry_after([9, b"k", b"s", b"", b"", 1, 0, 0, 0, ms]) == seconds
+    assert retry_after([9, b"k", b"s", b"", b"", 1, 0, 0, 0, 60_000, 0, ms]) == seconds
+
+
+def test_each_limit_has_its_own_reset():
+    reply = [0, b"k", b"s", b"", b"", 30, 29, 1000, 400, 2000, 36_000, 0]
+    headers = limit_headers(reply)
+    assert (headers["x-ratelimit-reset-requests"], headers["x-ratelimit-reset-tokens"]) == (
+        "2s", "36s")
 
 
 # -- the SDKs raise their own classes for each denial ------------------------------------

@@ -23,7 +23,7 @@ import orjson
 import pytest
 import yaml
 from conftest import free_port, start_sidecar, stop_process, wait_for
-from live import DENIAL_ROWS, avoid_minute_edge, denial_row, make
+from live import DENIAL_ROWS, denial_row, make
 from proxies import (
     ENVOY_GRPC_YAML,
     ENVOY_YAML,
@@ -202,7 +202,6 @@ async def test_each_denial_reaches_the_sdks(stack, store, row, status):
 
 async def test_rate_limited_with_retry_after(stack, store):
     envoy, upstream, _ = stack
-    avoid_minute_edge()
     _, key = await make(store, unlimited=True, rpm=1)
     chat(oai(envoy, key))
     seen = len(upstream.calls)

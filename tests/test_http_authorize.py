@@ -10,6 +10,9 @@ Keys are made with the KeyStore on the same Redis and pepper as the sidecar proc
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -24,7 +27,6 @@ from live import (
     MESSAGES,
     Transport,
     authz,
-    avoid_minute_edge,
     cli,
     denial_row,
     make,
@@ -140,7 +142,6 @@ async def test_read_only_key_reads_and_model_whitelist_rules(car, store, ask):
 
 
 async def test_rate_limited_with_retry_after(car, store, ask):
-    avoid_minute_edge()
     _, key = await make(store, unlimited=True, rpm=2)
     assert (await ask(car, key=key, body={"model": "m"})).status == 200
     assert (await ask(car, key=key, body={"model": "m"})).status == 200
@@ -166,6 +167,29 @@ async def test_a_402_suggests_only_what_the_key_type_has(car, store, ask):
             assert ("billing cycle" in message) == ("PAYG" in message), message
 
 
+async def test_a_burst_gets_exactly_the_rpm_and_a_truthful_retry_after(car, store, ask):
+    """rpm 4 (a call every 15 s, at most 4 at once): ten calls at once, four pass, six
+    get 429 whose Retry-After is when the next call fits: 15 s after the burst began,
+    less the time it took (never earlier, rounded up to whole seconds)."""
+    _, key = await make(store, unlimited=True, rpm=4)
+    began = time.time()
+    answers = await asyncio.gather(*(ask(car, key=key, body={"model": "m"})
+                                     for _ in range(10)))
+    took = time.time() - began
+    allowed = [a for a in answers if a.status == 200]
+    denied = [a for a in answers if a.status == 429]
+    assert (len(allowed), len(denied)) == (4, 6)
+    assert sorted(a.headers["x-ratelimit-remaining-requests"] for a in allowed) == \
+        ["0", "1", "2", "3"]
+    for answer in denied:
+        assert_denial(answer, 429, "rate_limited")
+        assert 15 - took - 0.01 <= int(answer.headers["retry-after"]) <= 15
+        assert answer.headers["x-ratelimit-remaining-requests"] == "0"
+        # Whole again once all four have drained: a minute after the burst began.
+        reset = answer.headers["x-ratelimit-reset-requests"]
+        assert re.fullmatch(r"\d+(\.\d+)?s|1m0s", reset), reset
+
+
 async def test_subscription_cycle_then_payg_wallet_then_402(car, store, ask):
     key_id, key = await make(store, type=KeyType.subscription, quota=1, account="acct_1",
                              payg_fallback=True)
@@ -181,7 +205,6 @@ async def test_subscription_cycle_then_payg_wallet_then_402(car, store, ask):
 
 
 async def test_nothing_is_consumed_on_a_denial(car, store, ask):
-    avoid_minute_edge()
     key_id, key = await make(store, quota=5, rpm=10, models=["gpt-x"])
     for _ in range(3):
         assert (await ask(car, key=key, body={"model": "other"})).status == 403
@@ -395,7 +418,6 @@ async def _gateway(car) -> tuple[web.AppRunner, str]:
 
 
 async def _sdk_keys(store) -> dict[str, str]:
-    avoid_minute_edge()
     keys = {"ok": (await make(store, unlimited=True))[1],
             "unknown": "sk-" + "Z" * 40,
             "forbidden": (await make(store, unlimited=True, models=["other"]))[1],

@@ -24,7 +24,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
-from live import CLIENT_TIMEOUT, avoid_minute_edge
+from live import CLIENT_TIMEOUT
 
 from sidecar.keys import RESERVATION_ID
 from sidecar.store.keystore import KeySpec
@@ -217,7 +217,6 @@ async def test_allowed_call_reaches_upstream_with_identity_and_without_the_key(
 
 async def test_read_call_keeps_its_method_and_limits_reach_the_client(stack, store, http):
     nginx, upstream, _ = stack
-    avoid_minute_edge()
     _, key = await make(store, unlimited=True, permission="read-only", rpm=100)
     reply = await call(http, nginx, "/v1/models", method="GET", key=key)
     assert reply.status == 200 and upstream.calls[-1]["method"] == "GET"
@@ -340,7 +339,6 @@ async def test_ip_allow_list_sees_the_real_client(stack, store, http):
 
 async def test_rate_limited_is_429_with_retry_after(stack, store, http):
     nginx, upstream, _ = stack
-    avoid_minute_edge()
     _, key = await make(store, unlimited=True, rpm=1)
     assert (await call(http, nginx, key=key, body={"model": "m"})).status == 200
     seen = len(upstream.calls)
@@ -417,7 +415,6 @@ async def test_business_denials_leave_no_error_line(stack, store, http):
     nothing (NGINX logs "auth request unexpected status" for any status it does not
     expect from auth_request)."""
     nginx, upstream, _ = stack
-    avoid_minute_edge()
     _, broke = await make(store, quota=0)
     _, limited = await make(store, unlimited=True, rpm=1)
     assert (await call(http, nginx, key=limited, body={"model": "m"})).status == 200

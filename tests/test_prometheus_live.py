@@ -36,7 +36,7 @@ import orjson
 import pytest
 import yaml
 from conftest import free_port, start_sidecar, stop_process, wait_for
-from live import CLIENT_TIMEOUT, authz, avoid_minute_edge
+from live import CLIENT_TIMEOUT, authz
 from test_observability import PROMETHEUS, expressions
 
 from sidecar.store.keystore import KeySpec
@@ -157,7 +157,6 @@ async def settle(http, car, token: str, key: str, reservation_id: str) -> int:
 async def load(car, store, http, redis_server) -> set[int]:
     """LOAD_ROUNDS rounds of one call per outcome, a Redis stall half-way (503 and a Redis
     timeout), an accepted and a refused usage report. Returns the statuses seen."""
-    avoid_minute_edge()
     _, ok = await store.create(KeySpec(unlimited=True))
     _, limited = await store.create(KeySpec(unlimited=True, rpm=1))
     _, broke = await store.create(KeySpec(quota=0))

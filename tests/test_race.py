@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from conftest import start_sidecar, stop_process
-from live import CLIENT_TIMEOUT, avoid_minute_edge, start_workers
+from live import CLIENT_TIMEOUT, start_workers
 
 from sidecar.store import names
 from sidecar.store.keystore import KeySpec
@@ -101,12 +101,13 @@ async def test_duplicate_reports_over_two_processes_settle_once(two_sidecars, st
 
 
 async def test_exact_rpm_over_two_processes(two_sidecars, store):
-    avoid_minute_edge(margin_s=5)   # the burst must fall in one rate window
-    view, key = await store.create(KeySpec(unlimited=True, rpm=25))
+    """rpm 8 (GCRA: a burst of 8, then one call per 7.5 s): 400 calls at once over two
+    processes get exactly 8 through, whatever minute boundary they straddle."""
+    view, key = await store.create(KeySpec(unlimited=True, rpm=8))
     statuses = await storm(two_sidecars, key)
-    assert statuses == {200: 25, 429: CALLS - 25}
+    assert statuses == {200: 8, 429: CALLS - 8}
     after = await store.get(view["id"])
-    assert after["request_count"] == 25 and after["quota_remaining"] is None
+    assert after["request_count"] == 8 and after["quota_remaining"] is None
 
 
 async def test_exact_quota_with_two_workers_of_one_command(tmp_path, redis_url, store):

@@ -17,7 +17,7 @@ import urllib.request
 import orjson
 import pytest
 from conftest import start_sidecar, stop_process
-from live import CLIENT_TIMEOUT, authz, avoid_minute_edge, metric_value
+from live import CLIENT_TIMEOUT, authz, metric_value
 
 from sidecar.keys import RESERVATION_ID, KeyType
 from sidecar.settle import BadReport, Report, actual_cost, parse_report
@@ -333,20 +333,23 @@ async def test_racing_reports_of_one_reservation_apply_exactly_once(car, store, 
 
 
 async def test_reported_tokens_fill_the_tokens_per_minute_limit(car, store, http):
-    avoid_minute_edge(5)
-    key_id, key = await make(store, unlimited=True, tpm=100)
+    """tpm 6: a token drains every 10 s, so nothing drains between these calls."""
+    key_id, key = await make(store, unlimited=True, tpm=6)
     first = await authz(http, car, key=key, body={"model": BIG})
-    assert first.status == 200 and first.headers["x-ratelimit-remaining-tokens"] == "100"
+    assert first.status == 200 and first.headers["x-ratelimit-remaining-tokens"] == "6"
     await settle(http, car, {"reservation_id": first.headers["x-reservation-id"],
-                             "key": key, "model": BIG, "prompt_tokens": 30,
-                             "completion_tokens": 30})
+                             "key": key, "model": BIG, "prompt_tokens": 2,
+                             "completion_tokens": 2})
     second = await authz(http, car, key=key, body={"model": BIG})
-    assert second.status == 200 and second.headers["x-ratelimit-remaining-tokens"] == "40"
+    assert second.status == 200 and second.headers["x-ratelimit-remaining-tokens"] == "2"
+    assert second.headers["x-ratelimit-reset-tokens"].endswith("s")     # ~40 s
     await settle(http, car, {"reservation_id": second.headers["x-reservation-id"],
-                             "key": key, "model": BIG, "prompt_tokens": 40})
+                             "key": key, "model": BIG, "prompt_tokens": 3})
     limited = await authz(http, car, key=key, body={"model": BIG})
     assert limited.status == 429 and limited.json["error"]["code"] == "rate_limited"
-    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    # 7 tokens reported of 6: one over, so the next call fits once two have drained.
+    assert 11 <= int(limited.headers["retry-after"]) <= 20
+    assert limited.headers["x-ratelimit-remaining-tokens"] == "0"
 
 
 BAD = [

@@ -22,7 +22,7 @@ import orjson
 import pytest
 import yaml
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
-from live import DENIAL_ROWS, avoid_minute_edge, denial_row, make
+from live import DENIAL_ROWS, denial_row, make
 from proxies import (
     RecordingUpstream,
     is_loopback,
@@ -315,7 +315,6 @@ async def test_each_denial_of_the_contract_reaches_both_sdks(stack, store, row, 
 
 async def test_openai_sdk_gets_each_denial_as_its_own_class(stack, store):
     import openai
-    avoid_minute_edge()
     seen = len(stack.upstream.calls)
     with pytest.raises(openai.AuthenticationError) as err:
         await chat(stack, "sk-" + "Z" * 40)
@@ -353,7 +352,6 @@ async def test_openai_sdk_gets_each_denial_as_its_own_class(stack, store):
 
 async def test_anthropic_sdk_gets_each_denial_as_its_own_class(stack, store):
     import anthropic
-    avoid_minute_edge()
     seen = len(stack.upstream.calls)
     with pytest.raises(anthropic.AuthenticationError) as err:
         await message(stack, "sk-" + "Z" * 40)

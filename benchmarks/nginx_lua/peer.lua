@@ -228,17 +228,16 @@ local function duration(ms)
 end
 
 local function limit_headers(reply, out)
-  local rpm, tpm, reset = tonumber(reply[6]) or 0, tonumber(reply[8]) or 0,
-                          tonumber(reply[10]) or 0
+  local rpm, tpm = tonumber(reply[6]) or 0, tonumber(reply[8]) or 0
   if rpm > 0 then
     out["x-ratelimit-limit-requests"] = rpm
     out["x-ratelimit-remaining-requests"] = reply[7]
-    out["x-ratelimit-reset-requests"] = duration(reset)
+    out["x-ratelimit-reset-requests"] = duration(tonumber(reply[10]) or 0)
   end
   if tpm > 0 then
     out["x-ratelimit-limit-tokens"] = tpm
     out["x-ratelimit-remaining-tokens"] = reply[9]
-    out["x-ratelimit-reset-tokens"] = duration(reset)
+    out["x-ratelimit-reset-tokens"] = duration(tonumber(reply[11]) or 0)
   end
   return out
 end
@@ -311,7 +310,7 @@ function M.authorize()
   end
   local extra = #reply > 1 and limit_headers(reply, {}) or nil
   if code == 9 or code == 10 then
-    extra["Retry-After"] = tostring(math.max(1, math.ceil((tonumber(reply[10]) or 0) / 1000)))
+    extra["Retry-After"] = tostring(math.max(1, math.ceil((tonumber(reply[12]) or 0) / 1000)))
   end
   return deny(code, call[4], extra)
 end

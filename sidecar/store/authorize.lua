@@ -1,7 +1,7 @@
 -- authorize.lua: the whole decision for one call, atomically, in one round trip.
 --
--- Times are in milliseconds; quota and cost are integer units; limits are per minute
--- in fixed windows (window id = floor(now / 60000)).
+-- Times are in milliseconds (rate limit state in microseconds, see below); quota and
+-- cost are integer units; rate limits are per minute, by GCRA.
 --
 -- KEYS[1]  key record hash     k:{tag}:<hash>
 -- KEYS[2]  wallet hash         w:{tag}        (PAYG balances, field = account id; and
@@ -20,7 +20,9 @@
 --                              whole (request.py read_model)
 -- ARGV[10] reservation ttl     ms (only with KEYS[3])
 --
--- Returns {code, id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining, reset_ms}
+-- Returns {code, id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining,
+--          rpm_reset_ms, tpm_reset_ms, retry_ms}
+-- reset: until the limit is whole again; retry (429 only): until the next call fits.
 -- code: 0 allow, 1 unknown key, 2 disabled, 3 expired, 4 admin key, 5 ip, 6 model,
 --       7 permission, 8 quota, 9 requests/min, 10 tokens/min.  Order = the contract's table.
 -- Nothing is written unless the code is 0. An allowed call with KEYS[3] also records its
@@ -30,9 +32,9 @@
 
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'st', 'ex', 'ips', 'm', 'pm', 'sc',          -- 1..8
-  'ul', 'qr', 'rpm', 'rw', 'rc', 'tpm', 'tw', 'tc',      -- 9..16
-  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'org', 'prj',      -- 17..24
-  'qu', 'n', 'pu', 'qp')                                  -- 25..28
+  'ul', 'qr', 'rpm', 'ra', 'tpm', 'ta',                  -- 9..14
+  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'org', 'prj',      -- 15..22
+  'qu', 'n', 'pu', 'qp')                                  -- 23..26
 local id = f[1]
 if not id then return {1} end
 local now = tonumber(ARGV[1])
@@ -88,26 +90,38 @@ if pm == 'r' then
   end
 end
 
--- Rate windows (needed for the x-ratelimit-* headers of a quota denial too).
-local win = math.floor(now / 60000)
-local reset = (win + 1) * 60000 - now
-local rpm, tpm = tonumber(f[11] or '0'), tonumber(f[14] or '0')
-local rc, tc = 0, 0
-if tonumber(f[12] or '-1') == win then rc = tonumber(f[13] or '0') end
-if tonumber(f[15] or '-1') == win then tc = tonumber(f[16] or '0') end
-local function answer(code, used)
-  return {code, id, f[2], f[23] or '', f[24] or '', rpm, math.max(rpm - rc - used, 0),
-          tpm, math.max(tpm - tc, 0), reset}
+-- Rate limits by GCRA (generic cell rate algorithm): per limit one stored number, the
+-- theoretical arrival time (tat, in µs) at which the key's use so far has drained. A
+-- limit of L a minute lets one unit (a request, a token) through every step = 60 s / L
+-- and at most L at once: a unit fits while tat - now <= (L - 1) * step. So no clock
+-- boundary lets a burst exceed L; in any d seconds at most L + d * L / 60 units pass.
+-- µs keep it exact in doubles (now * 1000 < 2^53 until the year 2255); the step is
+-- rounded up to a whole µs, so the burst is exactly L and the rate at most L a minute.
+local now_us = now * 1000
+local function gcra(limit, tat)   -- step, level (µs still draining), units left, wait µs
+  if limit <= 0 then return 0, 0, 0, 0 end
+  local step = math.ceil(60000000 / limit)
+  local level = math.max(tonumber(tat or '0') - now_us, 0)
+  local room = limit * step - level
+  return step, level, math.max(math.floor(room / step), 0), step - room
+end
+local rpm, tpm = tonumber(f[11] or '0'), tonumber(f[13] or '0')
+local r_step, r_level, r_left, r_wait = gcra(rpm, f[12])
+local _, t_level, t_left, t_wait = gcra(tpm, f[14])
+local function ms(us) return math.ceil(us / 1000) end
+local function answer(code, used, wait)   -- used: 1 when this call takes a request
+  return {code, id, f[2], f[21] or '', f[22] or '', rpm, math.max(r_left - used, 0),
+          tpm, t_left, ms(r_level + used * r_step), ms(t_level), ms(wait or 0)}
 end
 
 -- Quota: subscription cycle (renewed here, atomically), PAYG fallback, or own quota.
 local cost, typ = tonumber(ARGV[2]), f[2]
 -- A rotated key and its successor share one quota pool in the wallet hash (same tag),
 -- so the grace window does not double the remaining quota.
-local pool = f[28] and ('q:' .. f[28])
+local pool = f[26] and ('q:' .. f[26])
 local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f[10] or '0')
-local cq, cu = tonumber(f[17] or '0'), tonumber(f[18] or '0')
-local ce, cp = tonumber(f[19] or '0'), tonumber(f[20] or '0')
+local cq, cu = tonumber(f[15] or '0'), tonumber(f[16] or '0')
+local ce, cp = tonumber(f[17] or '0'), tonumber(f[18] or '0')
 local pay_wallet = false
 if typ == 'b' then
   if cp > 0 and now >= ce then   -- the cycle renewed: skip whole periods, start at zero
@@ -116,8 +130,8 @@ if typ == 'b' then
   end
   if f[9] ~= '1' and cu + cost > cq then   -- an unlimited key only counts its use
     local balance = 0
-    if f[21] == '1' and f[22] then
-      balance = tonumber(redis.call('HGET', KEYS[2], f[22]) or '0')
+    if f[19] == '1' and f[20] then
+      balance = tonumber(redis.call('HGET', KEYS[2], f[20]) or '0')
     end
     if balance < cost then return answer(8, 0) end
     pay_wallet = true
@@ -126,19 +140,22 @@ elseif f[9] ~= '1' and qr < cost then
   return answer(8, 0)
 end
 
-if rpm > 0 and rc >= rpm then return answer(9, 0) end
-if tpm > 0 and tc >= tpm then return answer(10, 0) end
+-- Retry after: when the next call would be allowed, so past both limits' waits.
+if rpm > 0 and r_wait > 0 then return answer(9, 0, math.max(r_wait, t_wait)) end
+if tpm > 0 and t_wait > 0 then return answer(10, 0, t_wait) end
 
--- Allowed: reserve, count, record recent activity, all in one HSET.
-local set = {'rw', win, 'rc', rc + 1, 'la', ARGV[1], 'lip', ARGV[4], 'lm', model,
-             'qu', tonumber(f[25] or '0') + cost, 'n', tonumber(f[26] or '0') + 1}
+-- Allowed: reserve, count, record recent activity, all in one HSET. Tokens are counted
+-- when the call's usage is reported (settle.lua moves ta).
+local set = {'la', ARGV[1], 'lip', ARGV[4], 'lm', model,
+             'qu', tonumber(f[23] or '0') + cost, 'n', tonumber(f[24] or '0') + 1}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
+if rpm > 0 then put('ra', now_us + r_level + r_step) end
 if typ == 'b' then
   put('ce', ce)
   if pay_wallet then
-    redis.call('HINCRBY', KEYS[2], f[22], -cost)
+    redis.call('HINCRBY', KEYS[2], f[20], -cost)
     put('cu', cu)
-    put('pu', tonumber(f[27] or '0') + cost)
+    put('pu', tonumber(f[25] or '0') + cost)
   else
     put('cu', cu + cost)
   end

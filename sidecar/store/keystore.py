@@ -10,7 +10,9 @@ is kept in memory for every key. The authorize script reads and writes the same 
   ul  unlimited 1/0     qr  quota remaining     qu  quota used (units)
   ips allowed nets 'hex/bits,...'               m   models ',a,b,'
   pm  permission a/r/ro sc  scopes ',s1,s2,'
-  rpm, tpm              limits per minute; rw/rc and tw/tc: window id and count
+  rpm, tpm              limits per minute; ra / ta: their GCRA state, the µs time at
+                        which the requests / reported tokens so far have drained
+                        (authorize.lua; rw, rc, tw, tc of the old fixed windows are unused)
   cq, cu, ce, cp        subscription: cycle quota, used, cycle end ms, period ms
   pg  PAYG fallback 1/0 ow  owning account (wallet field)   pu  units paid by the wallet
   org, prj, mem, sa     organization, project, member, service account

@@ -2,8 +2,8 @@
 -- the call, atomically and at most once, in one round trip.
 --
 -- Times are in milliseconds; reserved and actual are integer quota units; tokens are
--- counted in the key's tokens-per-minute window (window id = floor(now / 60000), the
--- same fixed windows authorize.lua reads from the record fields tw / tc).
+-- counted against the key's tokens-per-minute limit as authorize.lua reads it: GCRA,
+-- the record field ta = the µs time at which the tokens reported so far have drained.
 --
 -- KEYS[1]  key record hash     k:{tag}:<hash>
 -- KEYS[2]  wallet hash         w:{tag}             (PAYG balances, field = account id;
@@ -35,7 +35,7 @@
 -- Every type: qu (units used) += delta, floored at zero.
 
 local f = redis.call('HMGET', KEYS[1],
-  'id', 't', 'ul', 'qu', 'tw', 'tc',                      -- 1..6
+  'id', 't', 'ul', 'qu', 'tpm', 'ta',                     -- 1..6
   'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp')         -- 7..14
 if not f[1] then return {1} end
 local held = redis.call('GET', KEYS[3])
@@ -53,12 +53,14 @@ local from_wallet = 0
 local set = {'qu', math.max(tonumber(f[4] or '0') + delta, 0)}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 
-if tokens > 0 then
-  local win = math.floor(now / 60000)
-  local tc = 0
-  if tonumber(f[5] or '-1') == win then tc = tonumber(f[6] or '0') end
-  put('tw', win)
-  put('tc', tc + tokens)
+local tpm = tonumber(f[5] or '0')
+if tokens > 0 and tpm > 0 then
+  -- Each token takes one step of the limit (see authorize.lua); what is over the limit
+  -- is owed, and keeps calls refused until it drains. The bound only keeps the sum an
+  -- exact double (31 years of debt).
+  local now_us = now * 1000
+  local tat = math.max(tonumber(f[6] or '0'), now_us) + tokens * math.ceil(60000000 / tpm)
+  put('ta', math.min(tat, now_us + 1e15))
 end
 
 if f[2] == 'b' then
