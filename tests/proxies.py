@@ -205,7 +205,9 @@ def start_envoy(tmp: Path, ports: dict[str, int], *, config: Path = ENVOY_YAML,
     log = tmp / "envoy.log"
     proc = subprocess.Popen(
         [str(binary), "-c", str(path), "--disable-hot-restart", "--concurrency",
-         str(concurrency), "--log-path", str(log), "--log-level", "info"],
+         str(concurrency), "--log-path", str(log), "--log-level", "info",
+         # the log file is flushed every 10 s by default: a test reading it sees it whole
+         "--file-flush-interval-msec", "100"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     envoy = Envoy(proc, listen_port, admin_port, log, rendered)
 
