@@ -211,7 +211,7 @@ class Processes:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SIDECAR_") and k != "PROMETHEUS_MULTIPROC_DIR"}
         env.update(SIDECAR_REDIS_URL=redis_url, SIDECAR_KEY_PEPPER=pepper,
-                   SIDECAR_BENCH_ENDPOINTS="1", SIDECAR_LOG_LEVEL="warning",
+                   SIDECAR_LOG_LEVEL="warning",
                    SIDECAR_CONFIG=str(ROOT / "config" / "sidecar.yaml"),
                    SIDECAR_LISTEN=f"127.0.0.1:{port}",
                    SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin_port}")
@@ -221,7 +221,8 @@ class Processes:
         log = self.tmp / f"sidecar-{port}.log"
         self.logs.append(log)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--workers", str(workers)],
+            # benchmarks/serve.py: `sidecar serve` with the /bench/* routes added.
+            [sys.executable, "-m", "benchmarks.serve", "serve", "--workers", str(workers)],
             env=env, cwd=self.tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         self.started.append(proc)
         car = Sidecar(proc, port, admin_port, workers, log)

@@ -343,18 +343,24 @@ class Bench:
                              self.args.wrk_threads))
 
     # -- sections -------------------------------------------------------------------------
+    def only_sections(self, stack) -> dict:
+        """--only: the edge sections alone, added to a published full run."""
+        out = {}
+        if "traefik" in self.args.only:
+            from .traefik import section
+            out["traefik"] = section(self, stack)
+        if "envoy" in self.args.only:
+            from . import envoy
+            out["envoy"] = envoy.section(self, stack)
+        return out
+
     def run(self) -> dict:
         args = self.args
         results: dict = {"meta": machine_info(), "keys": self.load(), "targets": TARGET_RATIOS}
         stack = self.start_stack(1)
         if args.only:
             try:
-                if "traefik" in args.only:
-                    from .traefik import section
-                    results["traefik"] = section(self, stack)
-                if "envoy" in args.only:
-                    from . import envoy
-                    results["envoy"] = envoy.section(self, stack)
+                results.update(self.only_sections(stack))
             finally:
                 self.stop_stack(stack)
             return results

@@ -334,10 +334,39 @@ def _open_store(settings: Settings):
     return for_command(settings)
 
 
-async def _run_action(args: argparse.Namespace, store):
+def _key_spec(args: argparse.Namespace):
+    """The KeySpec of `keys create` (data-plane types; admin keys go through cli_admin.py)."""
     from .keys import KeyType
     from .store.keystore import InvalidKeySpec, KeySpec
 
+    typ = KeyType(args.type)
+    if args.payg_fallback and typ is not KeyType.subscription:
+        raise InvalidKeySpec("payg-fallback: only for subscription keys")
+    if args.payg_fallback and not args.account:
+        raise InvalidKeySpec("account: --payg-fallback needs the --account that pays")
+    if args.project and typ is not KeyType.org:
+        raise InvalidKeySpec("project: only org keys belong to a project")
+    spec = KeySpec(type=typ, name=args.name, quota=args.quota, unlimited=args.unlimited,
+                   models=args.models, ips=args.ips, expires_at=args.expires,
+                   rpm=args.rpm, tpm=args.tpm, permission=args.permission,
+                   scopes=args.scopes, account=args.account, cycle_days=args.cycle_days,
+                   payg_fallback=args.payg_fallback)
+    if typ is KeyType.org:      # admin keys never get here (cli_admin.py: a member)
+        spec.org = "default"
+        spec.project = args.project or "default"
+    return spec
+
+
+async def _all_keys(args: argparse.Namespace, store) -> list:
+    views, cursor = [], 0
+    while True:
+        page, cursor = await store.list(args.type, args.status, cursor=cursor, limit=500)
+        views.extend(page)
+        if not cursor:
+            return views
+
+
+async def _run_action(args: argparse.Namespace, store):
     if getattr(args, "run_admin", None):  # control-plane commands (cli_admin.py)
         result = await args.run_admin(args, store)
         if result is not None:
@@ -350,30 +379,10 @@ async def _run_action(args: argparse.Namespace, store):
 
     action = args.action
     if action == "create":
-        typ = KeyType(args.type)
-        if args.payg_fallback and typ is not KeyType.subscription:
-            raise InvalidKeySpec("payg-fallback: only for subscription keys")
-        if args.payg_fallback and not args.account:
-            raise InvalidKeySpec("account: --payg-fallback needs the --account that pays")
-        if args.project and typ is not KeyType.org:
-            raise InvalidKeySpec("project: only org keys belong to a project")
-        spec = KeySpec(type=typ, name=args.name, quota=args.quota, unlimited=args.unlimited,
-                       models=args.models, ips=args.ips, expires_at=args.expires,
-                       rpm=args.rpm, tpm=args.tpm, permission=args.permission,
-                       scopes=args.scopes, account=args.account, cycle_days=args.cycle_days,
-                       payg_fallback=args.payg_fallback)
-        if typ is KeyType.org:      # admin keys never get here (cli_admin.py: a member)
-            spec.org = "default"
-            spec.project = args.project or "default"
-        view, plaintext = await store.create(spec)
+        view, plaintext = await store.create(_key_spec(args))
         return {**view, "key": plaintext}
     if action == "list":
-        views, cursor = [], 0
-        while True:
-            page, cursor = await store.list(args.type, args.status, cursor=cursor, limit=500)
-            views.extend(page)
-            if not cursor:
-                return views
+        return await _all_keys(args, store)
     if action == "show":
         return await store.get(args.id)
     if action in ("disable", "enable"):

@@ -64,9 +64,6 @@ class Settings:
     token_costs: dict[str, int] = field(default_factory=dict)  # units per 1000 tokens
     reservation_ttl_s: int = 3600        # how long an allowed call's reservation awaits
     log_level: str = "info"
-    # Benchmark-only routes on the data plane: /bench/baseline (authorize's request work
-    # against a fixed record, no Redis) and /bench/bare (200 "ok"). Off in production.
-    bench_endpoints: bool = False
 
     def __repr__(self) -> str:  # never print the pepper or Redis credentials
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -163,19 +160,11 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
     return validate(Settings(**{k: _coerce(k, v, known[k].type) for k, v in raw.items()}))
 
 
-def _coerce(name: str, value: Any, typ: Any) -> Any:
+def _coerce(name: str, value: Any, typ: Any) -> Any:  # noqa: C901 — one branch per setting type
     typ = str(typ)
     try:
         if value is None:
             return None
-        if typ.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
         if typ.startswith("int"):
             if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError  # YAML `true` or `2.5` is no count: int() would truncate
@@ -211,7 +200,7 @@ def _pair(item: str) -> tuple[str, str]:
     return model.strip(), cost.strip()
 
 
-def validate(s: Settings) -> Settings:
+def validate(s: Settings) -> Settings:  # noqa: C901 — a flat list, one check per setting
     if s.redis_url is not None:
         scheme = urlsplit(s.redis_url).scheme
         if scheme not in REDIS_SCHEMES:

@@ -37,21 +37,6 @@ if TYPE_CHECKING:
     from .authorize import Authorizer
 
 
-class FixedRecordRunner:
-    """Benchmark baseline: the script's allow reply for a fixed record, without Redis."""
-
-    REPLY = [0, b"key_baseline", b"s", b"", b"", 600, 599, 0, 0, 100, 0, 0]
-
-    async def run(self, script, keys, args) -> list:
-        return self.REPLY
-
-    async def ping(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        return None
-
-
 def data_plane(settings: Settings, runner) -> tuple[EdgeServer, Authorizer]:
     """The data-plane routes on the bare HTTP/1.1 edge (edge.py), and the authorizer
     behind them (which the gRPC mode shares)."""
@@ -60,8 +45,6 @@ def data_plane(settings: Settings, runner) -> tuple[EdgeServer, Authorizer]:
 
     hasher = KeyHasher(settings.key_pepper)
     authorize = Authorizer(settings, hasher, runner)
-    baseline = Authorizer(settings, hasher, FixedRecordRunner()) \
-        if settings.bench_endpoints else None
     settle = None
     if settings.settlement_token:  # POST /settle exists only once a token is configured
         from .settle import Settler
@@ -74,14 +57,10 @@ def data_plane(settings: Settings, runner) -> tuple[EdgeServer, Authorizer]:
     routes = {"/healthz": (ok, True)}
     if settle is not None:
         routes["/settle"] = (settle, False)
-    if baseline is not None:
-        routes["/bench/bare"] = (ok, True)
 
     def route(path: str):
         if path.startswith("/authz") and (len(path) == 6 or path[6] == "/"):
             return authorize, True
-        if baseline is not None and path.startswith("/bench/baseline"):
-            return baseline, True
         return routes.get(path)
 
     # The process's own descriptors, its Redis pool and the admin listener keep a reserve.
@@ -234,6 +213,11 @@ def serve(settings: Settings, embedded: EmbeddedRedis | None, config_path: str |
     return 0
 
 
+# The module workers are started with (`python -m WORKER_ENTRY serve --worker-process`): a
+# wrapper that adds routes from outside (benchmarks/serve.py) names itself here.
+WORKER_ENTRY = "sidecar"
+
+
 def _supervise_workers(settings: Settings, embedded: EmbeddedRedis | None,
                        config_path: str | None) -> None:
     env = dict(os.environ, SIDECAR_REDIS_URL=settings.redis_url,
@@ -241,7 +225,7 @@ def _supervise_workers(settings: Settings, embedded: EmbeddedRedis | None,
     procs: list[subprocess.Popen] = []
 
     def spawn() -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "sidecar", "serve", "--worker-process"]
+        cmd = [sys.executable, "-m", WORKER_ENTRY, "serve", "--worker-process"]
         if config_path:
             cmd += ["--config", config_path]
         return subprocess.Popen(cmd, env=env)

@@ -44,7 +44,6 @@ trusted_proxies: [10.0.0.0/8, "fd00::/8"]
 trusted_hops: 2
 model_costs: {{gpt-5.5: 10}}
 failure_mode: open
-bench_endpoints: true
 keepalive_timeout_s: 30
 """)
     s = load_settings(path, env={})
@@ -52,7 +51,7 @@ keepalive_timeout_s: 30
     assert s.trusted_proxies == ("10.0.0.0/8", "fd00::/8") and s.trusted_hops == 2
     assert [str(n) for n in s.trusted_networks()] == ["10.0.0.0/8", "fd00::/8"]
     assert s.model_costs == {"gpt-5.5": 10}
-    assert (s.failure_mode, s.bench_endpoints, s.keepalive_timeout_s) == ("open", True, 30.0)
+    assert (s.failure_mode, s.keepalive_timeout_s) == ("open", 30.0)
 
 
 def test_environment_overrides_yaml(tmp_path):
@@ -60,15 +59,15 @@ def test_environment_overrides_yaml(tmp_path):
 redis_url: {URL}
 key_pepper: {PEPPER}
 workers: 2
-bench_endpoints: true
+failure_mode: open
 trusted_proxies: [10.0.0.0/8]
 model_costs: {{a: 1}}
 """)
     s = load_settings(path, env={
-        "SIDECAR_WORKERS": "5", "SIDECAR_BENCH_ENDPOINTS": "false",
+        "SIDECAR_WORKERS": "5", "SIDECAR_FAILURE_MODE": "closed",
         "SIDECAR_TRUSTED_PROXIES": "192.168.0.0/16, ::1", "SIDECAR_MODEL_COSTS": "b=2, c=3",
         "SIDECAR_KEY_PEPPER": "another-pepper-0123456789", "SIDECAR_LISTEN": "127.0.0.1:1"})
-    assert s.workers == 5 and s.bench_endpoints is False
+    assert s.workers == 5 and s.failure_mode == "closed"
     assert s.trusted_proxies == ("192.168.0.0/16", "::1")
     assert s.model_costs == {"b": 2, "c": 3}
     assert s.key_pepper == "another-pepper-0123456789" and s.listen == "127.0.0.1:1"
@@ -136,7 +135,6 @@ BAD_VALUES = [
     ("reservation_ttl_s", "604801"),
     ("reservation_ttl_s", "an hour"),
     ("log_level", "verbose"),
-    ("bench_endpoints", "maybe"),
 ]
 
 
@@ -159,7 +157,7 @@ def test_bad_env_value_names_the_field(name, value):
     ("model_costs: {gpt-5.5: lots}\n", "model_costs"),
     ("redis_url: {host: x}\n", "redis_url"),
     ("failure_mode: 1\n", "failure_mode"),
-    ("bench_endpoints: sometimes\n", "bench_endpoints"),
+    ("bench_endpoints: true\n", "bench_endpoints"),  # benchmarks/serve.py, not a setting
     ("redis_url: redis://127.0.0.1:6379/0\n", "key_pepper"),  # a pepper is then required
     ("no_such_setting: 1\n", "no_such_setting"),
     ("Workers: 2\n", "Workers"),

@@ -56,10 +56,7 @@ def validate(schema: dict, value: Any, name: str = "body", *, strings: bool = Fa
     if isinstance(value, str):
         _check_string(schema, value, name)
     elif isinstance(value, int) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            raise InvalidValue(f"{name}: must be at least {schema['minimum']}", name)
-        if "maximum" in schema and value > schema["maximum"]:
-            raise InvalidValue(f"{name}: must be at most {schema['maximum']}", name)
+        _check_integer(schema, value, name)
     elif isinstance(value, list):
         if len(value) > schema.get("maxItems", 1000):
             raise InvalidValue(f"{name}: at most {schema.get('maxItems', 1000)} items", name)
@@ -85,6 +82,13 @@ def _check_object(schema: dict, value: dict, name: str, strings: bool) -> dict:
                            next(iter(props), None))
     return {k: validate(props.get(k, {}), v, prefix + k, strings=strings)
             for k, v in value.items()}
+
+
+def _check_integer(schema: dict, value: int, name: str) -> None:
+    if "minimum" in schema and value < schema["minimum"]:
+        raise InvalidValue(f"{name}: must be at least {schema['minimum']}", name)
+    if "maximum" in schema and value > schema["maximum"]:
+        raise InvalidValue(f"{name}: must be at most {schema['maximum']}", name)
 
 
 def _check_string(schema: dict, value: str, name: str) -> None:

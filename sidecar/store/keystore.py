@@ -85,7 +85,8 @@ class KeySpec:
     created_by: str = "cli"
 
 
-def validate_spec(spec: KeySpec, now: datetime | None = None) -> dict[str, str]:
+def validate_spec(  # noqa: C901 — a flat list, one check per field of the spec
+        spec: KeySpec, now: datetime | None = None) -> dict[str, str]:
     """The record fields for a spec, or InvalidKeySpec naming the bad field. Pure."""
     now = now or datetime.now(UTC)
     if spec.quota is not None and not 0 <= spec.quota <= MAX_QUOTA:
