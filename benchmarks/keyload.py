@@ -16,9 +16,9 @@ from pathlib import Path
 
 import hiredis
 
-from sidecar.keys import BODY_LEN, PREFIX_OF, KeyHasher, KeyType, key_type, new_id
-from sidecar.store import names
-from sidecar.store.keystore import KeySpec, validate_spec
+from sidecar.control.keystore import KeySpec, validate_spec
+from sidecar.schema import names
+from sidecar.schema.keys import BODY_LEN, PREFIX_OF, KeyHasher, KeyType, key_type, new_id
 
 _ALPHABET = (string.ascii_letters + string.digits).encode()
 # Bytes 0..247 map onto the 62 characters evenly (4 each); 248..255 are dropped (no bias).

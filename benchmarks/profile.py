@@ -24,14 +24,14 @@ from .load import Load, run_wrk
 
 # Frames grouped by the file they live in: the first matching fragment names the area.
 AREAS = (
-    ("sidecar/authorize.py", "sidecar: authorize handler"),
-    ("sidecar/request.py", "sidecar: request extraction"),
-    ("sidecar/decision.py", "sidecar: decision rendering"),
-    ("sidecar/keys.py", "sidecar: key format + HMAC"),
-    ("sidecar/metrics.py", "sidecar: metrics"),
-    ("sidecar/store/", "sidecar: Redis pipeline"),
-    ("sidecar/server.py", "sidecar: dispatch"),
-    ("sidecar/edge.py", "sidecar: HTTP server (edge.py)"),
+    ("sidecar/dataplane/authorize.py", "sidecar: authorize handler"),
+    ("sidecar/dataplane/request.py", "sidecar: request extraction"),
+    ("sidecar/dataplane/decision.py", "sidecar: decision rendering"),
+    ("sidecar/schema/keys.py", "sidecar: key format + HMAC"),
+    ("sidecar/runtime/metrics.py", "sidecar: metrics"),
+    ("sidecar/redis/", "sidecar: Redis pipeline"),
+    ("sidecar/dataplane/routes.py", "sidecar: dispatch"),
+    ("sidecar/dataplane/edge.py", "sidecar: HTTP server (edge.py)"),
     ("/sidecar/", "sidecar: other"),
     ("prometheus_client", "prometheus_client"),
     ("aiohttp/web_response", "aiohttp: response"),

@@ -45,8 +45,8 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
-from sidecar.keys import KeyHasher, shard_of  # noqa: E402
-from sidecar.store import names  # noqa: E402
+from sidecar.schema import names  # noqa: E402
+from sidecar.schema.keys import KeyHasher, shard_of  # noqa: E402
 
 from .keyload import load_keys, write_key_file  # noqa: E402
 from .load import Load, run_wrk  # noqa: E402
@@ -60,7 +60,7 @@ from .stats import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
-SCRIPT = HERE.parent / "sidecar" / "store" / "authorize.lua"
+SCRIPT = HERE.parent / "sidecar" / "schema" / "authorize.lua"
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
 SECTIONS = ("peer", "profile", "edge", "workers", "script")

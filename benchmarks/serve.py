@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from sidecar import server
-from sidecar.authorize import Authorizer
-from sidecar.cli import main
-from sidecar.edge import Answer, Call
-from sidecar.keys import KeyHasher
+from sidecar.cli.main import main
+from sidecar.dataplane.authorize import Authorizer
+from sidecar.dataplane.edge import Answer, Call
+from sidecar.runtime import server
+from sidecar.schema.keys import KeyHasher
 
 
 class FixedRecordRunner:

@@ -136,8 +136,8 @@ async def aredis(redis_url):
 
 @pytest.fixture
 async def store(aredis):
-    from sidecar.keys import KeyHasher
-    from sidecar.store.keystore import KeyStore
+    from sidecar.control.keystore import KeyStore
+    from sidecar.schema.keys import KeyHasher
     return KeyStore(aredis, KeyHasher(PEPPER))
 
 

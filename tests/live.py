@@ -19,8 +19,8 @@ import aiohttp
 import orjson
 from conftest import ROOT, Sidecar, sidecar_env, start_sidecar, stop_process, wait_for
 
-from sidecar.keys import KeyType
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
+from sidecar.schema.keys import KeyType
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"

@@ -40,7 +40,7 @@ from hypothesis.stateful import (
 )
 
 from sidecar.control.store import ControlStore
-from sidecar.keys import KeyHasher
+from sidecar.schema.keys import KeyHasher
 
 RANK = {"owner": 3, "admin": 2, "member": 1}
 ROLES = list(RANK)

@@ -1,7 +1,7 @@
 """Script tier: authorize.lua on a real redis-server, reached through the real code path.
 
 Records come from KeyStore.create, calls go through make_runner(...).run(AUTHORIZE, ...)
-with the same KEYS and ARGV that sidecar/authorize.py builds. Every call passes an
+with the same KEYS and ARGV that sidecar/dataplane/authorize.py builds. Every call passes an
 explicit `now` (ARGV[1]), so no assertion depends on the clock: the rate tests drive
 time across minute boundaries and to the millisecond a Retry-After names.
 """
@@ -14,13 +14,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis.crc import key_slot
 
-from sidecar.decision import Code
-from sidecar.keys import KeyType, new_reservation_id, shard_of
-from sidecar.request import classify, ip_hex
-from sidecar.store import names
-from sidecar.store.keystore import DAY_MS, KeySpec
-from sidecar.store.runner import make_runner
-from sidecar.store.scripts import AUTHORIZE, SETTLE
+from sidecar.control.keystore import KeySpec
+from sidecar.dataplane.decision import Code
+from sidecar.dataplane.request import classify
+from sidecar.redis.runner import make_runner
+from sidecar.schema import names
+from sidecar.schema.ips import ip_hex
+from sidecar.schema.keys import KeyType, new_reservation_id, shard_of
+from sidecar.schema.record import DAY_MS
+from sidecar.schema.scripts import AUTHORIZE, SETTLE
 
 MINUTE = 60_000
 CHAT = ("POST", "/v1/chat/completions")
@@ -35,7 +37,7 @@ def mid_window() -> int:
 async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str = "gpt-5.5",
                     ip: str = "127.0.0.1", cost: int = 1, certain: bool = True,
                     reservation: str | None = None, reservation_ms: int = 60_000) -> list:
-    """One authorize call, KEYS and ARGV as sidecar/authorize.py builds them (with a
+    """One authorize call, KEYS and ARGV as sidecar/dataplane/authorize.py builds them (with a
     reservation id when /settle is on)."""
     key_hash = store.hasher(key)
     endpoint = classify(*route)

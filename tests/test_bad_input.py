@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from live import evalsha_calls, send
 
-from sidecar.keys import KeyType
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
+from sidecar.schema.keys import KeyType
 
 MAX_BODY = 4096     # the sidecar below reads at most this much of a body
 VALID_LOOKING = "sk-" + "Q" * 40     # well-formed, unknown

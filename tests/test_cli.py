@@ -14,11 +14,12 @@ import pytest
 import redis as redis_sync
 from conftest import PEPPER, ROOT, free_port, sidecar_env
 
-from sidecar.keys import KeyType, key_type
-from sidecar.request import classify, ip_hex
-from sidecar.store import names
-from sidecar.store.runner import make_runner
-from sidecar.store.scripts import AUTHORIZE
+from sidecar.dataplane.request import classify
+from sidecar.redis.runner import make_runner
+from sidecar.schema import names
+from sidecar.schema.ips import ip_hex
+from sidecar.schema.keys import KeyType, key_type
+from sidecar.schema.scripts import AUTHORIZE
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path | str = ROOT,

@@ -16,11 +16,11 @@ from conftest import PEPPER, free_port, start_redis, start_sidecar, stop_process
 from live import CLIENT_TIMEOUT, authz
 from redis.crc import key_slot
 
-from sidecar.keys import KeyHasher, KeyType, shard_of
-from sidecar.store import names
-from sidecar.store.keystore import KeySpec, KeyStore
-from sidecar.store.runner import control_client, make_runner
-from sidecar.store.scripts import AUTHORIZE
+from sidecar.control.keystore import KeySpec, KeyStore
+from sidecar.redis.runner import control_client, make_runner
+from sidecar.schema import names
+from sidecar.schema.keys import KeyHasher, KeyType, shard_of
+from sidecar.schema.scripts import AUTHORIZE
 
 BODY = {"model": "gpt-x", "messages": []}
 

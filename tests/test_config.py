@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import PEPPER, ROOT, sidecar_env
 
-from sidecar.config import ConfigError, Settings, load_settings
+from sidecar.runtime.config import ConfigError, Settings, load_settings
 
 URL = "redis://127.0.0.1:6399/0"
 
@@ -222,7 +222,7 @@ def test_serve_with_bad_setting_exits_with_one_line(tmp_path, settings, args, na
 # -- the state folder: one place, whatever the current directory ---------------------------
 
 def test_default_state_dir(tmp_path):
-    from sidecar.config import default_state_dir
+    from sidecar.runtime.config import default_state_dir
     home = {"HOME": "/home/ann"}
     assert default_state_dir(home, uid=1000) == Path("/home/ann/.local/state/llm-key-sidecar")
     assert default_state_dir(home, uid=0) == Path("/var/lib/llm-key-sidecar")

@@ -17,7 +17,7 @@ import pytest
 from conftest import start_sidecar, stop_process
 from live import send
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 TRICKLE = b"POST /authz/v1/chat/completions HTTP/1.1\r\nHost: s\r\nX-Pad: "
 

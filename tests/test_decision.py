@@ -16,7 +16,7 @@ import pytest
 from conftest import PEPPER
 from multidict import CIMultiDict
 
-from sidecar.decision import (
+from sidecar.dataplane.decision import (
     Code,
     denial_answer,
     duration,
@@ -24,25 +24,16 @@ from sidecar.decision import (
     limit_headers,
     retry_after,
 )
-from sidecar.keys import (
-    PREFIX_OF,
-    SHARD_HEX,
-    KeyHasher,
-    KeyType,
-    key_type,
-    mint,
-    shard_of,
-)
-from sidecar.request import (
+from sidecar.dataplane.request import (
     ClientIp,
     bearer_or_api_key,
     classify,
-    ip_hex,
     model_of,
-    network_entry,
     original_call,
     read_model,
 )
+from sidecar.schema.ips import ip_hex, network_entry
+from sidecar.schema.keys import PREFIX_OF, SHARD_HEX, KeyHasher, KeyType, key_type, mint, shard_of
 
 # -- the decision table ------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from conftest import ROOT
 
-from sidecar.config import load_settings, parse_hostport
+from sidecar.runtime.config import load_settings, parse_hostport
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"

@@ -1,4 +1,4 @@
-"""The data-plane HTTP/1.1 edge (sidecar/edge.py) as a client on a raw socket sees it.
+"""The data-plane HTTP/1.1 edge (sidecar/dataplane/edge.py) as a client on a raw socket sees it.
 
 Pipelined requests are answered in order even when a later one is decided without Redis;
 keep-alive, Connection: close and HTTP/1.0; chunked bodies; and malformed framing gets a
@@ -12,7 +12,7 @@ import socket
 import pytest
 from conftest import start_sidecar, stop_process
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 BODY = b'{"model": "gpt-5.5", "messages": []}'
 
@@ -157,7 +157,7 @@ async def test_client_gone_mid_body_leaves_the_server_serving(car, store):
 
 def test_an_answer_header_cannot_be_split_by_a_line_break():
     """Values come from records and our own JSON; even so, a CR/LF never starts a header."""
-    from sidecar.edge import Answer, encode
+    from sidecar.dataplane.edge import Answer, encode
 
     raw = encode(Answer(200, {"x-key-id": "key_1\r\nSet-Cookie: x=1", "x-org-id": ""}), True)
     head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")

@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT
 from proxies import ENVOY_YAML, deployed_max_body
 
-from sidecar.request import AUTHZ_PREFIX
+from sidecar.dataplane.request import AUTHZ_PREFIX
 
 ENVOY = ENVOY_YAML
 

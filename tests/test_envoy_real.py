@@ -34,8 +34,8 @@ from proxies import (
     start_envoy,
 )
 
-from sidecar.decision import DENIALS, Code
-from sidecar.keys import RESERVATION_ID
+from sidecar.dataplane.decision import DENIALS, Code
+from sidecar.schema.keys import RESERVATION_ID
 
 IDENTITY = ("x-key-id", "x-key-type", "x-org-id", "x-project-id", "x-reservation-id")
 FORGED_RESERVATION = "rsv_" + "f" * 32

@@ -59,8 +59,9 @@ def test_serve_hint_pasted_as_printed_makes_a_key_and_an_allowed_call(tmp_path):
 
 
 def test_the_readme_shows_what_serve_prints(monkeypatch):
-    from sidecar.cli import build_parser, command_name, first_key_hint
-    from sidecar.config import Settings
+    from sidecar.cli.main import build_parser, first_key_hint
+    from sidecar.cli.parsing import command_name
+    from sidecar.runtime.config import Settings
 
     monkeypatch.delenv("SIDECAR_CONFIG", raising=False)   # the defaults, as in the README
 

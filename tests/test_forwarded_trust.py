@@ -19,7 +19,7 @@ import pytest
 from conftest import start_sidecar, stop_process
 from live import CHAT, authz, send
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 GEMINI = "/v1beta/models/{}:generateContent"
 

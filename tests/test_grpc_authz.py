@@ -27,7 +27,7 @@ from live import (
     tcp_inodes,
 )
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 BODY = {"model": "gpt-x", "messages": []}
 

@@ -32,7 +32,7 @@ from live import (
     make,
 )
 
-from sidecar.keys import KeyType
+from sidecar.schema.keys import KeyType
 
 ANTHROPIC_TYPES = {401: "authentication_error", 402: "billing_error",
                    403: "permission_error", 429: "rate_limit_error"}

@@ -26,7 +26,7 @@ import yaml
 from conftest import ROOT
 from jsonschema import Draft202012Validator
 
-from sidecar.config import load_settings
+from sidecar.runtime.config import load_settings
 
 DEPLOY = ROOT / "deploy"
 SCHEMAS = Path(__file__).parent / "k8s_schemas"

@@ -24,7 +24,7 @@ from live import (
     tcp_inodes,
 )
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 BODY = {"model": "gpt-x", "messages": []}
 
@@ -46,8 +46,8 @@ async def test_sigterm_drains_in_flight_calls(tmp_path, http):
         import redis.asyncio as aioredis
         from conftest import PEPPER
 
-        from sidecar.keys import KeyHasher
-        from sidecar.store.keystore import KeyStore
+        from sidecar.control.keystore import KeyStore
+        from sidecar.schema.keys import KeyHasher
         client = aioredis.from_url(redis.url)
         view, key = await KeyStore(client, KeyHasher(PEPPER)).create(KeySpec(quota=100))
         await client.aclose()

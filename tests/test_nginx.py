@@ -26,8 +26,8 @@ from aiohttp import web
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
 from live import CLIENT_TIMEOUT
 
-from sidecar.keys import RESERVATION_ID
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
+from sidecar.schema.keys import RESERVATION_ID
 
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 STUB = ROOT / "deploy" / "stub-upstream" / "app.py"

@@ -25,7 +25,7 @@ import yaml
 from conftest import ROOT, npm_tool, start_sidecar, stop_process
 from live import CLIENT_TIMEOUT, authz
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sidecar.json"

@@ -39,7 +39,7 @@ from conftest import free_port, start_sidecar, stop_process, wait_for
 from live import CLIENT_TIMEOUT, authz
 from test_observability import PROMETHEUS, expressions
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 TOKEN = "prometheus-live-token-0123456789"
 RANGE = "1m"                 # stands for Grafana's interval variables; > the test's length

@@ -19,8 +19,8 @@ import pytest
 from conftest import start_sidecar, stop_process
 from live import CLIENT_TIMEOUT, start_workers
 
-from sidecar.store import names
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
+from sidecar.schema import names
 
 CALLS = 400
 PER_SIDECAR_CONNECTIONS = 100

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 from conftest import PEPPER, start_redis, start_sidecar, stop_process
 from live import CHAT, MESSAGES, authz, metric_value
 
-from sidecar.keys import KeyHasher
-from sidecar.store.keystore import KeySpec, KeyStore
+from sidecar.control.keystore import KeySpec, KeyStore
+from sidecar.schema.keys import KeyHasher
 
 QUICK = aiohttp.ClientTimeout(total=5)   # a hang fails the test instead of blocking it
 BODY = {"model": "gpt-x", "messages": []}

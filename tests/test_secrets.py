@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 
-from sidecar.decision import Code
-from sidecar.keys import PREFIX_OF, KeyType, key_type, shard_of
-from sidecar.request import classify, ip_hex
-from sidecar.store import names
-from sidecar.store.keystore import KeySpec
-from sidecar.store.runner import make_runner
-from sidecar.store.scripts import AUTHORIZE
+from sidecar.control.keystore import KeySpec
+from sidecar.dataplane.decision import Code
+from sidecar.dataplane.request import classify
+from sidecar.redis.runner import make_runner
+from sidecar.schema import names
+from sidecar.schema.ips import ip_hex
+from sidecar.schema.keys import PREFIX_OF, KeyType, key_type, shard_of
+from sidecar.schema.scripts import AUTHORIZE
 
 
 async def everything_in(redis) -> list[bytes]:

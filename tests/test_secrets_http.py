@@ -13,7 +13,7 @@ import pytest
 from conftest import start_redis, start_sidecar, stop_process
 from live import CHAT, MESSAGES, authz, metric_value
 
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
 
 QUICK = aiohttp.ClientTimeout(total=5)
 CLIENT_IPS = ("10.20.30.40", "2001:db8::42", "192.168.77.1")
@@ -31,8 +31,8 @@ async def test_no_plaintext_in_logs_or_metrics(tmp_path, own_redis, http):
     import redis.asyncio as aioredis
     from conftest import PEPPER
 
-    from sidecar.keys import KeyHasher
-    from sidecar.store.keystore import KeyStore
+    from sidecar.control.keystore import KeyStore
+    from sidecar.schema.keys import KeyHasher
 
     client = aioredis.from_url(own_redis.url)
     store = KeyStore(client, KeyHasher(PEPPER))

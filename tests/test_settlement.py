@@ -19,10 +19,10 @@ import pytest
 from conftest import start_sidecar, stop_process
 from live import CLIENT_TIMEOUT, authz, metric_value
 
-from sidecar.keys import RESERVATION_ID, KeyType
-from sidecar.settle import BadReport, Report, actual_cost, parse_report
-from sidecar.store import names
-from sidecar.store.keystore import KeySpec
+from sidecar.control.keystore import KeySpec
+from sidecar.dataplane.settle import BadReport, Report, actual_cost, parse_report
+from sidecar.schema import names
+from sidecar.schema.keys import RESERVATION_ID, KeyType
 
 TOKEN = "settle-token-0123456789"
 BIG = "gpt-big"            # reserves 10 units

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
 from live import alive, children
 
-from sidecar.keys import KeyType, key_type
+from sidecar.schema.keys import KeyType, key_type
 
 BODY = b'{"model":"gpt-5.5","messages":[]}'
 

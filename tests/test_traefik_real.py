@@ -31,8 +31,8 @@ from proxies import (
     venv_binary,
 )
 
-from sidecar.decision import identity_headers
-from sidecar.keys import RESERVATION_ID
+from sidecar.dataplane.decision import identity_headers
+from sidecar.schema.keys import RESERVATION_ID
 
 TRAEFIK = ROOT / "deploy" / "traefik"
 IDENTITY = set(identity_headers([0, b"k", b"s", b"", b""]))

@@ -2,8 +2,8 @@
 --
 -- Same work as the sidecar per call: the key from Authorization / x-api-key, the format
 -- check, HMAC-SHA256(pepper, key) as 64 hex digits (OpenSSL's SHA-256 through LuaJIT's
--- FFI, inner/outer states precomputed like sidecar/keys.py), the model from the JSON
--- body (cjson), the scope of the original call, then THE SAME sidecar/store/authorize.lua
+-- FFI, inner/outer states precomputed like sidecar/schema/keys.py), the model from the JSON
+-- body (cjson), the scope of the original call, then THE SAME sidecar/schema/authorize.lua
 -- with the same KEYS/ARGV: one EVALSHA per request over lua-resty-redis, connections
 -- kept in the worker's keepalive pool. Answers 200 + identity headers, or the denial
 -- status with the JSON body and X-Auth-Error. No metrics (the sidecar keeps its own on).
@@ -68,7 +68,7 @@ local function sha1_hex(s)
   return (raw:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
 
--- Denials, rendered once (sidecar/decision.py's codes, statuses and messages).
+-- Denials, rendered once (sidecar/dataplane/decision.py's codes, statuses and messages).
 local DENIALS = {
   [1] = {401, "invalid_api_key", "invalid_request_error", "authentication_error",
          "Incorrect API key provided."},

@@ -15,67 +15,21 @@ same table.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 from aiohttp import web
 
 from ..control import policy
 from ..control.errors import NotFound
-from ..control.policy import Actor
 from ..control.store import ControlStore
-from ..keys import KeyHasher
+from ..schema.keys import KeyHasher
 from . import schemas
 from .auth import authenticate
 from .http import ApiError, json_errors, json_response, read_json
+from .routing import PREFIX, Call, Route
 from .validation import validate
 
-PREFIX = "/admin/v1"
 _ID = re.compile(schemas.ID_PATTERN.strip("^$"))
-
-
-@dataclass
-class Call:
-    store: ControlStore
-    actor: Actor
-    params: dict[str, str]
-    query: dict[str, Any]
-    body: dict[str, Any]
-    headers: Any
-
-    @property
-    def org(self) -> str:
-        return self.actor.org or ""
-
-
-Handler = Callable[[Call], Awaitable[tuple[int, Any]]]
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str                       # below PREFIX, e.g. "/keys/{key_id}"
-    action: str                     # policy action, e.g. "key.rotate" (policy.ACTIONS)
-    summary: str
-    handler: Handler
-    response: str                   # component schema of the success body
-    status: int = 200
-    also: int | None = None         # a second success status (a replayed rotation: 200)
-    body: dict | None = None        # request body schema (None: no body)
-    query: dict = field(default_factory=lambda: schemas.obj({}))
-    list_of: bool = False           # the response is a page of `response`
-    tag: str = ""
-
-    @property
-    def scope(self) -> str:
-        """The admin scope the action needs, e.g. "keys:write"."""
-        return policy.ACTIONS[self.action]
-
-    @property
-    def operation_id(self) -> str:
-        words = [p.strip("{}") for p in self.path.split("/") if p]
-        return "_".join([self.method.lower(), *words])
 
 
 def routes() -> list[Route]:
@@ -112,18 +66,9 @@ def endpoint(route: Route, app: web.Application) -> Callable:
     return handle
 
 
-def page(items: list, query: dict) -> dict:
-    """Offset pagination over a full list: {"object": "list", "data", "next_cursor"}."""
-    start = int(query.get("cursor") or 0)
-    limit = query.get("limit") or 100
-    end = start + limit
-    return {"object": "list", "data": items[start:end],
-            "next_cursor": str(end) if end < len(items) else None}
-
-
 def setup_admin_api(app: web.Application, settings) -> None:
     """Mount /admin/v1 on the admin listener, with its own redis-py control client."""
-    from ..store.runner import control_client
+    from ..redis.runner import control_client
     from .openapi import document
 
     table = routes()

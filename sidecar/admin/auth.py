@@ -9,9 +9,9 @@ from __future__ import annotations
 from ..control.errors import NotFound
 from ..control.policy import Actor, Grant
 from ..control.store import ControlStore
-from ..keys import KeyHasher, KeyType, key_type
-from ..store import names
-from ..store.keystore import PERMISSION_NAMES, now_ms
+from ..schema import names
+from ..schema.keys import KeyHasher, KeyType, key_type
+from ..schema.record import PERMISSION_NAMES, now_ms
 from .http import ApiError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .api import PREFIX, Route
+from .routing import PREFIX, Route
 from .schemas import ID, REQUIRED_TEXT, RESPONSES
 
 _ERRORS = {"400": "invalid request: unknown field, wrong type, bad value, conflicting "

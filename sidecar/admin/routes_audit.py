@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..control.store import parse_when
 from . import schemas as s
-from .api import Call, Route
+from .routing import Call, Route
 
 
 def _ms(text: str | None, param: str) -> int | None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from ..control.store import parse_when
 from . import schemas as s
-from .api import Call, Route
 from .http import ApiError
+from .routing import Call, Route
 from .validation import validate
 
 

@@ -7,7 +7,7 @@ another organization is simply not found.
 from __future__ import annotations
 
 from . import schemas as s
-from .api import Call, Route, page
+from .routing import Call, Route, page
 
 
 async def get_org(c: Call):

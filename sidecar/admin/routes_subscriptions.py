@@ -4,7 +4,7 @@ auto-created sk-sub- key (plaintext once) and its PAYG-fallback switch."""
 from __future__ import annotations
 
 from . import schemas as s
-from .api import Call, Route, page
+from .routing import Call, Route, page
 
 
 async def list_subscriptions(c: Call):

@@ -7,7 +7,7 @@ drift from what the server accepts. Responses are described, not enforced.
 from __future__ import annotations
 
 from ..control.policy import ROLES
-from ..store.keystore import MAX_QUOTA
+from ..schema.record import MAX_QUOTA
 
 ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": 64}

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from ..store import names
+from ..schema import names
 from .policy import Actor
 
 MAXLEN = 100_000            # entries kept per organization (approximate trim)

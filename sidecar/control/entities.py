@@ -3,18 +3,16 @@ all under the org's hash tag, so an entity and its indexes change in one MULTI/E
 
 from __future__ import annotations
 
-from importlib import resources
-
-from ..keys import new_id
-from ..store import names
-from ..store.keystore import now_ms
+from ..schema import names, scripts
+from ..schema.keys import new_id
+from ..schema.record import now_ms
 from .checks import check_role, check_text
 from .errors import Conflict, NotFound
 from .policy import CLI, Actor, Resource, check
 from .views import decode, member_view, org_view, pairs, project_view, sa_view, text
 
 DEFAULT = "default"                 # built-in organization and project of `keys create`
-CREATE_UNIQUE = resources.files(__package__).joinpath("create_unique.lua").read_bytes()
+CREATE_UNIQUE = scripts.CREATE_UNIQUE.source
 
 
 class EntityOps:

@@ -8,18 +8,13 @@ import hashlib
 
 import orjson
 
-from ..keys import TYPE_OF_CODE, KeyType
-from ..store import names
-from ..store.keystore import (
-    CASCADE_REASONS,
-    PERMISSION_NAMES,
-    InvalidKeySpec,
-    KeyError_,
-    KeySpec,
-)
-from ..store.keystore import view as key_view
+from ..schema import names
+from ..schema.keys import TYPE_OF_CODE, KeyType
+from ..schema.record import CASCADE_REASONS, PERMISSION_NAMES
 from .checks import check_scopes_mode, check_text, refuse
 from .errors import Conflict, Conflicting, Invalid, NotFound, from_key_error
+from .keystore import InvalidKeySpec, KeyError_, KeySpec
+from .keystore import view as key_view
 from .policy import CLI, Actor, Grant, Resource, check, check_admin_scopes
 from .views import text
 

@@ -13,14 +13,14 @@ Write order, so that a failure never leaves something half-made:
 
 from __future__ import annotations
 
-from ..keys import KeyHasher
-from ..store import names
-from ..store.keystore import KeyStore
+from ..schema import names
+from ..schema.keys import KeyHasher
 from .audit import AuditLog
 from .checks import parse_when
 from .entities import CREATE_UNIQUE, DEFAULT, EntityOps
 from .errors import Conflict, NotFound
 from .key_ops import KeyOps
+from .keystore import KeyStore
 from .subscriptions import SubscriptionOps
 from .views import text
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 
-from ..keys import KeyType, new_id
-from ..store import names
-from ..store.keystore import InvalidKeySpec, KeyError_, KeySpec, _iso, now_ms
+from ..schema import names
+from ..schema.keys import KeyType, new_id
+from ..schema.record import _iso, now_ms
 from .checks import check_text
 from .errors import Conflict, Invalid, NotFound, from_key_error
+from .keystore import InvalidKeySpec, KeyError_, KeySpec
 from .policy import CLI, Actor, Resource, check
 from .views import cycle_view, pairs, text
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..store.keystore import _iso
+from ..schema.record import _iso
 
 
 def cycle_view(key: dict | None) -> dict:

@@ -1,8 +1,8 @@
 """The data plane: one authorize call, top to bottom.
 
     extract (key, call, model, client IP, cost)   request.py, pure
-    -> format check, no Redis                      keys.py
-    -> one script call, batched per loop tick      store/runner.py + authorize.lua
+    -> format check, no Redis                      schema/keys.py
+    -> one script call, batched per loop tick      redis/runner.py + schema/authorize.lua
     -> answer: 200 + identity, or the denial       decision.py, pure
 """
 
@@ -11,24 +11,17 @@ from __future__ import annotations
 import logging
 import time
 
-from . import metrics
-from .config import Settings
+from ..redis.pipeline import RedisUnavailable
+from ..redis.runner import ScriptRunner
+from ..runtime import metrics
+from ..runtime.config import Settings
+from ..schema import names
+from ..schema.ips import ip_hex
+from ..schema.keys import KeyHasher, key_type, new_reservation_id, shard_of
+from ..schema.scripts import AUTHORIZE
 from .decision import Code, denial_answer, identity_headers, limit_headers
 from .edge import Answer, Call, error_answer
-from .keys import KeyHasher, key_type, new_reservation_id, shard_of
-from .request import (
-    ClientIp,
-    bearer_or_api_key,
-    body_is_whole,
-    classify,
-    ip_hex,
-    original_call,
-    read_model,
-)
-from .store import names
-from .store.pipeline import RedisUnavailable
-from .store.runner import ScriptRunner
-from .store.scripts import AUTHORIZE
+from .request import ClientIp, bearer_or_api_key, body_is_whole, classify, original_call, read_model
 
 log = logging.getLogger("sidecar.authorize")
 _JSON = "application/json"

@@ -26,15 +26,15 @@ from dataclasses import dataclass
 import orjson
 from redis.exceptions import RedisError
 
-from . import metrics
-from .config import Settings
+from ..redis.pipeline import RedisUnavailable
+from ..redis.runner import ScriptRunner, control_client
+from ..runtime import metrics
+from ..runtime.config import Settings
+from ..schema import names
+from ..schema.keys import RESERVATION_ID, KeyHasher, key_type, shard_of
+from ..schema.record import MAX_QUOTA
+from ..schema.scripts import SETTLE
 from .edge import Answer, Call, json_answer
-from .keys import RESERVATION_ID, KeyHasher, key_type, shard_of
-from .store import names
-from .store.keystore import MAX_QUOTA
-from .store.pipeline import RedisUnavailable
-from .store.runner import ScriptRunner, control_client
-from .store.scripts import SETTLE
 
 log = logging.getLogger("sidecar.settle")
 

@@ -26,8 +26,8 @@ _COLUMNS = {"organization": ("id", "name", "created_at"),
 
 
 def add_admin_commands(sub, keys, common: argparse.ArgumentParser, accounts=None) -> None:
-    """Register the control-plane commands on the `sidecar` parser (called by cli.py)."""
-    from .cli import _csv, _non_negative, _Parser, _positive_int, _when
+    """Register the control-plane commands on the `sidecar` parser (called by main.py)."""
+    from .parsing import _csv, _non_negative, _Parser, _positive_int, _when
 
     org = _Parser(add_help=False)
     org.add_argument("--org", default="default", help="organization id or name")
@@ -147,7 +147,7 @@ def add_admin_commands(sub, keys, common: argparse.ArgumentParser, accounts=None
 
     # `keys create` for an organization's owners: --org with --project, --member or
     # --service-account takes the control-plane path (checks + audit); without them the
-    # plain path in cli.py is unchanged. Admin keys always take the control-plane path:
+    # plain path in main.py is unchanged. Admin keys always take the control-plane path:
     # each is tied to a member and audited, so --org and --member are required.
     create = keys.choices["create"]
     create.add_argument("--org", help="organization id or name: checked org key")
@@ -163,18 +163,18 @@ def add_admin_commands(sub, keys, common: argparse.ArgumentParser, accounts=None
                                         "(default: a standalone account)")
         acct.set_defaults(run_admin=_wrap(_account, own_output=False))
     # Key changes go through the control plane too, so they land in the audit log; the
-    # answers keep cli.py's shapes and printing.
+    # answers keep main.py's shapes and printing.
     for action in ("disable", "enable", "delete", "set-quota"):
         keys.choices[action].set_defaults(run_admin=_wrap(_key_change, own_output=False))
 
 
 def _wrap(run: Callable, own_output: bool = True) -> Callable:
     """ControlStore from the CLI's KeyStore; control errors become one-line CLI errors.
-    A handled result is printed by _show (None: cli.py's own path goes on)."""
+    A handled result is printed by _show (None: main.py's own path goes on)."""
     async def call(args: argparse.Namespace, keystore):
-        from .cli import CliError, UsageError
-        from .control.errors import ControlError
-        from .control.store import ControlStore
+        from ..control.errors import ControlError
+        from ..control.store import ControlStore
+        from .parsing import CliError, UsageError
 
         store = ControlStore(keystore.redis, keystore.hasher)
         try:
@@ -321,7 +321,7 @@ async def _audit_list(args, store):
 
 async def _account(args, store):
     if not args.org:
-        return None                     # a standalone account: cli.py's plain path
+        return None                     # a standalone account: main.py's plain path
     org = await store.resolve_org(args.org)
     if args.action == "set-balance":
         return await store.set_account_balance(org, args.account, args.units)
@@ -333,8 +333,8 @@ async def _key_rotate(args, store):
 
 
 async def _key_edit(args, store):
-    from .control.errors import Invalid
-    from .control.store import parse_when
+    from ..control.errors import Invalid
+    from ..control.store import parse_when
 
     changes = {name: getattr(args, attr) for name, attr in (
         ("name", "name"), ("permission", "permission"), ("scopes", "scopes"),
@@ -365,8 +365,8 @@ async def _key_create(args, store):
                          "organization: give --org ORG --member MEMBER_ID (the same as "
                          "`sidecar admin create-key --org ORG --member MEMBER_ID`)")
     if not (args.org or args.member or args.service_account):
-        return None                     # the plain `keys create` of cli.py
-    from .control.errors import Conflicting
+        return None                     # the plain `keys create` of main.py
+    from ..control.errors import Conflicting
     if args.type == "subscription":
         raise Conflicting("type: use `sidecar subscriptions create` for sk-sub- keys")
     if args.cycle_days != 30 or args.payg_fallback:
@@ -385,12 +385,12 @@ async def _key_create(args, store):
 # -- output -----------------------------------------------------------------------------
 
 def _show(result) -> None:
-    """Human output of a control-plane result (--json is printed by cli.py)."""
+    """Human output of a control-plane result (--json is printed by main.py)."""
     if isinstance(result, list):
         _table(result)
         return
     if result.get("changed") is False:   # admin bootstrap, run again
-        from .cli import command_name
+        from .parsing import command_name
         org, key = result["organization"], result["admin_key"]
         again = f"{command_name()} admin create-key --org {org['id']}"
         if key.get("member_id"):

@@ -1,49 +1,30 @@
 """Key records on the control plane: create, read, change, delete (redis-py, not hot).
 
-A record is one Redis hash `k:{tag}:<hmac>`. Field names are short on purpose: a record
-is kept in memory for every key. The authorize script reads and writes the same fields:
-
-  id  key id            t   type s/b/o/a        st  status a(ctive)/d(isabled)
-  dr  why it is disabled (CASCADE_REASONS cannot be undone by enabling)
-  nm  name              ca  created ms          cb  created by
-  ex  expires ms (0 = never)
-  ul  unlimited 1/0     qr  quota remaining     qu  quota used (units)
-  ips allowed nets 'hex/bits,...'               m   models ',a,b,'
-  pm  permission a/r/ro sc  scopes ',s1,s2,'
-  rpm, tpm              limits per minute; ra / ta: their GCRA state, the µs time at
-                        which the requests / reported tokens so far have drained
-                        (authorize.lua; rw, rc, tw, tc of the old fixed windows are unused)
-  cq, cu, ce, cp        subscription: cycle quota, used, cycle end ms, period ms
-  pg  PAYG fallback 1/0 ow  owning account (wallet field)   pu  units paid by the wallet
-  org, prj, mem, sa     organization, project, member, service account
-  la, lip, lm, n        recent activity: last used ms, IP, model; request count
-  rt, rf                rotation: rotated to / rotated from (key ids)
-  sub                   the subscription (plan) an sk-sub- key belongs to
+The record's fields and their short names: sidecar/schema/record.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ..keys import TYPE_CODE, TYPE_OF_CODE, KeyHasher, KeyType, mint, new_id, shard_of
-from ..request import network_entry
-from . import names
-from .scripts import POOL_QUOTA
+from ..schema import names
+from ..schema.ips import network_entry
+from ..schema.keys import TYPE_CODE, TYPE_OF_CODE, KeyHasher, KeyType, mint, new_id, shard_of
+from ..schema.record import (
+    CASCADE_REASONS,
+    DAY_MS,
+    MAX_QUOTA,
+    PERMISSION_NAMES,
+    PERMISSIONS,
+    ROTATION_COPIED,
+    _iso,
+    now_ms,
+)
+from ..schema.scripts import POOL_QUOTA
 
-MAX_QUOTA = 10**12        # Lua numbers are doubles: stay well inside exact integers
-PERMISSIONS = {"all": "a", "restricted": "r", "read-only": "ro"}
-PERMISSION_NAMES = {v: k for k, v in PERMISSIONS.items()}
-DAY_MS = 86_400_000
-# Owner gone: enabling the key again would resurrect access the owner's removal revoked.
-CASCADE_REASONS = frozenset({"member_removed", "service_account_deleted", "project_deleted",
-                             "subscription_cancelled"})
-# Settings a rotated key keeps (copied to its successor); counters and activity start anew.
-ROTATION_COPIED = ("t", "nm", "ex", "ul", "qr", "ips", "m", "pm", "sc", "rpm", "tpm", "cq",
-                   "cu", "ce", "cp", "pg", "ow", "org", "prj", "mem", "sa", "sub")
 # Editable settings: KeyStore.edit argument -> the record fields it rewrites.
 EDITABLE = {"name": ("nm",), "permission": ("pm", "sc"), "scopes": ("sc",), "models": ("m",),
             "ips": ("ips",), "rpm": ("rpm",), "tpm": ("tpm",), "expires_at": ("ex",)}
@@ -489,12 +470,6 @@ def _ms(when: datetime) -> int:
     return int(when.timestamp() * 1000)
 
 
-def _iso(ms: str | int | None) -> str | None:
-    if not ms or int(ms) == 0:
-        return None
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat().replace("+00:00", "Z")
-
-
 def _cidr(entry: str) -> str:
     hexaddr, _, bits = entry.partition("/")
     addr = ipaddress.IPv6Address(bytes.fromhex(hexaddr))
@@ -509,5 +484,3 @@ def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)

@@ -6,10 +6,10 @@ import asyncio
 
 from aiohttp import web
 
+from ..admin import setup_admin_api
+from ..redis.runner import ScriptRunner
 from . import metrics
-from .admin import setup_admin_api
 from .config import Settings
-from .store.runner import ScriptRunner
 
 
 async def admin_app(settings: Settings, runner: ScriptRunner) -> web.Application:

@@ -24,62 +24,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ..dataplane.edge import EdgeServer
+from ..dataplane.routes import data_plane
 from . import fdlimit, logs
 from .config import ConfigError, Refused, Settings, parse_hostport
-from .edge import Answer, Call, EdgeServer
 from .embedded import EmbeddedRedis
-
-if TYPE_CHECKING:
-    from .authorize import Authorizer
-
-
-def data_plane(settings: Settings, runner) -> tuple[EdgeServer, Authorizer]:
-    """The data-plane routes on the bare HTTP/1.1 edge (edge.py), and the authorizer
-    behind them (which the gRPC mode shares)."""
-    from .authorize import Authorizer
-    from .keys import KeyHasher
-
-    hasher = KeyHasher(settings.key_pepper)
-    authorize = Authorizer(settings, hasher, runner)
-    settle = None
-    if settings.settlement_token:  # POST /settle exists only once a token is configured
-        from .settle import Settler
-        settle = Settler(settings, hasher, runner)
-
-    async def ok(_: Call) -> Answer:
-        return Answer(200, {}, b"ok", "text/plain")
-
-    # (handler, eager): eager handlers run without a task of their own (see edge.py).
-    routes = {"/healthz": (ok, True)}
-    if settle is not None:
-        routes["/settle"] = (settle, False)
-
-    def route(path: str):
-        if path.startswith("/authz") and (len(path) == 6 or path[6] == "/"):
-            return authorize, True
-        return routes.get(path)
-
-    # The process's own descriptors, its Redis pool and the admin listener keep a reserve.
-    cap = fdlimit.connection_cap(settings.max_connections, fdlimit.raise_open_file_limit(),
-                                 fdlimit.RESERVE + settings.redis_pool_size)
-    return EdgeServer(route, max_body=settings.max_body_bytes,
-                      keepalive_timeout=settings.keepalive_timeout_s,
-                      request_timeout=settings.request_timeout_s,
-                      request_deadline=settings.request_deadline_s,
-                      max_headers=settings.max_headers,
-                      max_header_bytes=settings.max_header_bytes,
-                      max_connections=cap), authorize
 
 
 def require_grpc(settings: Settings) -> None:
     """grpc_listen needs the [grpc] extra: one line at start, not a worker crash loop."""
     if settings.grpc_listen:
         try:
-            from . import grpc_authz  # noqa: F401
+            from ..dataplane import grpc_authz  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"grpc_listen: needs the grpc extra "
                               f"(pip install 'llm-key-sidecar[grpc]'): {exc}") from None
@@ -97,8 +56,8 @@ async def run(settings: Settings, *, data: bool, admin: bool,
               embedded: EmbeddedRedis | None = None, stop: asyncio.Event | None = None,
               worker: bool = False) -> None:
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain. redis_url must be set."""
+    from ..redis.runner import make_runner
     from .admin_app import admin_app
-    from .store.runner import make_runner
 
     loop = asyncio.get_running_loop()
     stop = stop or _stop_on_signals()
@@ -117,7 +76,7 @@ async def run(settings: Settings, *, data: bool, admin: bool,
             await edge.listen(host, port, reuse_port=worker)
         if settings.grpc_listen:
             # Same loop, same runner: both modes' calls share the Redis batches.
-            from . import grpc_authz
+            from ..dataplane import grpc_authz
             host, port = parse_hostport(settings.grpc_listen, "grpc_listen")
             grpc_server = await grpc_authz.start(settings, authorize, host, port)
     if admin:  # one process (the supervisor) runs it: no SO_REUSEPORT

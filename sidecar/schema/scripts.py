@@ -17,3 +17,4 @@ AUTHORIZE = Script("authorize")
 SETTLE = Script("settle")
 ALL = (AUTHORIZE, SETTLE)          # the hot path's scripts, loaded on every connection
 POOL_QUOTA = Script("pool_quota")  # control plane (rotation), sent with EVAL
+CREATE_UNIQUE = Script("create_unique")  # control plane (unique names), redis-py scripts

@@ -22,9 +22,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .. import metrics
+from ..runtime import metrics
+from ..schema.scripts import ALL, Script
 from .pipeline import Endpoint, Pipeline, RedisUnavailable
-from .scripts import ALL, Script
 
 
 class ScriptRunner(Protocol):

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
-from .. import metrics
+from ..runtime import metrics
 
 
 class RedisUnavailable(Exception):

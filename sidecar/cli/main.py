@@ -12,91 +12,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shlex
-import shutil
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
-from .config import ConfigError, Refused, Settings, load_settings, state_path, with_overrides
-
-
-class CliError(Exception):
-    """A one-line error for the user: an operation that failed (exit 1)."""
-
-    code = 1
-
-
-class UsageError(CliError):
-    """A one-line error for the user: the command line is wrong (exit 2)."""
-
-    code = 2
-
-
-# argparse words its errors "argument --quota: ..."; ours say "quota: ..." like the rest.
-_ARGUMENT = re.compile(r"^argument (?:-+)?([\w-]+)(?:/-*[\w-]+)*: ")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + line
-        raise UsageError(_ARGUMENT.sub(r"\1: ", message))
-
-
-def count(text: str, minimum: int = 0) -> int:
-    """The one rule for every count the CLI takes, as an option or an argument (argparse
-    names the field): a whole number, at least `minimum`."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"{text} is negative" if minimum == 0 else
-                                         f"{text} is less than {minimum}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    return count(text)
-
-
-def _positive_int(text: str) -> int:
-    return count(text, 1)
-
-
-def _quota_or_unlimited(text: str) -> int | str:
-    if text == "unlimited":
-        return text
-    try:
-        return count(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (a whole number or 'unlimited')") from None
-
-
-def _when(text: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 date") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def command_name() -> str:
-    """How to run this very `sidecar` from any shell: the bare name when PATH finds this
-    one, else its absolute path (the venv's bin need not be on PATH)."""
-    beside = Path(sys.executable).parent / "sidecar"
-    if not beside.exists():
-        return shlex.join([sys.executable, "-m", "sidecar"])
-    found = shutil.which("sidecar")
-    if found and Path(found).resolve() == beside.resolve():
-        return "sidecar"
-    return shlex.quote(str(beside.absolute()))
+from ..runtime.config import (
+    ConfigError,
+    Refused,
+    Settings,
+    load_settings,
+    state_path,
+    with_overrides,
+)
+from .parsing import (
+    CliError,
+    UsageError,
+    _csv,
+    _non_negative,
+    _Parser,
+    _positive_int,
+    _quota_or_unlimited,
+    _when,
+    command_name,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     bal.add_argument("units", type=_non_negative)
     show = accounts.add_parser("show", parents=[common])
     show.add_argument("account")
-    from .cli_admin import add_admin_commands  # orgs, members, projects, ... (cli_admin.py)
+    from .admin import add_admin_commands  # orgs, members, projects, ... (admin.py)
     add_admin_commands(sub, keys, common, accounts)
     return parser
 
@@ -183,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(_config_path(args))
         state_dir = getattr(args, "state_dir_sub", None) or args.state_dir
         if state_dir:
-            from .config import absolute_dir
+            from ..runtime.config import absolute_dir
             settings = with_overrides(settings, state_dir=absolute_dir(state_dir, Path.cwd()))
         if args.command == "serve":
             return _serve(args, settings)
@@ -199,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fallback(args: argparse.Namespace) -> int:
-    from . import fallback
-    from .config import parse_hostport
-    from .server import _run_loop
+    from ..dataplane import fallback
+    from ..runtime.config import parse_hostport
+    from ..runtime.server import _run_loop
 
     host, port = parse_hostport(args.listen, "--listen")
     try:
@@ -230,7 +170,7 @@ def _check_usage(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from . import logs, server
+    from ..runtime import logs, server
 
     if args.workers:
         settings = with_overrides(settings, workers=args.workers)
@@ -242,7 +182,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     server.prepare_multiprocess_metrics(settings.workers)
     lock = embedded = None
     if settings.embedded_redis:
-        from .embedded import for_serve
+        from ..runtime.embedded import for_serve
         lock, embedded = for_serve(settings)    # held until this process ends
     # A port held by another process (with SO_REUSEPORT or not) stops us here, before
     # redis-server starts: our own workers are the only ones to share the data plane's.
@@ -251,7 +191,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.grpc_listen:
         server.check_free(settings.grpc_listen, "grpc_listen")
     if embedded is not None:
-        from .embedded import start
+        from ..runtime.embedded import start
         settings = start(settings, embedded)
         logs.event("embedded_redis", socket=embedded.url, state_dir=str(embedded.dir),
                    note="no redis_url set: using a private redis-server with AOF on")
@@ -265,7 +205,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def first_key_hint(settings: Settings, args: argparse.Namespace, embedded: bool) -> str:
     """What serve prints: two lines to paste as they are into another shell."""
-    from .config import parse_hostport
+    from ..runtime.config import parse_hostport
 
     cmd = command_name()
     config = _config_path(args) or os.environ.get("SIDECAR_CONFIG")
@@ -287,9 +227,9 @@ def first_key_hint(settings: Settings, args: argparse.Namespace, embedded: bool)
 async def _manage(args: argparse.Namespace, settings: Settings) -> int:
     from redis.exceptions import RedisError
 
-    from .keys import KeyHasher
-    from .store.keystore import InvalidKeySpec, KeyConflict, KeyError_, KeyStore
-    from .store.runner import control_client
+    from ..control.keystore import InvalidKeySpec, KeyConflict, KeyError_, KeyStore
+    from ..redis.runner import control_client
+    from ..schema.keys import KeyHasher
 
     settings, started, lock = _open_store(settings)
     client = control_client(settings.redis_url, settings.redis_timeout_ms / 1000 * 8,
@@ -304,7 +244,7 @@ async def _manage(args: argparse.Namespace, settings: Settings) -> int:
     except KeyError_ as exc:
         raise CliError(str(exc).strip('"')) from None
     except (RedisError, OSError) as exc:
-        from .config import mask_url
+        from ..runtime.config import mask_url
         raise CliError(f"cannot reach Redis at {mask_url(settings.redis_url)}: "
                        f"{exc or type(exc).__name__}") from None
     finally:
@@ -323,7 +263,7 @@ def _open_store(settings: Settings):
     pepper) in a folder the server does not use."""
     if not settings.embedded_redis:
         return settings, None, None
-    from .embedded import for_command, store_exists
+    from ..runtime.embedded import for_command, store_exists
 
     state = state_path(settings)
     if not store_exists(state):
@@ -335,9 +275,9 @@ def _open_store(settings: Settings):
 
 
 def _key_spec(args: argparse.Namespace):
-    """The KeySpec of `keys create` (data-plane types; admin keys go through cli_admin.py)."""
-    from .keys import KeyType
-    from .store.keystore import InvalidKeySpec, KeySpec
+    """The KeySpec of `keys create` (data-plane types; admin keys go through admin.py)."""
+    from ..control.keystore import InvalidKeySpec, KeySpec
+    from ..schema.keys import KeyType
 
     typ = KeyType(args.type)
     if args.payg_fallback and typ is not KeyType.subscription:
@@ -351,7 +291,7 @@ def _key_spec(args: argparse.Namespace):
                    rpm=args.rpm, tpm=args.tpm, permission=args.permission,
                    scopes=args.scopes, account=args.account, cycle_days=args.cycle_days,
                    payg_fallback=args.payg_fallback)
-    if typ is KeyType.org:      # admin keys never get here (cli_admin.py: a member)
+    if typ is KeyType.org:      # admin keys never get here (admin.py: a member)
         spec.org = "default"
         spec.project = args.project or "default"
     return spec
@@ -367,7 +307,7 @@ async def _all_keys(args: argparse.Namespace, store) -> list:
 
 
 async def _run_action(args: argparse.Namespace, store):
-    if getattr(args, "run_admin", None):  # control-plane commands (cli_admin.py)
+    if getattr(args, "run_admin", None):  # control-plane commands (admin.py)
         result = await args.run_admin(args, store)
         if result is not None:
             return result

@@ -8,11 +8,11 @@ indexes are separate keys touched only outside the scripts.
 
 from __future__ import annotations
 
-from ..keys import shard_of
+from .keys import shard_of
 
 
 def record(key_hash: str) -> str:
-    """Hash: the key's record, counters and recent activity (fields: see keystore.FIELDS)."""
+    """Hash: the key's record, counters and recent activity (fields: see record.py)."""
     return f"k:{{{shard_of(key_hash)}}}:{key_hash}"
 
 

@@ -37,8 +37,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from ..runtime.config import Settings
 from .authorize import REMOVE_HEADER, Authorizer
-from .config import Settings
 from .edge import Answer, Call, Headers, error_answer
 from .request import utf8
 

@@ -1,0 +1,5 @@
+"""`sidecar ...`: the command line, an adapter (parse, one call, print)."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,1 +1,0 @@
-"""Redis storage: key names, Lua scripts, the batching connection and the key store."""
