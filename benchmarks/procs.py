@@ -138,6 +138,7 @@ class Sidecar:
     admin_port: int
     workers: int
     log: Path
+    grpc_port: int | None = None      # gRPC ext_authz listener, when started with grpc=True
 
     @property
     def url(self) -> str:
@@ -205,9 +206,12 @@ class Processes:
         wait_for(lambda: server.client().ping(), 10, "redis-server")
         return server
 
-    def sidecar(self, redis_url: str, pepper: str, workers: int = 1,
+    def sidecar(self, redis_url: str, pepper: str, workers: int = 1, grpc: bool = False,
                 **settings: str) -> Sidecar:
         port, admin_port = free_port(), free_port()
+        grpc_port = free_port() if grpc else None
+        if grpc_port:
+            settings["grpc_listen"] = f"127.0.0.1:{grpc_port}"
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SIDECAR_") and k != "PROMETHEUS_MULTIPROC_DIR"}
         env.update(SIDECAR_REDIS_URL=redis_url, SIDECAR_KEY_PEPPER=pepper,
@@ -225,7 +229,7 @@ class Processes:
             [sys.executable, "-m", "benchmarks.serve", "serve", "--workers", str(workers)],
             env=env, cwd=self.tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         self.started.append(proc)
-        car = Sidecar(proc, port, admin_port, workers, log)
+        car = Sidecar(proc, port, admin_port, workers, log, grpc_port)
 
         def ready() -> bool:
             if proc.poll() is not None:

@@ -9,6 +9,7 @@ LABELS = {"authorize": "sidecar authorize", "baseline": "baseline (no Redis)",
           "bare": "bare handler", "nginx_lua": "NGINX + Lua peer"}
 ENVOY_LABELS = {"alone": "Envoy alone (direct_response, no ext_authz)",
                 "sidecar": "Envoy + ext_authz → sidecar",
+                "sidecar_grpc": "Envoy + gRPC ext_authz → sidecar (envoy-grpc.yaml)",
                 "nginx_lua": "Envoy + ext_authz → NGINX + Lua peer"}
 STYLES = {"authorize": ("tab:blue", "o"), "baseline": ("tab:green", "s"),
           "bare": ("tab:gray", "^"), "nginx_lua": ("tab:red", "D")}
@@ -519,11 +520,12 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def envoy_markdown(e: dict) -> list[str]:
-    """The Envoy section (--only envoy): the three fronts and their ratios."""
+    """The Envoy section (--only envoy): the fronts and their ratios."""
     if "error" in e:
         return ["", "## Behind real Envoy", "", f"Not measured: {e['error']}."]
     meta, n = e.get("meta", {}), e.get("repeat", 1)
-    out = ["", f"## Behind real Envoy (HTTP ext_authz, POST, c{e['concurrency']})", "",
+    out = ["", f"## Behind real Envoy (HTTP and gRPC ext_authz, POST, c{e['concurrency']})",
+           "",
            f"Command: `{meta.get('command', 'python -m benchmarks.run --only envoy')}` "
            f"({meta.get('timestamp', '?')}, commit {meta.get('git', '?')}); {e['envoy']}, "
            f"`--concurrency {e['envoy_workers']}`; {n} interleaved round(s); sidecar 1 "
@@ -544,6 +546,11 @@ def envoy_markdown(e: dict) -> list[str]:
             f"| Envoy + sidecar / Envoy alone | "
             f"{_ratio_cell(r, spread, 'sidecar_over_alone', n)} | "
             f"≥ 0.3 ({_ok(r.get('sidecar_over_alone'), 0.3)}) |"]
+    if "sidecar_grpc_over_alone" in r:
+        out += [f"| Envoy + sidecar (gRPC) / Envoy alone | "
+                f"{_ratio_cell(r, spread, 'sidecar_grpc_over_alone', n)} | reported |",
+                f"| gRPC mode / HTTP mode | "
+                f"{_ratio_cell(r, spread, 'sidecar_grpc_over_sidecar', n)} | reported |"]
     if "nginx_lua_over_alone" in r:
         out += [f"| Envoy + NGINX+Lua / Envoy alone | "
                 f"{_ratio_cell(r, spread, 'nginx_lua_over_alone', n)} | reported |",
@@ -560,7 +567,8 @@ def envoy_markdown(e: dict) -> list[str]:
             "adds the authorizer and Redis, so the ratio is bounded by CPU per call (the "
             "µs CPU/call column), and on a machine other processes load it also waits for "
             "the CPU in each of the three processes, which the lone Envoy does not.",
-            "", "All three Envoys are the shipped deploy/envoy/envoy.yaml with the addresses "
+            "", "The Envoys are the shipped deploy/envoy/envoy.yaml (envoy-grpc.yaml for gRPC) "
+            "with the addresses "
             "moved to loopback and the upstream replaced by a `direct_response` (no upstream "
             "process shares the cores); \"alone\" also has the ext_authz filter removed and "
             "a buffer filter of the same size in its place (Envoy reads the whole body, as "

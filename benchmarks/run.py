@@ -230,7 +230,9 @@ class Bench:
                 "encoding": client.object("encoding", candidates[0])}
 
     def start_stack(self, workers: int) -> Stack:
-        car = self.procs.sidecar(self.redis.url, self.pepper, workers=workers)
+        # The Envoy section also measures the gRPC mode (deploy/envoy/envoy-grpc.yaml).
+        car = self.procs.sidecar(self.redis.url, self.pepper, workers=workers,
+                                 grpc="envoy" in (self.args.only or ()))
         peer = None
         if "peer" not in self.args.skip:
             peer = self.procs.nginx(
