@@ -1,6 +1,6 @@
 """deploy/envoy/envoy.yaml against the sidecar's own settings: the values that must agree
 across the two (paths, ports, timeouts, body sizes, header lists). What real Envoy does
-with the file is tests/test_envoy_real.py.
+with the file is tests/edges/test_envoy_real.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Metric names are parsed out of the PromQL of every dashboard target and alert ru
 running sidecar is driven first through allows, each kind of denial, a Redis stall (so
 sidecar_redis_errors_total and 503 decisions exist) and a usage report, so its labelled
 series exist when /metrics is read. The dashboard is also checked against Grafana's schema
-(@grafana/schema's TypeScript types); tests/test_prometheus_live.py evaluates every
+(@grafana/schema's TypeScript types); tests/edges/test_prometheus_live.py evaluates every
 expression in a real Prometheus.
 """
 

@@ -5,7 +5,7 @@ validates against its schema, and the edge objects point at the sidecar they dep
 Schemas: core kinds by kubernetes-validate (strict: an unknown field fails); Istio's
 AuthorizationPolicy, Envoy Gateway's SecurityPolicy and Gateway API's ReferenceGrant by
 jsonschema against the openAPIV3Schema of their official CRDs, and Istio's mesh
-extensionProviders against MeshConfig.ExtensionProvider, vendored in tests/k8s_schemas/
+extensionProviders against MeshConfig.ExtensionProvider, vendored in tests/edges/k8s_schemas/
 (README.md there: sources, versions, license). CRD schemas are made strict here the way
 the API server's strict field validation treats them: an object that lists its
 properties accepts no others. CEL rules (x-kubernetes-validations) are not evaluated.

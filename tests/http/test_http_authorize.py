@@ -272,7 +272,7 @@ async def test_nginx_style_get_with_original_headers(behind_proxy, store, http):
     wrong = {**nginx, "x-model": "gpt-q"}
     assert_denial(await authz(http, behind_proxy, method="GET", key=key, headers=wrong,
                               authz_path="/authz"), 403, "model_not_allowed")
-    # From a trusted proxy, X-Real-IP names the client (tests/test_forwarded_trust.py:
+    # From a trusted proxy, X-Real-IP names the client (tests/http/test_forwarded_trust.py:
     # from anyone else, none of these headers count).
     assert (await store.get(key_id))["last_ip"] == "10.9.9.9"
     # The Anthropic dialect follows the original URI, not /authz.
