@@ -53,6 +53,18 @@ def render(text: str, swaps: dict[str, str], what: str = "config") -> str:
 
 
 @dataclass
+class Reply:
+    """One answer a client got through a proxy: status, headers, body."""
+    status: int
+    headers: dict[str, str]
+    raw: bytes
+
+    @property
+    def json(self) -> dict:
+        return orjson.loads(self.raw)
+
+
+@dataclass
 class Seen:
     method: str
     path: str

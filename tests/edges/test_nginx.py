@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
 from live import CLIENT_TIMEOUT
+from proxies import Reply
 
 from sidecar.control.keystore import KeySpec
 from sidecar.schema.keys import RESERVATION_ID
@@ -146,17 +147,6 @@ def stack(tmp_path_factory, redis_server):
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    raw: bytes
-
-    @property
-    def json(self) -> dict:
-        return orjson.loads(self.raw)
 
 
 async def call(http, nginx: Nginx, path: str = "/v1/chat/completions", *,

@@ -25,6 +25,7 @@ from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
 from live import DENIAL_ROWS, denial_row, make
 from proxies import (
     RecordingUpstream,
+    Reply,
     is_loopback,
     listening_addresses,
     render,
@@ -188,17 +189,6 @@ async def message(stack: Stack, key: str, model: str = "claude-a", timeout: floa
                   **kw):
     return await anthropic_client(stack, key, timeout).messages.create(
         model=model, max_tokens=8, messages=[{"role": "user", "content": "hi"}], **kw)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    raw: bytes
-
-    @property
-    def json(self) -> dict:
-        return orjson.loads(self.raw)
 
 
 async def raw_call(stack: Stack, path: str = "/v1/chat/completions", *,
