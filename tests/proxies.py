@@ -64,6 +64,23 @@ class Reply:
         return orjson.loads(self.raw)
 
 
+def request_parts(headers: dict[str, str] | None, key: str | None,
+                  body: bytes | dict | None) -> tuple[dict[str, str], bytes | None]:
+    """The headers and body a test client sends: the key as a Bearer token, a dict as JSON."""
+    sent = dict(headers or {})
+    if key:
+        sent["Authorization"] = f"Bearer {key}"
+    if isinstance(body, dict):
+        body = orjson.dumps(body)
+        sent.setdefault("Content-Type", "application/json")
+    return sent, body
+
+
+async def reply_of(resp) -> Reply:
+    """An aiohttp response as a Reply (header names lower-cased)."""
+    return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read())
+
+
 @dataclass
 class Seen:
     method: str

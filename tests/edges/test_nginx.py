@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
 from live import CLIENT_TIMEOUT
-from proxies import Reply
+from proxies import Reply, reply_of, request_parts
 
 from sidecar.control.keystore import KeySpec
 from sidecar.schema.keys import RESERVATION_ID
@@ -152,16 +152,10 @@ def stack(tmp_path_factory, redis_server):
 async def call(http, nginx: Nginx, path: str = "/v1/chat/completions", *,
                method: str = "POST", key: str | None = None, body: dict | bytes | None = None,
                headers: dict[str, str] | None = None) -> Reply:
-    sent = dict(headers or {})
-    if key:
-        sent["Authorization"] = f"Bearer {key}"
-    if isinstance(body, dict):
-        body = orjson.dumps(body)
-        sent.setdefault("Content-Type", "application/json")
+    sent, body = request_parts(headers, key, body)
     async with http.request(method, nginx.url + path, data=body, headers=sent,
                             timeout=CLIENT_TIMEOUT) as resp:
-        return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                     await resp.read())
+        return await reply_of(resp)
 
 
 async def make(store, **spec) -> tuple[str, str]:

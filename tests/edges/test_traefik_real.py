@@ -29,6 +29,8 @@ from proxies import (
     is_loopback,
     listening_addresses,
     render,
+    reply_of,
+    request_parts,
     venv_binary,
 )
 
@@ -196,18 +198,12 @@ async def raw_call(stack: Stack, path: str = "/v1/chat/completions", *,
                    headers: dict[str, str] | None = None, body: bytes | dict | None = None,
                    source: str = CLIENT_IP) -> Reply:
     """One call from `source` (a loopback address other than Traefik's own)."""
-    sent = dict(headers or {})
-    if key:
-        sent["Authorization"] = f"Bearer {key}"
-    if isinstance(body, dict):
-        body = orjson.dumps(body)
-        sent.setdefault("Content-Type", "application/json")
+    sent, body = request_parts(headers, key, body)
     connector = aiohttp.TCPConnector(local_addr=(source, 0))
     async with aiohttp.ClientSession(connector=connector) as http, \
             http.request(method, stack.traefik.url + path, headers=sent, data=body,
                          timeout=aiohttp.ClientTimeout(total=10)) as resp:
-        return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                     await resp.read())
+        return await reply_of(resp)
 
 
 def upstream_saw_nothing_since(stack: Stack, seen: int) -> None:
