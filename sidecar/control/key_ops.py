@@ -293,7 +293,7 @@ class KeyOps:
         found: dict[str, Resource] = {}
         for owner in owners:
             for key_id in sorted(text(i) for i in
-                                 await self.redis.smembers(names.OWNER_INDEX + owner)):
+                                 await self.redis.smembers(names.owner_index(owner))):
                 try:
                     _, rec = await self.keys.record(key_id)
                 except KeyError_:

@@ -218,7 +218,7 @@ class KeyStore:
         await self.redis.hset(names.record(key_hash), mapping=rec)
         await self.redis.hset(names.KEY_INDEX, rec["id"], key_hash)
         for owner in _owners(rec):
-            await self.redis.sadd(names.OWNER_INDEX + owner, rec["id"])
+            await self.redis.sadd(names.owner_index(owner), rec["id"])
         return view(rec), plaintext
 
     async def _hash_of(self, key_id: str) -> str:
@@ -248,7 +248,7 @@ class KeyStore:
         """One page of keys (ordered by the index scan) and the next cursor (0 = done)."""
         ids: list[str] = []
         if owner:
-            ids = sorted(_s(i) for i in await self.redis.smembers(names.OWNER_INDEX + owner))
+            ids = sorted(_s(i) for i in await self.redis.smembers(names.owner_index(owner)))
             page, cursor = ids[cursor:cursor + limit], (cursor + limit
                                                         if cursor + limit < len(ids) else 0)
             hashes = [await self.redis.hget(names.KEY_INDEX, i) for i in page]
@@ -354,7 +354,7 @@ class KeyStore:
         await self.redis.hset(names.record(new_hash), mapping=new)
         await self.redis.hset(names.KEY_INDEX, new["id"], new_hash)
         for owner in _owners(new):
-            await self.redis.sadd(names.OWNER_INDEX + owner, new["id"])
+            await self.redis.sadd(names.owner_index(owner), new["id"])
         if pooled and not rec.get("qp"):  # the old key's remaining quota becomes the pool
             await self.redis.eval(POOL_QUOTA.source, 2, names.record(key_hash),
                                   names.wallet(shard_of(key_hash)),
@@ -375,7 +375,7 @@ class KeyStore:
         Returns the keys it disabled; a key an earlier cascade already took keeps its
         first reason (the owner gone first is the truer story).
         """
-        ids = sorted(_s(i) for i in await self.redis.smembers(names.OWNER_INDEX + owner))
+        ids = sorted(_s(i) for i in await self.redis.smembers(names.owner_index(owner)))
         done = []
         for key_id in ids:
             key_hash = await self.redis.hget(names.KEY_INDEX, key_id)
@@ -416,7 +416,7 @@ class KeyStore:
         await self.redis.delete(names.record(key_hash))
         await self.redis.hdel(names.KEY_INDEX, key_id)
         for owner in _owners(rec):
-            await self.redis.srem(names.OWNER_INDEX + owner, key_id)
+            await self.redis.srem(names.owner_index(owner), key_id)
 
     async def set_balance(self, account: str, units: int, add: bool = False,
                           org: str | None = None) -> int:

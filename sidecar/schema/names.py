@@ -45,7 +45,12 @@ def reservation(key_hash: str, reservation_id: str) -> str:
 
 
 KEY_INDEX = "idx:keys"          # hash: key id -> key hash (admin lookups, listing)
-OWNER_INDEX = "idx:owner:"      # set per owner (member, service account, project): key ids
+OWNER_INDEX = "idx:owner:"      # prefix; use owner_index(owner)
+
+
+def owner_index(owner: str) -> str:
+    """Set per owner (member, service account, project): its key ids."""
+    return OWNER_INDEX + owner
 
 
 
