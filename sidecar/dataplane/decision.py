@@ -13,6 +13,8 @@ from enum import IntEnum
 
 import orjson
 
+from ..schema.keys import TYPE_OF_CODE
+
 
 class Code(IntEnum):
     """authorize.lua return codes, plus the ones decided before Redis."""
@@ -80,7 +82,8 @@ DENIALS: dict[Code, Denial] = {
                              "The authorization service is temporarily unavailable."),
 }
 
-KEY_TYPES = {"s": "standard", "b": "subscription", "o": "org", "a": "admin"}
+# The record's one-letter type code -> the x-key-type header value (schema/keys.py map).
+KEY_TYPES = {code: typ.value for code, typ in TYPE_OF_CODE.items()}
 
 # A denial worded for one key type, by (code, the script's type letter): only subscription
 # keys have a billing cycle and a PAYG fallback to suggest.
