@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from conftest import (
     ROOT,
     RedisServer,
@@ -119,3 +120,14 @@ def start_plane(tmp: Path, org_name: str = "acme") -> Plane:
 def stop_plane(plane: Plane) -> None:
     stop_process(plane.car.proc)
     stop_process(plane.redis.proc)
+
+
+def module_plane(name: str):
+    """A module-scoped `plane` fixture: one plane (its own Redis and sidecar) for the
+    module's tests, started in a temporary folder named `name`, stopped after them."""
+    @pytest.fixture(scope="module")
+    def plane(tmp_path_factory):
+        p = start_plane(tmp_path_factory.mktemp(name))
+        yield p
+        stop_plane(p)
+    return plane

@@ -4,15 +4,9 @@ nothing left behind in Redis."""
 
 from __future__ import annotations
 
-import pytest
-from admin_helpers import Plane, cli_json, request, start_plane, stop_plane
+from admin_helpers import Plane, cli_json, module_plane, request
 
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory):
-    p = start_plane(tmp_path_factory.mktemp("admin-api"))
-    yield p
-    stop_plane(p)
+plane = module_plane("admin-api")
 
 
 def test_bootstrap_key_opens_the_api_and_openapi_is_public(plane: Plane):

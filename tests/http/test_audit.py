@@ -7,15 +7,10 @@ import hashlib
 import hmac
 
 import pytest
-from admin_helpers import Plane, cli_json, start_plane, stop_plane
+from admin_helpers import Plane, cli_json, module_plane
 from conftest import PEPPER
 
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory):
-    p = start_plane(tmp_path_factory.mktemp("audit"))
-    yield p
-    stop_plane(p)
+plane = module_plane("audit")
 
 
 @pytest.fixture(scope="module")

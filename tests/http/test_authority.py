@@ -5,14 +5,9 @@ changed (roles, keys on the data plane, the organization)."""
 from __future__ import annotations
 
 import pytest
-from admin_helpers import Plane, cli_json, start_plane, stop_plane
+from admin_helpers import Plane, cli_json, module_plane
 
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory):
-    p = start_plane(tmp_path_factory.mktemp("authority"))
-    yield p
-    stop_plane(p)
+plane = module_plane("authority")
 
 
 def member_with_key(plane: Plane, user: str, role: str) -> tuple[dict, str]:

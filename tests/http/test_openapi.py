@@ -12,7 +12,7 @@ import subprocess
 import orjson
 import pytest
 import schemathesis
-from admin_helpers import Plane, request, start_plane, stop_plane
+from admin_helpers import Plane, module_plane, request
 from conftest import ROOT, npm_tool
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
@@ -23,12 +23,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory):
-    p = start_plane(tmp_path_factory.mktemp("openapi"))
-    yield p
-    stop_plane(p)
+plane = module_plane("openapi")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
-from admin_helpers import Plane, cli_json, start_plane, stop_plane
+from admin_helpers import Plane, cli_json, module_plane
 
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory):
-    p = start_plane(tmp_path_factory.mktemp("rotation"))
-    yield p
-    stop_plane(p)
+plane = module_plane("rotation")
 
 
 @pytest.fixture
