@@ -10,7 +10,7 @@ import orjson
 
 from ..schema import names
 from ..schema.keys import TYPE_OF_CODE, KeyType
-from ..schema.record import CASCADE_REASONS, PERMISSION_NAMES
+from ..schema.record import CASCADE_REASONS, PERMISSION_NAMES, permission_of
 from .checks import check_scopes_mode, check_text, refuse
 from .errors import Conflict, Conflicting, Invalid, NotFound, from_key_error
 from .keystore import InvalidKeySpec, KeyError_, KeySpec
@@ -332,5 +332,5 @@ def _grant(rec: dict[str, str]) -> Grant | None:
     """An admin key's grant as stored (None for other keys)."""
     if rec.get("t") != "a":
         return None
-    return Grant(PERMISSION_NAMES.get(rec.get("pm", "a"), "all"),
+    return Grant(permission_of(rec),
                  frozenset(s for s in rec.get("sc", "").split(",") if s))

@@ -17,11 +17,12 @@ from ..schema.record import (
     CASCADE_REASONS,
     DAY_MS,
     MAX_QUOTA,
-    PERMISSION_NAMES,
     PERMISSIONS,
+    RESTRICTED,
     ROTATION_COPIED,
     _iso,
     now_ms,
+    permission_of,
 )
 from ..schema.scripts import POOL_QUOTA
 
@@ -84,7 +85,7 @@ def validate_spec(  # noqa: C901 — a flat list, one check per field of the spe
             raise InvalidKeySpec(f"expires: {spec.expires_at.isoformat()} is in the past")
     if spec.permission not in PERMISSIONS:
         raise InvalidKeySpec("permission: one of all, restricted, read-only")
-    if spec.permission == "restricted" and not spec.scopes:
+    if spec.permission == RESTRICTED and not spec.scopes:
         raise InvalidKeySpec("scopes: a restricted key needs at least one scope")
     for model in spec.models:
         if not model or "," in model or len(model) > 256:
@@ -168,7 +169,7 @@ def view(rec: dict[str, str], now_ms: int | None = None) -> dict:
         "expired": 0 < int(rec.get("ex") or 0) <= now_ms,
         "models": _list(rec.get("m")),
         "allowed_ips": [_cidr(n) for n in rec["ips"].split(",")] if rec.get("ips") else [],
-        "permission": PERMISSION_NAMES.get(rec.get("pm", "a"), "all"),
+        "permission": permission_of(rec),
         "scopes": _list(rec.get("sc")),
         "rpm": int(rec.get("rpm") or 0),
         "tpm": int(rec.get("tpm") or 0),
@@ -301,7 +302,7 @@ class KeyStore:
                   "scopes": before["scopes"], "models": before["models"],
                   "ips": before["allowed_ips"], "rpm": before["rpm"], "tpm": before["tpm"],
                   "expires_at": None}
-        if "permission" in changes and changes["permission"] != "restricted" \
+        if "permission" in changes and changes["permission"] != RESTRICTED \
                 and "scopes" not in changes:
             merged["scopes"] = []   # scopes mean something only to a restricted key
         merged.update(changes)

@@ -27,8 +27,14 @@ import time
 from datetime import UTC, datetime
 
 MAX_QUOTA = 10**12        # Lua numbers are doubles: stay well inside exact integers
-PERMISSIONS = {"all": "a", "restricted": "r", "read-only": "ro"}
+ALL, RESTRICTED, READ_ONLY = "all", "restricted", "read-only"   # the permission words
+PERMISSIONS = {ALL: "a", RESTRICTED: "r", READ_ONLY: "ro"}      # word -> record code (pm)
 PERMISSION_NAMES = {v: k for k, v in PERMISSIONS.items()}
+
+
+def permission_of(rec: dict) -> str:
+    """The permission word of a record (field pm; absent or unknown: all)."""
+    return PERMISSION_NAMES.get(rec.get("pm", "a"), ALL)
 DAY_MS = 86_400_000
 # Owner gone: enabling the key again would resurrect access the owner's removal revoked.
 CASCADE_REASONS = frozenset({"member_removed", "service_account_deleted", "project_deleted",
