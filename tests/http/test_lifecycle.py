@@ -46,10 +46,14 @@ async def test_sigterm_drains_in_flight_calls(tmp_path, http):
         import redis.asyncio as aioredis
         from conftest import PEPPER
 
-        from sidecar.control.keystore import KeyStore
+        from sidecar.control.store import ControlStore
         from sidecar.schema.keys import KeyHasher
         client = aioredis.from_url(redis.url)
-        view, key = await KeyStore(client, KeyHasher(PEPPER)).create(KeySpec(quota=100))
+        control = ControlStore(client, KeyHasher(PEPPER))
+        org = await control.create_org("acme")
+        project = await control.create_project(org["id"], "drain")
+        view, key = await control.create_key(org["id"], {"project_id": project["id"],
+                                                         "quota": 100})
         await client.aclose()
         # Long Redis timeout: the calls wait for Redis instead of failing over to 503.
         car = start_sidecar(tmp_path / "car", redis.url, redis_timeout_ms=5000)
