@@ -13,8 +13,6 @@ import pytest
 from conftest import start_redis, start_sidecar, stop_process
 from live import CHAT, MESSAGES, authz, metric_value
 
-from sidecar.control.keystore import KeySpec
-
 QUICK = aiohttp.ClientTimeout(total=5)
 CLIENT_IPS = ("10.20.30.40", "2001:db8::42", "192.168.77.1")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -31,18 +29,20 @@ async def test_no_plaintext_in_logs_or_metrics(tmp_path, own_redis, http):
     import redis.asyncio as aioredis
     from conftest import PEPPER
 
-    from sidecar.control.keystore import KeyStore
+    from sidecar.control.store import ControlStore
     from sidecar.schema.keys import KeyHasher
 
     client = aioredis.from_url(own_redis.url)
-    store = KeyStore(client, KeyHasher(PEPPER))
-    made = [await store.create(spec) for spec in (
-        KeySpec(quota=2), KeySpec(unlimited=True, models=["gpt-x"]),
-        KeySpec(unlimited=True, ips=["10.0.0.0/8"]), KeySpec(unlimited=True, rpm=1),
-        KeySpec(unlimited=True))]
+    control = ControlStore(client, KeyHasher(PEPPER))
+    org = (await control.create_org("acme"))["id"]
+    project = (await control.create_project(org, "secrets"))["id"]
+    made = [await control.create_key(org, {"project_id": project, **req}) for req in (
+        {"quota": 2}, {"unlimited": True, "models": ["gpt-x"]},
+        {"unlimited": True, "allowed_ips": ["10.0.0.0/8"]}, {"unlimited": True, "rpm": 1},
+        {"unlimited": True})]
     ids = [view["id"] for view, _ in made]
     keys = [key for _, key in made]
-    await store.set_status(ids[4], False, reason="test")
+    await control.set_key_status(org, ids[4], False)
     await client.aclose()
 
     car = start_sidecar(tmp_path / "car", own_redis.url, log_level="debug",
