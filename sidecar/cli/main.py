@@ -281,11 +281,11 @@ def _key_spec(args: argparse.Namespace):
 
     typ = KeyType(args.type)
     if args.payg_fallback and typ is not KeyType.subscription:
-        raise InvalidKeySpec("payg-fallback: only for subscription keys")
+        raise InvalidKeySpec("payg-fallback", "only for subscription keys")
     if args.payg_fallback and not args.account:
-        raise InvalidKeySpec("account: --payg-fallback needs the --account that pays")
+        raise InvalidKeySpec("account", "--payg-fallback needs the --account that pays")
     if args.project and typ is not KeyType.org:
-        raise InvalidKeySpec("project: only org keys belong to a project")
+        raise InvalidKeySpec("project", "only org keys belong to a project")
     spec = KeySpec(type=typ, name=args.name, quota=args.quota, unlimited=args.unlimited,
                    models=args.models, ips=args.ips, expires_at=args.expires,
                    rpm=args.rpm, tpm=args.tpm, permission=args.permission,

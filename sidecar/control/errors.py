@@ -43,11 +43,10 @@ _API_FIELD = {"ips": "allowed_ips", "expires": "expires_at", "cycle_days": "cycl
 
 
 def from_key_error(exc: Exception) -> ControlError:
-    """KeyStore's exceptions as control errors; their messages start with 'field: '."""
+    """KeyStore's exceptions as control errors, naming the field as the API calls it."""
     if isinstance(exc, KeyError_):
         return NotFound(str(exc).strip('"'), "key_id")
-    field, sep, _ = str(exc).partition(":")
-    param = _API_FIELD.get(field, field) if sep and " " not in field else None
+    param = _API_FIELD.get(exc.field, exc.field) if isinstance(exc, InvalidKeySpec) else None
     if isinstance(exc, KeyConflict):
         return Conflict(str(exc), param)
     if isinstance(exc, InvalidKeySpec):

@@ -36,7 +36,12 @@ class KeyError_(LookupError):
 
 
 class InvalidKeySpec(ValueError):
-    """A key setting is wrong; the message names the field."""
+    """A key setting is wrong. `field` names it (KeySpec's name, or the CLI option's);
+    the message reads "field: detail"."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
+        self.field, self.detail = field, detail
 
 
 class KeyConflict(InvalidKeySpec):
@@ -72,39 +77,39 @@ def validate_spec(  # noqa: C901 — a flat list, one check per field of the spe
     """The record fields for a spec, or InvalidKeySpec naming the bad field. Pure."""
     now = now or datetime.now(UTC)
     if spec.quota is not None and not 0 <= spec.quota <= MAX_QUOTA:
-        raise InvalidKeySpec(f"quota: must be between 0 and {MAX_QUOTA}")
+        raise InvalidKeySpec("quota", f"must be between 0 and {MAX_QUOTA}")
     if spec.quota is not None and spec.unlimited:
-        raise InvalidKeySpec("quota: give --quota or --unlimited, not both")
+        raise InvalidKeySpec("quota", "give --quota or --unlimited, not both")
     for name, value in (("rpm", spec.rpm), ("tpm", spec.tpm)):
         if not 0 <= value <= MAX_QUOTA:
-            raise InvalidKeySpec(f"{name}: must be a non-negative integer")
+            raise InvalidKeySpec(name, "must be a non-negative integer")
     if spec.expires_at is not None:
         if spec.expires_at.tzinfo is None:
             spec.expires_at = spec.expires_at.replace(tzinfo=UTC)
         if spec.expires_at <= now:
-            raise InvalidKeySpec(f"expires: {spec.expires_at.isoformat()} is in the past")
+            raise InvalidKeySpec("expires", f"{spec.expires_at.isoformat()} is in the past")
     if spec.permission not in PERMISSIONS:
-        raise InvalidKeySpec("permission: one of all, restricted, read-only")
+        raise InvalidKeySpec("permission", "one of all, restricted, read-only")
     if spec.permission == RESTRICTED and not spec.scopes:
-        raise InvalidKeySpec("scopes: a restricted key needs at least one scope")
+        raise InvalidKeySpec("scopes", "a restricted key needs at least one scope")
     for model in spec.models:
         if not model or "," in model or len(model) > 256:
-            raise InvalidKeySpec(f"models: {model!r} is not a model name")
+            raise InvalidKeySpec("models", f"{model!r} is not a model name")
     for scope in spec.scopes:
         if not scope or "," in scope or ":" not in scope:
-            raise InvalidKeySpec(f"scopes: {scope!r} is not resource:read|write")
+            raise InvalidKeySpec("scopes", f"{scope!r} is not resource:read|write")
     nets = []
     for ip in spec.ips:
         try:
             nets.append(network_entry(ip))
         except ValueError:
-            raise InvalidKeySpec(f"ips: {ip!r} is not an IP address or CIDR") from None
+            raise InvalidKeySpec("ips", f"{ip!r} is not an IP address or CIDR") from None
     if spec.account is not None:
         check_account(spec.account)
     if not 1 <= spec.cycle_days <= 3660:
-        raise InvalidKeySpec("cycle_days: must be between 1 and 3660")
+        raise InvalidKeySpec("cycle_days", "must be between 1 and 3660")
     if len(spec.name) > 200:
-        raise InvalidKeySpec("name: at most 200 characters")
+        raise InvalidKeySpec("name", "at most 200 characters")
 
     quota = spec.quota or 0
     rec: dict[str, str] = {
@@ -133,7 +138,7 @@ def check_account(account: str) -> None:
     """Account names are wallet fields; no ':' so they never collide with a quota pool
     or with another organization's accounts (names.org_account)."""
     if not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
-        raise InvalidKeySpec(f"account: {account!r} is not 1-128 of [A-Za-z0-9_.@+-]")
+        raise InvalidKeySpec("account", f"{account!r} is not 1-128 of [A-Za-z0-9_.@+-]")
 
 
 def wallet_field(org: str | None, account: str | None) -> str:
@@ -272,7 +277,7 @@ class KeyStore:
     async def set_status(self, key_id: str, active: bool, reason: str = "") -> dict:
         key_hash, rec = await self.record(key_id)
         if active and rec.get("dr") in CASCADE_REASONS:
-            raise KeyConflict(f"status: {key_id} was disabled because {rec['dr']} "
+            raise KeyConflict("status", f"{key_id} was disabled because {rec['dr']} "
                               "(its owner is gone); create a new key instead")
         fields = {"st": "a" if active else "d", "dr": "" if active else reason}
         await self.redis.hset(names.record(key_hash), mapping=fields)
@@ -295,7 +300,7 @@ class KeyStore:
         """
         unknown = set(changes) - set(EDITABLE)
         if unknown:
-            raise InvalidKeySpec(f"{sorted(unknown)[0]}: not an editable setting")
+            raise InvalidKeySpec(sorted(unknown)[0], "not an editable setting")
         key_hash, rec = await self.record(key_id)
         before = view(rec)
         merged = {"name": before["name"], "permission": before["permission"],
@@ -334,13 +339,13 @@ class KeyStore:
         """
         key_hash, rec = await self.record(key_id)
         if rec.get("st") != "a":
-            raise KeyConflict(f"status: {key_id} is disabled; enable it before rotating")
+            raise KeyConflict("status", f"{key_id} is disabled; enable it before rotating")
         if rec.get("rt"):
-            raise KeyConflict(f"rotated_to: {key_id} was already rotated into {rec['rt']}")
+            raise KeyConflict("rotated_to", f"{key_id} was already rotated into {rec['rt']}")
         now = now_ms()
         ex = int(rec.get("ex") or 0)
         if ex and ex <= now:
-            raise KeyConflict(f"expires_at: {key_id} has expired")
+            raise KeyConflict("expires_at", f"{key_id} has expired")
         typ = TYPE_OF_CODE.get(rec.get("t", "s"), KeyType.standard)
         new = {f: rec[f] for f in ROTATION_COPIED if rec.get(f)}
         new.update(id=new_id("key"), st="a", ca=str(now), cb=created_by, qu="0", rf=key_id)
@@ -397,7 +402,7 @@ class KeyStore:
             await self.redis.hset(rkey, "ul", "1")
             return await self.get(key_id)
         if not (-MAX_QUOTA <= quota <= MAX_QUOTA) or (quota < 0 and not add):
-            raise InvalidKeySpec(f"quota: must be between 0 and {MAX_QUOTA}")
+            raise InvalidKeySpec("quota", f"must be between 0 and {MAX_QUOTA}")
         field_ = "cq" if rec.get("t") == "b" else "qr"
         if field_ == "qr" and rec.get("qp"):   # the rotation pool holds it
             wallet, pool = names.wallet(shard_of(key_hash)), names.pool_field(rec["qp"])
@@ -425,7 +430,7 @@ class KeyStore:
         a standalone account, or (org given) that organization's own account."""
         field_ = wallet_field(org, account)
         if not -MAX_QUOTA <= units <= MAX_QUOTA or (units < 0 and not add):
-            raise InvalidKeySpec(f"balance: must be between 0 and {MAX_QUOTA}")
+            raise InvalidKeySpec("balance", f"must be between 0 and {MAX_QUOTA}")
         wallet = names.wallet(self.hasher.account_tag(field_))
         if add:
             return int(await self.redis.hincrby(wallet, field_, units))
