@@ -163,5 +163,5 @@ def test_envoy_section_alone_merges_into_the_published_results(tmp_path):
     reuse = envoy["authorizer_connections"]["sidecar"]
     assert 0 < reuse["connections"] < reuse["calls"]
     text = (out / "RESULTS.md").read_text()
-    assert "## Behind real Envoy (HTTP ext_authz, POST, c32)" in text
+    assert "## Behind real Envoy (HTTP and gRPC ext_authz, POST, c32)" in text
     assert "## The authorize path" in text
