@@ -84,3 +84,38 @@ def command_name() -> str:
     if found and Path(found).resolve() == beside.resolve():
         return "sidecar"
     return shlex.quote(str(beside.absolute()))
+
+
+# -- building the command groups (each module in cli/ registers its own group) ---------
+
+def common_options() -> _Parser:
+    """What every store command takes: --json and the settings, also after the command."""
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--config", dest="config_sub")
+    common.add_argument("--state-dir", dest="state_dir_sub")
+    return common
+
+
+def org_option() -> _Parser:
+    org = _Parser(add_help=False)
+    org.add_argument("--org", default="default", help="organization id or name")
+    return org
+
+
+def group(sub, name: str, text: str):
+    """A command group (`sidecar NAME ACTION ...`): its subparsers."""
+    return sub.add_parser(name, help=text).add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+
+
+def command(actions, name: str, run, show, parents: list, text: str | None = None):
+    """One command: `run(args, store)` makes the ControlStore call, `show(result, args)`
+    prints it (unless --json)."""
+    p = actions.add_parser(name, parents=parents, **({"help": text} if text else {}))
+    p.set_defaults(run=run, show=show)
+    return p
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "config_sub", None) or args.config

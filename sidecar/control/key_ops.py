@@ -37,16 +37,7 @@ class KeyOps:
         if typ == "subscription":
             raise Conflicting("type: subscription keys come with their plan: create a "
                               "subscription instead", "type")
-        permission, scopes = req.get("permission", "all"), list(req.get("scopes") or [])
-        check_scopes_mode(permission, scopes)
-        if req.get("quota") is not None and req.get("unlimited"):
-            raise Conflicting("unlimited: give quota or unlimited, not both", "unlimited")
-        spec = KeySpec(type=KeyType(typ), name=req.get("name", ""), quota=req.get("quota"),
-                       unlimited=bool(req.get("unlimited")), models=req.get("models") or [],
-                       ips=req.get("allowed_ips") or [], expires_at=req.get("expires_at"),
-                       rpm=req.get("rpm") or 0, tpm=req.get("tpm") or 0,
-                       permission=permission, scopes=scopes, org=org,
-                       created_by=actor.created_by)
+        spec = _spec(typ, req, org, actor)
         if typ == "admin":
             await self._admin_key_owner(org, req, actor, spec)
         elif typ == "org":
@@ -66,6 +57,25 @@ class KeyOps:
         await self._recheck_owner(org, out)
         await self.audit.record(org, actor, "key.created", "key", out["id"], None, out)
         return out, plaintext
+
+    async def create_standalone_key(self, req: dict,
+                                    actor: Actor = CLI) -> tuple[dict, str]:
+        """A standard or subscription key outside any organization (the operator's
+        `sidecar keys create` without --org): create_key's checks, plus the billing
+        cycle (cycle_days, payg_fallback) of a subscription key with no plan. It has no
+        organization, so no organization's audit log (see _audit_key)."""
+        typ = req.get("type", "standard")
+        if typ not in ("standard", "subscription"):
+            raise Conflicting(f"type: {typ} keys belong to an organization", "type")
+        spec = _spec(typ, req, "", actor)
+        spec.account = req.get("account") or None
+        spec.cycle_days = req.get("cycle_days", spec.cycle_days)
+        spec.payg_fallback = bool(req.get("payg_fallback"))
+        check(actor, "key.create", Resource("key", None, key_type=typ))
+        try:
+            return await self.keys.create(spec)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
 
     async def _admin_key_owner(self, org: str, req: dict, actor: Actor, spec: KeySpec) -> None:
         refuse(req, ("owner", "project_id", "service_account_id", "quota", "unlimited",
@@ -150,6 +160,16 @@ class KeyOps:
             owner is None or v["owner"] == owner) and (
             not project_id or v["project_id"] == project_id)]
         return views, cursor
+
+    async def all_keys(self, type_: str | None = None,
+                       status: str | None = None) -> list[dict]:
+        """Every key, in any organization or none: the operator's `sidecar keys list`."""
+        views, cursor = [], 0
+        while True:
+            page, cursor = await self.keys.list(type_, status, cursor=cursor, limit=500)
+            views.extend(page)
+            if not cursor:
+                return views
 
     async def edit_key(self, org: str | None, key_id: str, changes: dict,
                        actor: Actor = CLI) -> dict:
@@ -326,6 +346,20 @@ class KeyOps:
             await asyncio.sleep(0.02)
         raise Conflict("idempotency_key: the same rotation is still running; retry",
                        "idempotency_key")
+
+
+def _spec(typ: str, req: dict, org: str, actor: Actor) -> KeySpec:
+    """A new key's settings from a request (the API's names), checked for the mode."""
+    permission, scopes = req.get("permission", "all"), list(req.get("scopes") or [])
+    check_scopes_mode(permission, scopes)
+    if req.get("quota") is not None and req.get("unlimited"):
+        raise Conflicting("unlimited: give quota or unlimited, not both", "unlimited")
+    return KeySpec(type=KeyType(typ), name=req.get("name", ""), quota=req.get("quota"),
+                   unlimited=bool(req.get("unlimited")), models=req.get("models") or [],
+                   ips=req.get("allowed_ips") or [], expires_at=req.get("expires_at"),
+                   rpm=req.get("rpm") or 0, tpm=req.get("tpm") or 0,
+                   permission=permission, scopes=scopes, org=org,
+                   created_by=actor.created_by)
 
 
 def _grant(rec: dict[str, str]) -> Grant | None:

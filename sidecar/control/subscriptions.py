@@ -68,18 +68,27 @@ class SubscriptionOps:
 
     # -- billing accounts (PAYG wallets) of an organization: the operator's -------------
 
-    async def account(self, org: str, account: str) -> dict:
-        await self.org(org)
-        return {"object": "account", "account": account, "org_id": org,
-                "balance": await self.keys.balance(account, org)}
+    async def account(self, org: str | None, account: str) -> dict:
+        """org None: a standalone account, the wallet of keys outside any organization."""
+        if org is not None:
+            await self.org(org)
+        try:
+            balance = await self.keys.balance(account, org)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
+        return {"object": "account", "account": account, "org_id": org, "balance": balance}
 
-    async def set_account_balance(self, org: str, account: str, units: int,
+    async def set_account_balance(self, org: str | None, account: str, units: int,
                                   actor: Actor = CLI) -> dict:
         before = await self.account(org, account)
-        await self.keys.set_balance(account, units, org=org)
+        try:
+            await self.keys.set_balance(account, units, org=org)
+        except InvalidKeySpec as exc:
+            raise from_key_error(exc) from None
         after = await self.account(org, account)
-        await self.audit.record(org, actor, "account.balance_set", "account", account,
-                                before, after)
+        if org is not None:   # a standalone account has no organization's log
+            await self.audit.record(org, actor, "account.balance_set", "account", account,
+                                    before, after)
         return after
 
     async def list_subscriptions(self, org: str) -> list[dict]:

@@ -57,21 +57,27 @@ def env(redis_url) -> dict[str, str]:
     ("subscription", ["--quota", "100", "--cycle-days", "7", "--account", "acct-1",
                       "--payg-fallback"]),
     ("org", ["--permission", "restricted", "--scopes", "chat.completions:write,models:read",
-             "--project", "prj-1", "--unlimited"]),
+             "--project", "{project}", "--unlimited"]),
     ("admin", ["--permission", "read-only", "--org", "default", "--member", "{owner}"]),
 ])
 def test_create_every_type(env, typ, extra):
     if typ == "admin":      # an admin key is tied to a member: the bootstrapped owner
         owner = ok_json("admin", "bootstrap", env=env)["member"]["id"]
         extra = [a.format(owner=owner) for a in extra]
+    project = None
+    if typ == "org":        # a project of the default organization that exists
+        project = ok_json("projects", "create", "p1", env=env)["id"]
+        extra = [project if a == "{project}" else a for a in extra]
     made = ok_json("keys", "create", "--type", typ, "--name", f"my {typ}", *extra, env=env)
     assert made["id"].startswith("key_")
     assert key_type(made["key"]) is KeyType(typ)
     shown = ok_json("keys", "show", made["id"], env=env)
     assert (shown["type"], shown["name"], shown["status"]) == (typ, f"my {typ}", "active")
     if typ == "org":
-        assert (shown["org_id"], shown["project_id"]) == ("default", "prj-1")
+        assert (shown["org_id"], shown["project_id"]) == ("default", project)
         assert shown["scopes"] == ["chat.completions:write", "models:read"]
+        audit = ok_json("audit", "list", "--resource-id", made["id"], env=env)
+        assert [e["action"] for e in audit] == ["key.created"]   # as through the API
     if typ == "subscription":
         assert shown["subscription"]["cycle_days"] == 7
         assert shown["subscription"]["payg_fallback"] is True
@@ -217,6 +223,10 @@ Q = ["--quota", "1"]
     (["keys", "create", *Q, "--permission", "restricted", "--scopes", "chat"], "scopes", 2),
     (["keys", "create", *Q, "--type", "subscription", "--payg-fallback"], "account", 2),
     (["keys", "create", *Q, "--project", "p1"], "project", 2),
+    # The control plane's rules, the same as through the admin API:
+    (["keys", "create", *Q, "--type", "org", "--project", "prj_nope"], "no project", 1),
+    (["keys", "create", *Q, "--type", "org", "--account", "a1"], "account", 2),
+    (["keys", "create", *Q, "--scopes", "models:read"], "scopes: only a restricted", 2),
     (["keys", "set-quota", MISSING, "-1"], "quota: -1 is negative", 2),
     (["keys", "set-quota", MISSING, "many"], "quota: 'many' is not a whole number", 2),
     (["keys", "set-quota", MISSING, "5"], MISSING, 1),
