@@ -324,7 +324,7 @@ class KeyOps:
 
     async def _audit_key(self, rec: dict[str, str], actor: Actor, action: str, *args) -> None:
         """Into the key's organization's log; keys outside any organization (plain
-        `sidecar keys create` standard keys) have no organization log."""
+        `sidecar keys create` standard and subscription keys) have no organization log."""
         if rec.get("org"):
             await self.audit.record(rec["org"], actor, action, *args)
 
