@@ -1,7 +1,7 @@
 """The admin API's frame: the route table, one wrapper for every endpoint, the setup.
 
 Each endpoint is a `Route`: method, path, the admin scope it needs, its request schemas
-and a handler `(Call) -> (status, payload)`. The wrapper runs the same steps for all:
+and a handler `(AdminCall) -> (status, payload)`. The wrapper runs the same steps for all:
 
     authenticate the admin key -> the permission mode allows the route's action
     (policy.gate) -> check path ids, query and body against the schemas -> handler -> JSON
@@ -26,7 +26,7 @@ from ..schema.keys import KeyHasher
 from . import schemas
 from .auth import authenticate
 from .http import ApiError, json_errors, json_response, read_json
-from .routing import PREFIX, Call, Route
+from .routing import PREFIX, AdminCall, Route
 from .validation import validate
 
 _ID = re.compile(schemas.ID_PATTERN.strip("^$"))
@@ -59,7 +59,7 @@ def endpoint(route: Route, app: web.Application) -> Callable:
             query[name] = values[0]
         query = validate(route.query, query, "query", strings=True)
         body = validate(route.body, await read_json(request)) if route.body else {}
-        call = Call(store, actor, params, query, body, request.headers)
+        call = AdminCall(store, actor, params, query, body, request.headers)
         status, payload = await route.handler(call)
         return json_response(payload, status)
 

@@ -11,7 +11,7 @@ from ..control.policy import Actor, Grant
 from ..control.store import ControlStore
 from ..schema import names
 from ..schema.keys import KeyHasher, KeyType, key_type
-from ..schema.record import PERMISSION_NAMES, now_ms
+from ..schema.record import now_ms, permission_of
 from .http import ApiError
 
 
@@ -57,7 +57,7 @@ async def authenticate(authorization: str | None, store: ControlStore,
     await pipe.execute()
     scopes = frozenset(s for s in rec.get("sc", "").split(",") if s)
     return Actor(kind="admin_key", id=rec["id"], org=org, member=member_id, role=role,
-                 grant=Grant(PERMISSION_NAMES.get(rec.get("pm", "a"), "all"), scopes))
+                 grant=Grant(permission_of(rec), scopes))
 
 
 def _s(value) -> str:

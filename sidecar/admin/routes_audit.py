@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..control.store import parse_when
 from . import schemas as s
-from .routing import Call, Route
+from .routing import AdminCall, Route
 
 
 def _ms(text: str | None, param: str) -> int | None:
@@ -12,7 +12,7 @@ def _ms(text: str | None, param: str) -> int | None:
     return None if text is None else max(0, int(parse_when(text, param).timestamp() * 1000))
 
 
-async def list_audit(c: Call):
+async def list_audit(c: AdminCall):
     q = c.query
     events, cursor = await c.store.audit.query(
         c.org, action=q.get("action"), actor_id=q.get("actor_id"),

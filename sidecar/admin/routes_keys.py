@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..control.store import parse_when
 from . import schemas as s
 from .http import ApiError
-from .routing import Call, Route
+from .routing import AdminCall, Route
 from .validation import validate
 
 
@@ -18,7 +18,7 @@ def _settings(body: dict) -> dict:
     return out
 
 
-async def list_keys(c: Call):
+async def list_keys(c: AdminCall):
     q = c.query
     views, nxt = await c.store.list_keys(
         c.org, type_=q.get("type"), status=q.get("status"), owner=q.get("owner"),
@@ -28,33 +28,33 @@ async def list_keys(c: Call):
     return 200, {"object": "list", "data": views, "next_cursor": str(nxt) if nxt else None}
 
 
-async def create_key(c: Call):
+async def create_key(c: AdminCall):
     view, plaintext = await c.store.create_key(c.org, _settings(c.body), c.actor)
     return 201, {**view, "key": plaintext}
 
 
-async def get_key(c: Call):
+async def get_key(c: AdminCall):
     return 200, await c.store.key(c.org, c.params["key_id"])
 
 
-async def edit_key(c: Call):
+async def edit_key(c: AdminCall):
     return 200, await c.store.edit_key(c.org, c.params["key_id"], _settings(c.body),
                                        c.actor)
 
 
-async def delete_key(c: Call):
+async def delete_key(c: AdminCall):
     return 200, await c.store.delete_key(c.org, c.params["key_id"], c.actor)
 
 
-async def disable_key(c: Call):
+async def disable_key(c: AdminCall):
     return 200, await c.store.set_key_status(c.org, c.params["key_id"], False, c.actor)
 
 
-async def enable_key(c: Call):
+async def enable_key(c: AdminCall):
     return 200, await c.store.set_key_status(c.org, c.params["key_id"], True, c.actor)
 
 
-async def set_quota(c: Call):
+async def set_quota(c: AdminCall):
     b = c.body
     return 200, await c.store.set_key_quota(c.org, c.params["key_id"], set_to=b.get("set"),
                                             add=b.get("add"),
@@ -62,13 +62,13 @@ async def set_quota(c: Call):
                                             actor=c.actor)
 
 
-async def activity(c: Call):
+async def activity(c: AdminCall):
     v = await c.store.key(c.org, c.params["key_id"])
     return 200, {k: v[k] for k in ("id", "last_used_at", "last_ip", "last_model",
                                    "request_count", "quota_used", "quota_remaining")}
 
 
-async def rotate_key(c: Call):
+async def rotate_key(c: AdminCall):
     header = c.headers.get("Idempotency-Key")
     field = c.body.get("idempotency_key")
     if header is not None and field is not None and header != field:

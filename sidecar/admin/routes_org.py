@@ -7,80 +7,80 @@ another organization is simply not found.
 from __future__ import annotations
 
 from . import schemas as s
-from .routing import Call, Route, page
+from .routing import AdminCall, Route, page
 
 
-async def get_org(c: Call):
+async def get_org(c: AdminCall):
     return 200, await c.store.org(c.org)
 
 
-async def update_org(c: Call):
+async def update_org(c: AdminCall):
     return 200, await c.store.update_org(c.org, c.body["name"], c.actor)
 
 
-async def list_members(c: Call):
+async def list_members(c: AdminCall):
     return 200, page(await c.store.list_members(c.org, c.query.get("role")), c.query)
 
 
-async def add_member(c: Call):
+async def add_member(c: AdminCall):
     b = c.body
     return 201, await c.store.add_member(c.org, b["user"], b.get("role", "member"),
                                          b.get("name", ""), c.actor)
 
 
-async def get_member(c: Call):
+async def get_member(c: AdminCall):
     return 200, await c.store.member(c.org, c.params["member_id"])
 
 
-async def update_member(c: Call):
+async def update_member(c: AdminCall):
     return 200, await c.store.update_member(c.org, c.params["member_id"], c.body, c.actor)
 
 
-async def remove_member(c: Call):
+async def remove_member(c: AdminCall):
     return 200, await c.store.remove_member(c.org, c.params["member_id"], c.actor)
 
 
-async def list_projects(c: Call):
+async def list_projects(c: AdminCall):
     return 200, page(await c.store.list_projects(c.org), c.query)
 
 
-async def create_project(c: Call):
+async def create_project(c: AdminCall):
     return 201, await c.store.create_project(c.org, c.body["name"], c.actor)
 
 
-async def get_project(c: Call):
+async def get_project(c: AdminCall):
     return 200, await c.store.project(c.org, c.params["project_id"])
 
 
-async def update_project(c: Call):
+async def update_project(c: AdminCall):
     return 200, await c.store.update_project(c.org, c.params["project_id"], c.body["name"],
                                              c.actor)
 
 
-async def delete_project(c: Call):
+async def delete_project(c: AdminCall):
     return 200, await c.store.delete_project(c.org, c.params["project_id"], c.actor)
 
 
-async def list_service_accounts(c: Call):
+async def list_service_accounts(c: AdminCall):
     found = await c.store.list_service_accounts(c.org, c.query.get("project_id"))
     return 200, page(found, c.query)
 
 
-async def create_service_account(c: Call):
+async def create_service_account(c: AdminCall):
     return 201, await c.store.create_service_account(c.org, c.body["project_id"],
                                                      c.body["name"], c.actor)
 
 
-async def get_service_account(c: Call):
+async def get_service_account(c: AdminCall):
     return 200, await c.store.service_account(c.org, c.params["service_account_id"])
 
 
-async def update_service_account(c: Call):
+async def update_service_account(c: AdminCall):
     return 200, await c.store.update_service_account(
         c.org, c.params["service_account_id"], c.body["name"], c.actor)
 
 
-async def delete_service_account(c: Call):
+async def delete_service_account(c: AdminCall):
     return 200, await c.store.delete_service_account(c.org, c.params["service_account_id"],
                                                      c.actor)
 

@@ -4,28 +4,28 @@ auto-created sk-sub- key (plaintext once) and its PAYG-fallback switch."""
 from __future__ import annotations
 
 from . import schemas as s
-from .routing import Call, Route, page
+from .routing import AdminCall, Route, page
 
 
-async def list_subscriptions(c: Call):
+async def list_subscriptions(c: AdminCall):
     return 200, page(await c.store.list_subscriptions(c.org), c.query)
 
 
-async def create_subscription(c: Call):
+async def create_subscription(c: AdminCall):
     sub, plaintext = await c.store.create_subscription(c.org, c.body, c.actor)
     return 201, {**sub, "key": plaintext}
 
 
-async def get_subscription(c: Call):
+async def get_subscription(c: AdminCall):
     return 200, await c.store.subscription(c.org, c.params["subscription_id"])
 
 
-async def update_subscription(c: Call):
+async def update_subscription(c: AdminCall):
     return 200, await c.store.update_subscription(c.org, c.params["subscription_id"],
                                                   c.body, c.actor)
 
 
-async def cancel_subscription(c: Call):
+async def cancel_subscription(c: AdminCall):
     return 200, await c.store.cancel_subscription(c.org, c.params["subscription_id"],
                                                   c.actor)
 

@@ -1,4 +1,4 @@
-"""What an admin endpoint is (Route) and what its handler gets (Call): the route
+"""What an admin endpoint is (Route) and what its handler gets (AdminCall): the route
 modules, the API and the OpenAPI document share them.
 """
 
@@ -17,7 +17,7 @@ PREFIX = "/admin/v1"
 
 
 @dataclass
-class Call:
+class AdminCall:
     store: ControlStore
     actor: Actor
     params: dict[str, str]
@@ -30,7 +30,7 @@ class Call:
         return self.actor.org or ""
 
 
-Handler = Callable[[Call], Awaitable[tuple[int, Any]]]
+Handler = Callable[[AdminCall], Awaitable[tuple[int, Any]]]
 
 
 @dataclass(frozen=True)

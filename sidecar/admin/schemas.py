@@ -6,31 +6,55 @@ drift from what the server accepts. Responses are described, not enforced.
 
 from __future__ import annotations
 
+from ..control.input_limits import (
+    ACCOUNT_CHARS,
+    MAX_ACCOUNT,
+    MAX_ACTION,
+    MAX_CYCLE_DAYS,
+    MAX_GRACE_S,
+    MAX_ID,
+    MAX_IP_TEXT,
+    MAX_IPS,
+    MAX_MODEL_NAME,
+    MAX_MODELS,
+    MAX_NAME,
+    MAX_PAGE,
+    MAX_QUOTA,
+    MAX_SCOPE,
+    MAX_SCOPES,
+    MAX_USER,
+    MAX_WHEN,
+    MIN_SCOPE,
+)
 from ..control.policy import ROLES
-from ..schema.record import MAX_QUOTA
+from ..schema.keys import KeyType
+from ..schema.record import PERMISSIONS
 
-ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
-ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": 64}
+ID_PATTERN = f"^[A-Za-z0-9_-]{{1,{MAX_ID}}}$"
+ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": MAX_ID}
 TEXT = "^[^\\x00-\\x1F]*$"     # printable: no control characters
-NAME = {"type": "string", "maxLength": 200, "pattern": TEXT}
-REQUIRED_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT}
-REQUIRED_TEXT = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT}
+NAME = {"type": "string", "maxLength": MAX_NAME, "pattern": TEXT}
+REQUIRED_NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": TEXT}
+REQUIRED_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": TEXT}
 UNITS = {"type": "integer", "minimum": 0, "maximum": MAX_QUOTA}
-WHEN = {"type": ["string", "null"], "format": "date-time", "maxLength": 64}
-PERMISSION = {"type": "string", "enum": ["all", "restricted", "read-only"]}
-KEY_TYPES = ["standard", "subscription", "org", "admin"]
+WHEN = {"type": ["string", "null"], "format": "date-time", "maxLength": MAX_WHEN}
+PERMISSION = {"type": "string", "enum": list(PERMISSIONS)}
+KEY_TYPES = [t.value for t in KeyType]
 OWNERS = ["project", "user", "service_account"]
-MODELS = {"type": "array", "maxItems": 100,
-          "items": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[^,]+$"}}
-IPS = {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 64}}
-SCOPES = {"type": "array", "maxItems": 50,     # resource:read|write
-          "items": {"type": "string", "minLength": 3, "maxLength": 100,
+MODELS = {"type": "array", "maxItems": MAX_MODELS,
+          "items": {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_NAME,
+                    "pattern": "^[^,]+$"}}
+IPS = {"type": "array", "maxItems": MAX_IPS,
+       "items": {"type": "string", "maxLength": MAX_IP_TEXT}}
+SCOPES = {"type": "array", "maxItems": MAX_SCOPES,     # resource:read|write
+          "items": {"type": "string", "minLength": MIN_SCOPE, "maxLength": MAX_SCOPE,
                     "pattern": "^[^,:]+:[^,:]+$"}}
 # A billing account (PAYG wallet) of the caller's organization, by the name it gives it:
 # each organization has its own names, so another org's "acme" is another wallet.
-ACCOUNT = {"type": "string", "pattern": "^[A-Za-z0-9_.@+-]{1,128}$", "maxLength": 128,
+ACCOUNT = {"type": "string", "pattern": f"^[{ACCOUNT_CHARS}]{{1,{MAX_ACCOUNT}}}$",
+           "maxLength": MAX_ACCOUNT,
            "description": "the organization's own billing account (PAYG wallet)"}
-LIMIT = {"type": "integer", "minimum": 1, "maximum": 500}
+LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
 OFFSET_CURSOR = {"type": "string", "pattern": "^[0-9]{1,12}$"}
 
 
@@ -46,7 +70,7 @@ def obj(properties: dict, required: tuple[str, ...] = (), min_properties: int = 
 # -- requests -------------------------------------------------------------------------
 
 ORG_UPDATE = obj({"name": REQUIRED_NAME}, ("name",))
-MEMBER_CREATE = obj({"user": {"type": "string", "minLength": 1, "maxLength": 320,
+MEMBER_CREATE = obj({"user": {"type": "string", "minLength": 1, "maxLength": MAX_USER,
                               "pattern": TEXT},
                      "name": NAME, "role": {"type": "string", "enum": list(ROLES)}},
                     ("user",))
@@ -71,11 +95,11 @@ KEY_EDIT = obj({"name": NAME, "permission": PERMISSION, "scopes": SCOPES, "model
 KEY_QUOTA = obj({"set": UNITS,
                  "add": {"type": "integer", "minimum": -MAX_QUOTA, "maximum": MAX_QUOTA},
                  "unlimited": {"type": "boolean"}}, min_properties=1)
-KEY_ROTATE = obj({"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 2_592_000},
+KEY_ROTATE = obj({"grace_seconds": {"type": "integer", "minimum": 0, "maximum": MAX_GRACE_S},
                   "idempotency_key": REQUIRED_TEXT})
 SUB_CREATE = obj({"account": ACCOUNT,
                   "plan": REQUIRED_NAME, "cycle_quota": UNITS,
-                  "cycle_days": {"type": "integer", "minimum": 1, "maximum": 3660},
+                  "cycle_days": {"type": "integer", "minimum": 1, "maximum": MAX_CYCLE_DAYS},
                   "payg_fallback": {"type": "boolean"}, "name": NAME},
                  ("account", "plan", "cycle_quota"))
 SUB_UPDATE = obj({"plan": REQUIRED_NAME, "cycle_quota": UNITS,
@@ -90,14 +114,14 @@ KEY_QUERY = obj({"type": {"type": "string", "enum": KEY_TYPES},
                  "status": {"type": "string", "enum": ["active", "disabled"]},
                  "owner": {"type": "string", "enum": OWNERS},
                  "project_id": ID, "member_id": ID, "service_account_id": ID, **PAGE})
-AUDIT_QUERY = obj({"action": {"type": "string", "minLength": 1, "maxLength": 100,
+AUDIT_QUERY = obj({"action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION,
                               "pattern": TEXT},
                    "actor_id": ID, "resource_type": {"type": "string", "enum": [
                        "organization", "member", "project", "service_account", "key",
                        "subscription"]},
                    "resource_id": ID,
-                   "since": {"type": "string", "format": "date-time", "maxLength": 64},
-                   "until": {"type": "string", "format": "date-time", "maxLength": 64},
+                   "since": {"type": "string", "format": "date-time", "maxLength": MAX_WHEN},
+                   "until": {"type": "string", "format": "date-time", "maxLength": MAX_WHEN},
                    "limit": LIMIT,
                    "cursor": {"type": "string", "pattern": "^[0-9]{1,19}-[0-9]{1,19}$"}})
 
@@ -131,7 +155,7 @@ RESPONSES = {
         "status": {"type": "string", "enum": ["active", "disabled"]},
         "disabled_reason": _SN, "unlimited": _B, "quota_remaining": _IN, "quota_used": _I,
         "expires_at": _SN, "expired": _B, "models": _STRS, "allowed_ips": _STRS,
-        "permission": {"type": "string", "enum": ["all", "restricted", "read-only"]},
+        "permission": PERMISSION,
         "scopes": _STRS, "rpm": _I, "tpm": _I, "account": _SN, "org_id": _SN,
         "project_id": _SN, "member_id": _SN, "service_account_id": _SN,
         "owner": {"type": ["string", "null"], "enum": [*OWNERS, None]},

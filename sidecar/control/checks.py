@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from ..schema.record import RESTRICTED
 from .errors import Conflicting, Invalid
+from .input_limits import MAX_NAME
 from .policy import ROLES
 
 
 def check_scopes_mode(permission: str, scopes: list[str]) -> None:
-    if scopes and permission != "restricted":
+    if scopes and permission != RESTRICTED:
         raise Conflicting("scopes: only a restricted key has scopes (permission is "
                           f"{permission!r})", "scopes")
 
@@ -20,7 +22,7 @@ def refuse(req: dict, fields: tuple[str, ...], why: str) -> None:
             raise Conflicting(f"{field}: {why}", field)
 
 
-def check_text(value, param: str, required: bool = False, limit: int = 200) -> None:
+def check_text(value, param: str, required: bool = False, limit: int = MAX_NAME) -> None:
     if not isinstance(value, str):
         raise Invalid(f"{param}: must be a string", param)
     if required and not value.strip():

@@ -8,6 +8,7 @@ from ..schema.keys import new_id
 from ..schema.record import now_ms
 from .checks import check_role, check_text
 from .errors import Conflict, NotFound
+from .input_limits import MAX_USER
 from .policy import CLI, Actor, Resource, check
 from .views import decode, member_view, org_view, pairs, project_view, sa_view, text
 
@@ -93,7 +94,7 @@ class EntityOps:
     async def add_member(self, org: str, user: str, role: str = "member", name: str = "",
                          actor: Actor = CLI) -> dict:
         await self.org(org)
-        check_text(user, "user", required=True, limit=320)
+        check_text(user, "user", required=True, limit=MAX_USER)
         check_text(name, "name")
         check_role(role)
         check(actor, "member.add", Resource("member", org, role=role))

@@ -10,7 +10,7 @@ import orjson
 
 from ..schema import names
 from ..schema.keys import TYPE_OF_CODE, KeyType
-from ..schema.record import CASCADE_REASONS, PERMISSION_NAMES, permission_of
+from ..schema.record import CASCADE_REASONS, permission_of
 from .checks import check_scopes_mode, check_text, refuse
 from .errors import Conflict, Conflicting, Invalid, NotFound, from_key_error
 from .keystore import InvalidKeySpec, KeyError_, KeySpec
@@ -178,7 +178,7 @@ class KeyOps:
         if admin:
             refuse(changes, ("models", "allowed_ips", "rpm", "tpm"),
                     "admin keys carry no data-plane settings")
-        permission = changes.get("permission", PERMISSION_NAMES.get(rec.get("pm", "a")))
+        permission = changes.get("permission", permission_of(rec))
         if "scopes" in changes:
             check_scopes_mode(permission, changes["scopes"])
         grant = None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..schema.record import ALL, READ_ONLY, RESTRICTED
 from .errors import ControlError, Forbidden, Invalid, NotFound
 
 RESOURCES = ("orgs", "members", "projects", "service_accounts", "keys", "subscriptions",
@@ -86,13 +87,13 @@ _KEY_DOING = {"key.update": "changing", "key.enable": "enabling", "key.disable":
 
 @dataclass(frozen=True)
 class Grant:
-    permission: str = "all"                      # all | restricted | read-only
+    permission: str = ALL                        # all | restricted | read-only
     scopes: frozenset[str] = frozenset()
 
     def effective(self) -> frozenset[str]:
-        if self.permission == "all":
+        if self.permission == ALL:
             return ADMIN_SCOPES
-        if self.permission == "read-only":
+        if self.permission == READ_ONLY:
             return READ_SCOPES
         implied = {s.replace(":write", ":read") for s in self.scopes if s.endswith(":write")}
         return frozenset(self.scopes | implied) & ADMIN_SCOPES
@@ -178,7 +179,7 @@ def gate(actor: Actor, action: str) -> Decision:
     scope = ACTIONS[action]
     if actor.operator or actor.grant.allows(scope):
         return ALLOW
-    if actor.grant.permission == "read-only":
+    if actor.grant.permission == READ_ONLY:
         return _deny("a read-only admin key cannot make changes", "scope")
     return _deny(f"this admin key lacks the scope {scope}", "scope")
 
@@ -325,7 +326,7 @@ def _a(role: str | None) -> str:
 
 def check_admin_scopes(grant: Grant) -> None:
     """A restricted grant lists admin scopes only (an input check, for every caller)."""
-    bad = sorted(grant.scopes - ADMIN_SCOPES) if grant.permission == "restricted" else []
+    bad = sorted(grant.scopes - ADMIN_SCOPES) if grant.permission == RESTRICTED else []
     if bad:
         raise Invalid(f"scopes: {bad[0]!r} is not an admin scope (one of "
                       f"{', '.join(sorted(ADMIN_SCOPES))})", "scopes")

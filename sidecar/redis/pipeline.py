@@ -31,7 +31,7 @@ class RedisUnavailable(Exception):
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class RedisEndpoint:
     host: str | None = None
     port: int = 6379
     path: str | None = None          # unix socket
@@ -41,7 +41,7 @@ class Endpoint:
     tls: bool = False
 
     @classmethod
-    def from_url(cls, url: str) -> Endpoint:
+    def from_url(cls, url: str) -> RedisEndpoint:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         db = int(query.get("db", [parts.path.lstrip("/") or 0])[0]) if parts.scheme != "unix" \
@@ -119,8 +119,8 @@ class Pipeline:
     batch per tick, whose callers all waited for its last script).
     """
 
-    def __init__(self, endpoint: Endpoint | Callable[[], Awaitable[Endpoint]], timeout: float,
-                 on_connect: list[tuple] | None = None, max_batch: int = 8):
+    def __init__(self, endpoint: RedisEndpoint | Callable[[], Awaitable[RedisEndpoint]],
+                 timeout: float, on_connect: list[tuple] | None = None, max_batch: int = 8):
         # A fixed endpoint, or a coroutine that finds one (Sentinel: the current master).
         self.endpoint = endpoint
         self.timeout = timeout
@@ -208,7 +208,7 @@ class Pipeline:
     async def _open(self) -> _RespProtocol:
         if self.closed:
             raise RedisUnavailable("pipeline closed")
-        ep = self.endpoint if isinstance(self.endpoint, Endpoint) else await self.endpoint()
+        ep = self.endpoint if isinstance(self.endpoint, RedisEndpoint) else await self.endpoint()
         factory = lambda: _RespProtocol(self._lost)  # noqa: E731
         if ep.path:
             _, proto = await self._loop.create_unix_connection(factory, ep.path)

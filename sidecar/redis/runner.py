@@ -24,7 +24,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from ..runtime import metrics
 from ..schema.scripts import ALL, Script
-from .pipeline import Endpoint, Pipeline, RedisUnavailable
+from .pipeline import Pipeline, RedisEndpoint, RedisUnavailable
 
 
 class ScriptRunner(Protocol):
@@ -73,7 +73,7 @@ class ClusterRunner:
     its calls over to the failure policy and makes the next call refresh the map.
     """
 
-    def __init__(self, seeds: list[Endpoint], timeout: float, on_connect: list[tuple]):
+    def __init__(self, seeds: list[RedisEndpoint], timeout: float, on_connect: list[tuple]):
         self.seeds = seeds
         self.timeout = timeout
         self._on_connect = on_connect
@@ -126,7 +126,7 @@ class ClusterRunner:
         metrics.redis_error("cluster")
         raise RedisUnavailable(f"no cluster node answered CLUSTER SLOTS: {last}")
 
-    def _node(self, endpoint: Endpoint) -> PipelineRunner:
+    def _node(self, endpoint: RedisEndpoint) -> PipelineRunner:
         runner = self._nodes.get((endpoint.host, endpoint.port))
         if runner is None:
             runner = PipelineRunner(Pipeline(endpoint, self.timeout, self._on_connect))
@@ -173,20 +173,20 @@ def _sentinel_source(url: str, timeout: float):
     found = _sentinel_url(url)
     sentinel = Sentinel(found.hosts, socket_timeout=timeout)
 
-    async def current_master() -> Endpoint:
+    async def current_master() -> RedisEndpoint:
         host, port = await sentinel.discover_master(found.service)
-        return Endpoint(host=host, port=port, password=found.password, db=found.db)
+        return RedisEndpoint(host=host, port=port, password=found.password, db=found.db)
 
     return current_master
 
 
-def _cluster_seeds(url: str) -> list[Endpoint]:
-    """redis+cluster://[:password@]host:port[,host:port...] -> one Endpoint per seed."""
+def _cluster_seeds(url: str) -> list[RedisEndpoint]:
+    """redis+cluster://[:password@]host:port[,host:port...] -> one RedisEndpoint per seed."""
     parts = urlsplit(url)
     userinfo, _, hosts = parts.netloc.rpartition("@")
     scheme = parts.scheme.replace("+cluster", "")
     auth = userinfo + "@" if userinfo else ""
-    return [replace(Endpoint.from_url(f"{scheme}://{auth}{host}"), db=0)
+    return [replace(RedisEndpoint.from_url(f"{scheme}://{auth}{host}"), db=0)
             for host in hosts.split(",") if host]
 
 
@@ -198,7 +198,7 @@ def make_runner(url: str, timeout_s: float) -> ScriptRunner:
         return ClusterRunner(_cluster_seeds(url), timeout_s, load)
     if scheme == "redis+sentinel":
         return PipelineRunner(Pipeline(_sentinel_source(url, timeout_s), timeout_s, load))
-    return PipelineRunner(Pipeline(Endpoint.from_url(url), timeout_s, load))
+    return PipelineRunner(Pipeline(RedisEndpoint.from_url(url), timeout_s, load))
 
 
 def control_client(url: str, timeout_s: float, pool_size: int):

@@ -156,3 +156,13 @@ def test_the_checks_see_a_broken_rule():
     assert violations({"sidecar.runtime.config": {"sidecar.runtime.server"}})
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_class_names_are_unique():
+    # one name, one thing: a reader (or grep) never has to ask which `Call` is meant
+    seen: dict[str, str] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where = module_name(path)
+                assert seen.setdefault(node.name, where) == where, (node.name, where)
