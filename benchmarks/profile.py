@@ -32,6 +32,8 @@ AREAS = (
     ("sidecar/redis/", "sidecar: Redis pipeline"),
     ("sidecar/dataplane/routes.py", "sidecar: dispatch"),
     ("sidecar/dataplane/edge.py", "sidecar: HTTP server (edge.py)"),
+    ("sidecar/dataplane/http_messages.py", "sidecar: HTTP server (edge.py)"),   # encode
+    ("sidecar/dataplane/shedding.py", "sidecar: HTTP server (edge.py)"),
     ("/sidecar/", "sidecar: other"),
     ("prometheus_client", "prometheus_client"),
     ("aiohttp/web_response", "aiohttp: response"),

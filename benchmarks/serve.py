@@ -16,7 +16,7 @@ import sys
 
 from sidecar.cli.main import main
 from sidecar.dataplane.authorize import Authorizer
-from sidecar.dataplane.edge import Answer, Call
+from sidecar.dataplane.http_messages import Answer, Call
 from sidecar.runtime import server
 from sidecar.schema.keys import KeyHasher
 

@@ -20,7 +20,7 @@ from ..schema.ips import ip_hex
 from ..schema.keys import KeyHasher, key_type, new_reservation_id, shard_of
 from ..schema.scripts import AUTHORIZE
 from .decision import Code, denial_answer, identity_headers, limit_headers
-from .edge import Answer, Call, error_answer
+from .http_messages import Answer, Call, error_answer
 from .request import ClientIp, bearer_or_api_key, body_is_whole, classify, original_call, read_model
 
 log = logging.getLogger("sidecar.authorize")

@@ -4,8 +4,8 @@ Why not aiohttp's server here (the admin listener does use aiohttp): measured on
 machine, aiohttp's per-request machinery (request/response objects, header multidicts, a
 handler task, the writer) cost about 4x a bare protocol's 200 answer, more than the whole
 authorize decision. This module is that bare protocol: `httptools` (llhttp, the parser
-uvicorn uses) parses, a handler turns a `Call` into an `Answer`, and the answer goes out
-as one `write()`.
+uvicorn uses) parses, a handler turns a `Call` into an `Answer` (http_messages.py), and
+the answer goes out as one `write()`.
 
 Handlers are coroutines. Hot-path handlers run *eagerly*: the coroutine is stepped right
 here until it waits for Redis (a plain future), and resumed by that future's callback —
@@ -23,130 +23,25 @@ whole within `request_deadline` of its first byte and may not pause longer than
 at most `max_headers` headers and `max_header_bytes` of them (431 and a close); at most
 `max_connections` open connections (below the open-file limit, fdlimit.py): when full,
 the idle keep-alive connections go first, then those whose request began longest ago,
-so a fresh request is still answered.
+so a fresh request is still answered (shedding.py chooses which).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from email.utils import formatdate
-from http import HTTPStatus
 
 import httptools
-import orjson
+
+from .http_messages import Answer, Call, Headers, Router, encode, error_answer
+from .shedding import pick_victims, shed_count
 
 log = logging.getLogger("sidecar.edge")
 
 MAX_URL = 8192
 MAX_PIPELINED = 64        # requests queued on one connection before we stop reading it
-SHED_SHARE = 16           # when full, close 1/16 of the cap at once: one scan, many accepts
-
-
-class Headers(dict):
-    """Request headers, names lower-cased; `get` is case-insensitive. Repeated headers are
-    joined with ',' (RFC 9110 5.3), as aiohttp's multidict `get` would not, but proxies
-    send each of ours once."""
-
-    __slots__ = ()
-
-    def get(self, name: str, default=None):  # type: ignore[override]
-        return dict.get(self, name.lower(), default)
-
-    def __getitem__(self, name: str) -> str:
-        return dict.__getitem__(self, name.lower())
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and dict.__contains__(self, name.lower())
-
-
-@dataclass(slots=True)
-class Call:
-    """One request as a handler sees it."""
-
-    method: str
-    target: str              # path and query, as sent (e.g. /authz/v1/models?x=1)
-    path: str                # target without the query
-    headers: Headers
-    body: bytes
-    peer_ip: str             # '' for a unix-socket peer
-    body_truncated: bool = False
-
-
-@dataclass(slots=True)
-class Answer:
-    status: int
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    content_type: str | None = None
-
-
-Handler = Callable[[Call], Awaitable[Answer]]
-# route(path) -> (handler, eager) or None for 404
-Router = Callable[[str], "tuple[Handler, bool] | None"]
-
-
-def json_answer(status: int, doc: dict, headers: dict[str, str] | None = None) -> Answer:
-    return Answer(status, headers or {}, orjson.dumps(doc), "application/json")
-
-
-def error_answer(status: int, code: str | None, message: str) -> Answer:
-    return json_answer(status, {"error": {"message": message, "type": "invalid_request_error",
-                                          "code": code}})
-
-
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-_STATUS_LINES: dict[int, bytes] = {}
-
-
-def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        reason = _REASONS.get(status, b"Unknown")
-        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    return line
-
-
-class _Clock:
-    """The Date header, formatted once per second, not once per answer."""
-
-    def __init__(self) -> None:
-        self._second = 0
-        self.header = b""
-
-    def date(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self.header = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-        return self.header
-
-
-_clock = _Clock()
-
-
-def encode(answer: Answer, keep_alive: bool) -> bytes:
-    headers = answer.headers
-    head = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-    if head.count("\n") != len(headers) or head.count("\r") != len(headers):
-        # Values come from our records and our own JSON; a CR/LF would split a header.
-        head = "".join([f"{name}: {_one_line(value)}\r\n" for name, value in headers.items()])
-    if answer.content_type:
-        head += f"Content-Type: {answer.content_type}\r\n"
-    head += f"Content-Length: {len(answer.body)}\r\n"
-    if not keep_alive:
-        head += "Connection: close\r\n"
-    return b"".join((_status_line(answer.status), _clock.date(),
-                     head.encode("latin-1", "replace"), b"\r\n", answer.body))
-
-
-def _one_line(value: str) -> str:
-    return value.replace("\r", " ").replace("\n", " ")
 
 
 class EdgeServer:
@@ -183,20 +78,9 @@ class EdgeServer:
             self._idle.set()
 
     def shed(self) -> None:
-        """Over max_connections: close the idle keep-alive connections first (least
-        recently active first), then those still receiving a request, the one begun
-        longest ago first: the slowest. A connection with answers pending is busy, not
-        slow (Redis bounds it): it stays. A share of the cap goes at once, so a flood of
-        accepts costs one scan per share, and the scan happens only when full."""
-        count = max(len(self.connections) - self.max_connections,
-                    self.max_connections // SHED_SHARE, 1)
-        idle, arriving = [], []
-        for conn in self.connections:
-            if not conn.queue and conn.transport is not None:
-                (arriving if conn.in_message else idle).append(conn)
-        victims = heapq.nsmallest(count, idle, key=_last_active)
-        if len(victims) < count:
-            victims += heapq.nsmallest(count - len(victims), arriving, key=_request_start)
+        """Over max_connections: close the slowest to make room (shedding.py)."""
+        count = shed_count(len(self.connections), self.max_connections)
+        victims = pick_victims(self.connections, count)
         for conn in victims:
             conn.shed()
         self.shed_total += len(victims)
@@ -221,14 +105,6 @@ class EdgeServer:
             conn.close_when_idle()
         for server in self._servers:
             await server.wait_closed()
-
-
-def _last_active(conn: _Connection) -> float:
-    return conn.last_active
-
-
-def _request_start(conn: _Connection) -> float:
-    return conn.request_start
 
 
 class _Connection(asyncio.Protocol):

@@ -19,7 +19,8 @@ import signal
 from urllib.parse import parse_qs, urlsplit
 
 from .decision import DENIALS, Code, Denial, error_body
-from .edge import Answer, Call, EdgeServer
+from .edge import EdgeServer
+from .http_messages import Answer, Call
 
 TOO_LARGE = Denial(413, "request_too_large", "invalid_request_error", "request_too_large",
                    "The request body is larger than this gateway accepts.")

@@ -39,7 +39,7 @@ from google.rpc import code_pb2, status_pb2
 
 from ..runtime.config import Settings
 from .authorize import REMOVE_HEADER, Authorizer
-from .edge import Answer, Call, Headers, error_answer
+from .http_messages import Answer, Call, Headers, error_answer
 from .request import utf8
 
 log = logging.getLogger("sidecar.grpc")

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from ..runtime import fdlimit
 from ..runtime.config import Settings
-from .edge import Answer, Call, EdgeServer
+from .edge import EdgeServer
+from .http_messages import Answer, Call
 
 if TYPE_CHECKING:
     from .authorize import Authorizer

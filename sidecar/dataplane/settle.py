@@ -34,7 +34,7 @@ from ..schema import names
 from ..schema.keys import RESERVATION_ID, KeyHasher, key_type, shard_of
 from ..schema.record import MAX_QUOTA
 from ..schema.scripts import SETTLE
-from .edge import Answer, Call, json_answer
+from .http_messages import Answer, Call, json_answer
 
 log = logging.getLogger("sidecar.settle")
 

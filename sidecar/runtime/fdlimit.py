@@ -4,7 +4,8 @@ Every connection holds a file descriptor. At a default soft limit (often 1024) a
 of slow clients takes them all; accept() then fails for everyone, fresh requests too.
 So each process raises its soft limit to the hard one at start, and the data-plane edge
 keeps its connections under a cap below it (edge.py sheds the idle and the slowest when
-full), leaving a reserve for Redis connections, the admin listener, logs and metrics.
+full, dataplane/shedding.py picks them), leaving a reserve for Redis connections, the
+admin listener, logs and metrics.
 """
 
 from __future__ import annotations

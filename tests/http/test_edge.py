@@ -157,7 +157,7 @@ async def test_client_gone_mid_body_leaves_the_server_serving(car, store):
 
 def test_an_answer_header_cannot_be_split_by_a_line_break():
     """Values come from records and our own JSON; even so, a CR/LF never starts a header."""
-    from sidecar.dataplane.edge import Answer, encode
+    from sidecar.dataplane.http_messages import Answer, encode
 
     raw = encode(Answer(200, {"x-key-id": "key_1\r\nSet-Cookie: x=1", "x-org-id": ""}), True)
     head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
