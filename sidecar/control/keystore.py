@@ -25,6 +25,7 @@ from ..schema.record import (
     permission_of,
 )
 from ..schema.scripts import POOL_QUOTA
+from .events import key_disabled
 
 # Editable settings: KeyStore.edit argument -> the record fields it rewrites.
 EDITABLE = {"name": ("nm",), "permission": ("pm", "sc"), "scopes": ("sc",), "models": ("m",),
@@ -281,6 +282,8 @@ class KeyStore:
                               "(its owner is gone); create a new key instead")
         fields = {"st": "a" if active else "d", "dr": "" if active else reason}
         await self.redis.hset(names.record(key_hash), mapping=fields)
+        if not active and rec.get("st") == "a":
+            await key_disabled(self.redis, key_hash, rec, reason)
         return await self.get(key_id)
 
     async def update(self, key_id: str, fields: dict[str, str],
@@ -388,9 +391,14 @@ class KeyStore:
             if not key_hash:
                 continue
             rkey = names.record(_s(key_hash))
-            if _s(await self.redis.hget(rkey, "dr") or "") in CASCADE_REASONS:
+            st, dr, org, prj = (_s(v or "") for v in
+                                await self.redis.hmget(rkey, "st", "dr", "org", "prj"))
+            if dr in CASCADE_REASONS:
                 continue
             await self.redis.hset(rkey, mapping={"st": "d", "dr": reason})
+            if st == "a":
+                await key_disabled(self.redis, _s(key_hash),
+                                   {"id": key_id, "org": org, "prj": prj}, reason)
             done.append(key_id)
         return done
 

@@ -65,6 +65,9 @@ ACTIONS: dict[str, str] = {
     "subscription.update": "subscriptions:write",
     "subscription.cancel": "subscriptions:write",
     "audit.read": "audit:read",
+    # webhook endpoints are settings of the organization: its scopes
+    "webhook.read": "orgs:read", "webhook.create": "orgs:write",
+    "webhook.delete": "orgs:write",
 }
 # What each action is called in a refusal.
 _WHAT = {"organization.update": "renaming the organization",
@@ -76,7 +79,9 @@ _WHAT = {"organization.update": "renaming the organization",
          "service_account.delete": "deleting a service account",
          "subscription.create": "creating a subscription",
          "subscription.update": "changing a subscription",
-         "subscription.cancel": "cancelling a subscription"}
+         "subscription.cancel": "cancelling a subscription",
+         "webhook.create": "adding a webhook endpoint",
+         "webhook.delete": "deleting a webhook endpoint"}
 _KEY_VERB = {"key.update": "change", "key.enable": "enable", "key.disable": "disable",
              "key.delete": "delete", "key.quota": "change the quota of",
              "key.rotate": "rotate", "key.create": "create"}
@@ -217,7 +222,8 @@ def check(actor: Actor, action: str, resource: Resource) -> None:
 
 
 _PARAM = {"member": "member_id", "project": "project_id", "key": "key_id",
-          "service_account": "service_account_id", "subscription": "subscription_id"}
+          "service_account": "service_account_id", "subscription": "subscription_id",
+          "webhook": "webhook_id"}
 
 
 def _manage(actor: Actor, what: str, param: str | None = None) -> Decision:

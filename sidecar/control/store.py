@@ -23,11 +23,12 @@ from .key_ops import KeyOps
 from .keystore import KeyStore
 from .subscriptions import SubscriptionOps
 from .views import text
+from .webhooks import WebhookOps
 
 __all__ = ["ControlStore", "parse_when"]
 
 
-class ControlStore(EntityOps, KeyOps, SubscriptionOps):
+class ControlStore(EntityOps, KeyOps, SubscriptionOps, WebhookOps):
     def __init__(self, redis, hasher: KeyHasher):
         self.redis = redis
         self.keys = KeyStore(redis, hasher)

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ..schema.webhooks import Endpoint, InvalidEndpoint, parse_endpoint
+
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel")
 
 
@@ -64,6 +66,13 @@ class Settings:
     token_costs: dict[str, int] = field(default_factory=dict)  # units per 1000 tokens
     reservation_ttl_s: int = 3600        # how long an allowed call's reservation awaits
     log_level: str = "info"
+    # Webhooks (docs/webhooks.md): global endpoints, each {url, secret, events}; an
+    # organization adds its own through the admin API.
+    webhooks: tuple[Endpoint, ...] = ()
+    webhook_timeout_s: float = 10.0        # one delivery attempt
+    webhook_retry_window_s: float = 86_400.0   # retries end this long after the event
+    webhook_backoff_s: float = 1.0         # first retry delay; doubles, with jitter
+    webhook_backoff_max_s: float = 600.0   # longest delay between two attempts
 
     def __repr__(self) -> str:  # never print the pepper or Redis credentials
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -162,6 +171,8 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:  # noqa: C901 — one branch per setting type
     typ = str(typ)
+    if typ.startswith("tuple[Endpoint"):   # its own errors: never echo a secret
+        return _endpoints(value)
     try:
         if value is None:
             return None
@@ -191,6 +202,26 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:  # noqa: C901 — one branc
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not a valid {typ}") from None
     return value
+
+
+def _endpoints(value: Any) -> tuple[Endpoint, ...]:
+    """The `webhooks:` list (SIDECAR_WEBHOOKS: the same list as JSON)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError("webhooks: not a valid JSON/YAML list") from None
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise ConfigError("webhooks: must be a list of {url, secret, events}")
+    try:
+        found = tuple(parse_endpoint(raw, f"webhooks[{i}]") for i, raw in enumerate(value))
+    except InvalidEndpoint as exc:
+        raise ConfigError(str(exc)) from None
+    if len({e.ref for e in found}) < len(found):
+        raise ConfigError("webhooks: the same url is listed twice")
+    return found
 
 
 def _pair(item: str) -> tuple[str, str]:
@@ -256,6 +287,13 @@ def validate(s: Settings) -> Settings:  # noqa: C901 — a flat list, one check 
         raise ConfigError("reservation_ttl_s: must be between 1 and 604800 (a week)")
     if any(c < 0 for c in s.token_costs.values()):
         raise ConfigError("token_costs: units per 1000 tokens must not be negative")
+    if not 0 < s.webhook_timeout_s <= 300:
+        raise ConfigError("webhook_timeout_s: must be between 0 and 300 (exclusive of 0)")
+    if not 0 <= s.webhook_retry_window_s <= 30 * 86_400:
+        raise ConfigError("webhook_retry_window_s: must be between 0 and 2592000 (30 days)")
+    if not 0 < s.webhook_backoff_s <= s.webhook_backoff_max_s:
+        raise ConfigError("webhook_backoff_s: must be positive and at most "
+                          "webhook_backoff_max_s")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
     return s

@@ -35,6 +35,16 @@ REDIS_UP = Gauge("sidecar_redis_up",
                  "1 while the hot-path connection (or the last probe) reaches Redis",
                  multiprocess_mode="min")
 SETTLEMENTS = Counter("sidecar_settlements", "Usage reports by result", ["result"])
+# Webhooks: outcome is delivered | failed (an attempt; it is retried) | dead_letter.
+WEBHOOK_DELIVERIES = Counter("sidecar_webhook_deliveries",
+                             "Webhook delivery attempts by outcome", ["outcome"])
+WEBHOOK_LAG = Histogram("sidecar_webhook_delivery_lag_seconds",
+                        "From an event to its successful delivery",
+                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600,
+                                 14400, 86400))
+WEBHOOK_DEAD_LETTERS = Counter("sidecar_webhook_dead_letters",
+                               "Deliveries moved to the dead-letter stream after their "
+                               "retry window")
 
 # Pre-bound children: .labels() costs a dict lookup and a lock per call.
 _decision_children: dict[tuple[int, str], Counter] = {}
@@ -76,6 +86,20 @@ def redis_up(up: bool) -> None:
 
 def settlement(result: str) -> None:
     SETTLEMENTS.labels(result).inc()
+
+
+def webhook_delivered(lag_seconds: float) -> None:
+    WEBHOOK_DELIVERIES.labels("delivered").inc()
+    WEBHOOK_LAG.observe(max(lag_seconds, 0.0))
+
+
+def webhook_failed() -> None:
+    WEBHOOK_DELIVERIES.labels("failed").inc()
+
+
+def webhook_dead_letter() -> None:
+    WEBHOOK_DELIVERIES.labels("dead_letter").inc()
+    WEBHOOK_DEAD_LETTERS.inc()
 
 
 def exposition() -> bytes:

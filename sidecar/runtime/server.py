@@ -32,6 +32,7 @@ from ..dataplane.routes import data_plane
 from . import fdlimit, logs
 from .config import ConfigError, Refused, Settings, parse_hostport
 from .embedded import EmbeddedRedis
+from .webhooks import run_worker
 
 
 def require_grpc(settings: Settings) -> None:
@@ -94,6 +95,10 @@ async def run(settings: Settings, *, data: bool, admin: bool,
                max_connections=edge.max_connections if edge else None)
 
     watch = loop.create_task(_supervise_redis(embedded, stop)) if embedded else None
+    # One delivery worker per sidecar, beside the admin listener; sidecars on one Redis
+    # share the events through a consumer group (webhooks.py).
+    webhooks_stop = asyncio.Event()
+    deliveries = loop.create_task(run_worker(settings, webhooks_stop)) if admin else None
     await stop.wait()
     logs.event("draining", pid=os.getpid(), timeout_s=settings.shutdown_timeout_s)
     drains = []
@@ -102,6 +107,10 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     if grpc_server is not None:
         drains.append(grpc_server.stop(settings.shutdown_timeout_s))
     await asyncio.gather(*drains)
+    webhooks_stop.set()       # deliveries under way stay pending for a takeover
+    if deliveries is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(deliveries, 5)
     for r in runners:
         await r.cleanup()
     if watch:

@@ -8,7 +8,7 @@ indexes are separate keys touched only outside the scripts.
 
 from __future__ import annotations
 
-from .keys import shard_of
+from .keys import SHARD_HEX, shard_of
 
 
 def record(key_hash: str) -> str:
@@ -120,3 +120,37 @@ def audit(org_id: str) -> str:
 def idempotency(org_id: str, digest: str) -> str:
     """String: a rotation request's result by the sha256 of its Idempotency-Key (1 day)."""
     return f"o:{{{org_id}}}:idem:{digest}"
+
+
+def org_webhooks(org_id: str) -> str:
+    """Hash: the organization's webhook endpoints, endpoint id -> JSON (url, secret,
+    events, ca, cb); control/webhooks.py writes it, the delivery worker reads it."""
+    return f"o:{{{org_id}}}:webhooks"
+
+
+# Events (issue 12): what webhooks deliver. One stream per shard tag, `ev:{<tag>}`, so a
+# script that notices a threshold crossing XADDs into a stream of its own key's slot
+# (single-slot on Redis Cluster, no extra round trip); the control plane writes to the
+# stream of the key's tag too, so one key's events are in one stream, in order.
+# Entries are flat fields (schema/events.py); the worker reads them with the consumer
+# group EVENT_GROUP, XACKs and XDELs each once delivered or dead-lettered, so a stream
+# holds only what is not done yet.
+#
+# Finding the non-empty streams without scanning the keyspace: EVENTS_ACTIVE is a sorted
+# set, member = tag, score = a counter every writer outside the scripts bumps (ZINCRBY 1)
+# after its XADD. The worker drops a tag once its stream is empty, only if the score is
+# still the one it read (a write in between keeps it). A script on Redis Cluster cannot
+# touch EVENTS_ACTIVE (another slot), so the worker also sweeps every tag's stream
+# (EXISTS over ALL_TAGS, pipelined, one sweeper per deployment at a time through the
+# EVENTS_SWEEP lock) and adds what it finds. On one Redis (no Cluster) a script may
+# ZINCRBY EVENTS_ACTIVE itself, passed as one more KEY, and its events go out at once.
+EVENT_GROUP = "webhooks"        # consumer group on every ev:{tag}
+EVENTS_ACTIVE = "ev:active"     # sorted set: tags whose stream may hold entries
+EVENTS_SWEEP = "ev:sweep"       # string: held (SET NX PX) by the worker sweeping now
+DEAD_LETTERS = "ev:dead"        # stream: deliveries that failed for the whole retry window
+ALL_TAGS = tuple(f"{i:0{SHARD_HEX}x}" for i in range(16 ** SHARD_HEX))
+
+
+def events(tag: str) -> str:
+    """Stream: the undelivered events of shard tag `tag` (fields: schema/events.py)."""
+    return f"ev:{{{tag}}}"

@@ -18,3 +18,4 @@ SETTLE = Script("settle")
 ALL = (AUTHORIZE, SETTLE)          # the hot path's scripts, loaded on every connection
 POOL_QUOTA = Script("pool_quota")  # control plane (rotation), sent with EVAL
 CREATE_UNIQUE = Script("create_unique")  # control plane (unique names), redis-py scripts
+RETIRE_TAG = Script("retire_tag")  # webhook worker: drop an emptied event stream's tag

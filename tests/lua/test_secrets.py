@@ -31,6 +31,10 @@ async def everything_in(redis) -> list[bytes]:
             out += await redis.lrange(name, 0, -1)
         elif kind == "zset":
             out += await redis.zrange(name, 0, -1)
+        elif kind == "stream":   # events (ev:{tag}), audit logs
+            for _, fields in await redis.xrange(name):
+                for field, value in fields.items():
+                    out += [field, value]
         else:
             raise AssertionError(f"unexpected Redis type {kind} at {name!r}")
     return out

@@ -175,7 +175,7 @@ def test_every_action_has_a_scope():
     assert set(ACTIONS.values()) <= ADMIN_SCOPES
     assert {a.split(".")[0] for a in ACTIONS} == {
         "organization", "member", "project", "service_account", "key", "subscription",
-        "audit"}
+        "audit", "webhook"}
 
 
 def test_gate_is_the_permission_mode_alone():
