@@ -12,8 +12,8 @@ from ..schema import names
 from ..schema.keys import new_id
 from ..schema.record import _iso, now_ms
 from ..schema.webhooks import (
-    Endpoint,
     InvalidEndpoint,
+    WebhookEndpoint,
     check_events,
     check_secret,
     check_url,
@@ -35,12 +35,12 @@ def webhook_view(rec: dict) -> dict:
             "created_by": rec.get("cb") or None}
 
 
-def endpoints_of(raw: dict) -> list[Endpoint]:
+def endpoints_of(raw: dict) -> list[WebhookEndpoint]:
     """The hash's entries as delivery targets (the worker's view)."""
     out = []
     for value in raw.values():
         rec = orjson.loads(value)
-        out.append(Endpoint(rec["id"], rec["url"], rec["secret"], tuple(rec.get("events")
+        out.append(WebhookEndpoint(rec["id"], rec["url"], rec["secret"], tuple(rec.get("events")
                                                                         or ()), rec["org"]))
     return sorted(out, key=lambda e: e.ref)
 
@@ -98,7 +98,7 @@ class WebhookOps:
                                 before, None)
         return {"id": webhook_id, "object": "webhook_endpoint", "deleted": True}
 
-    async def webhook_endpoints(self, org: str) -> list[Endpoint]:
+    async def webhook_endpoints(self, org: str) -> list[WebhookEndpoint]:
         """The organization's endpoints with their secrets (delivery only)."""
         return endpoints_of({text(k): v for k, v in
                              (await self.redis.hgetall(names.org_webhooks(org))).items()})

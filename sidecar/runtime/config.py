@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from ..schema.webhooks import Endpoint, InvalidEndpoint, parse_endpoint
+from ..schema.webhooks import InvalidEndpoint, WebhookEndpoint, parse_endpoint
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel")
 
@@ -68,7 +68,7 @@ class Settings:
     log_level: str = "info"
     # Webhooks (docs/webhooks.md): global endpoints, each {url, secret, events}; an
     # organization adds its own through the admin API.
-    webhooks: tuple[Endpoint, ...] = ()
+    webhooks: tuple[WebhookEndpoint, ...] = ()
     webhook_timeout_s: float = 10.0        # one delivery attempt
     webhook_retry_window_s: float = 86_400.0   # retries end this long after the event
     webhook_backoff_s: float = 1.0         # first retry delay; doubles, with jitter
@@ -171,7 +171,7 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:  # noqa: C901 — one branch per setting type
     typ = str(typ)
-    if typ.startswith("tuple[Endpoint"):   # its own errors: never echo a secret
+    if typ.startswith("tuple[WebhookEndpoint"):   # its own errors: never echo a secret
         return _endpoints(value)
     try:
         if value is None:
@@ -204,7 +204,7 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:  # noqa: C901 — one branc
     return value
 
 
-def _endpoints(value: Any) -> tuple[Endpoint, ...]:
+def _endpoints(value: Any) -> tuple[WebhookEndpoint, ...]:
     """The `webhooks:` list (SIDECAR_WEBHOOKS: the same list as JSON)."""
     if isinstance(value, str):
         try:

@@ -37,7 +37,7 @@ from ..control.views import text
 from ..control.webhooks import endpoints_of
 from ..schema import events, names
 from ..schema.scripts import RETIRE_TAG
-from ..schema.webhooks import Endpoint, headers, shown_url
+from ..schema.webhooks import WebhookEndpoint, headers, shown_url
 from . import logs, metrics
 from .config import Settings
 
@@ -72,7 +72,7 @@ class Worker:
         self.http: aiohttp.ClientSession | None = None
         self._groups: set[str] = set()
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
-        self._orgs: dict[str, tuple[float, list[Endpoint]]] = {}
+        self._orgs: dict[str, tuple[float, list[WebhookEndpoint]]] = {}
         self._retire = redis.register_script(RETIRE_TAG.source)
         self._next_sweep = 0.0
         self._next_claim = 0.0
@@ -206,7 +206,7 @@ class Worker:
                 await self.redis.xclaim(stream, names.EVENT_GROUP, self.consumer, 0,
                                         [entry_id], justid=True)
 
-    async def targets(self, event: events.Event) -> list[Endpoint]:
+    async def targets(self, event: events.Event) -> list[WebhookEndpoint]:
         found = list(self.settings.webhooks)
         if event.org:
             found += await self._org_endpoints(event.org)
@@ -214,7 +214,7 @@ class Worker:
             return [e for e in found if e.ref == event.target]
         return [e for e in found if e.wants(event.type, event.org)]
 
-    async def _org_endpoints(self, org: str) -> list[Endpoint]:
+    async def _org_endpoints(self, org: str) -> list[WebhookEndpoint]:
         held = self._orgs.get(org)
         if held and held[0] > time.monotonic():
             return held[1]
@@ -223,7 +223,7 @@ class Worker:
         self._orgs[org] = (time.monotonic() + ORG_CACHE_S, found)
         return found
 
-    async def deliver(self, event: events.Event, endpoint: Endpoint,
+    async def deliver(self, event: events.Event, endpoint: WebhookEndpoint,
                       deadline: float) -> None:
         """Until a 2xx, or the retry window is over (then a dead letter)."""
         body = events.body(event)
@@ -249,7 +249,7 @@ class Worker:
         logs.event("webhook_dead_letter", url=shown_url(endpoint.url), event_id=event.id,
                    attempts=attempt, error=error)
 
-    async def attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> str | None:
+    async def attempt(self, endpoint: WebhookEndpoint, event_id: str, body: bytes) -> str | None:
         """One POST; None when answered 2xx, else what went wrong (no URL, no secret)."""
         assert self.http is not None
         sent = headers(endpoint.secret, event_id, int(time.time()), body)

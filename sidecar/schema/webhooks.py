@@ -37,7 +37,7 @@ class InvalidEndpoint(ValueError):
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class WebhookEndpoint:
     """Where events go: a configured (global) endpoint, or one of an organization."""
     ref: str                       # cfg_... (endpoint_ref of the URL) or the wh_ id
     url: str
@@ -46,14 +46,15 @@ class Endpoint:
     org: str | None = None         # None: global (every organization's events)
 
     def __repr__(self) -> str:     # never the secret, never the query
-        return f"Endpoint({self.ref}, {shown_url(self.url)}, events={list(self.events)})"
+        return (f"WebhookEndpoint({self.ref}, {shown_url(self.url)}, "
+                f"events={list(self.events)})")
 
     def wants(self, event_type: str, org: str | None) -> bool:
         return (not self.events or event_type in self.events) and (
             self.org is None or self.org == org)
 
 
-def parse_endpoint(raw: object, field: str = "webhooks") -> Endpoint:
+def parse_endpoint(raw: object, field: str = "webhooks") -> WebhookEndpoint:
     """One entry of the config's `webhooks:` list: {url, secret, events}."""
     if not isinstance(raw, dict):
         raise InvalidEndpoint(field, "each entry must be a mapping {url, secret, events}")
@@ -62,7 +63,7 @@ def parse_endpoint(raw: object, field: str = "webhooks") -> Endpoint:
         raise InvalidEndpoint(field, f"unknown field {unknown[0]!r} (url, secret, events)")
     url = check_url(raw.get("url"), field + ".url")
     secret = check_secret(raw.get("secret"), field + ".secret")
-    return Endpoint(endpoint_ref(url), url, secret,
+    return WebhookEndpoint(endpoint_ref(url), url, secret,
                     check_events(raw.get("events"), field + ".events"))
 
 
