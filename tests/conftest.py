@@ -135,7 +135,17 @@ async def aredis(redis_url):
 
 
 @pytest.fixture
+async def plane(aredis):
+    """The control plane on the test Redis, with the sidecar's pepper: tests make their
+    data through it (live.make), under the rules an operator's call would meet."""
+    from sidecar.control.store import ControlStore
+    from sidecar.schema.keys import KeyHasher
+    return ControlStore(aredis, KeyHasher(PEPPER))
+
+
+@pytest.fixture
 async def store(aredis):
+    """The raw KeyStore, below the control plane's rules (files not yet on `plane`)."""
     from sidecar.control.keystore import KeyStore
     from sidecar.schema.keys import KeyHasher
     return KeyStore(aredis, KeyHasher(PEPPER))

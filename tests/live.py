@@ -1,7 +1,8 @@
 """Helpers for the tests that talk to a running sidecar over HTTP (not fixtures).
 
-The fixtures themselves (redis_server, store, http, start_sidecar) live in conftest.py;
-this module only holds the small request/CLI helpers those tests share.
+The fixtures themselves (redis_server, plane, http, start_sidecar) live in conftest.py;
+this module only holds the small request/CLI helpers those tests share. Keys are made
+through the control plane (`make`), never written into Redis by hand.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from conftest import ROOT, Sidecar, sidecar_env, start_sidecar, stop_process, wait_for
+from conftest import PEPPER, ROOT, Sidecar, sidecar_env, start_sidecar, stop_process, wait_for
 
-from sidecar.control.keystore import KeySpec
-from sidecar.schema.keys import KeyType
+from sidecar.schema import names
+from sidecar.schema.keys import KeyHasher, KeyType
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -146,10 +147,55 @@ class Transport:
             await channel.close()
 
 
-async def make(store, **spec) -> tuple[str, str]:
-    """(key id, plaintext key) of a new key."""
-    view, plaintext = await store.create(KeySpec(**spec))
+hash_of = KeyHasher(PEPPER)        # a plaintext key's keyed hash, as the sidecar's
+
+
+async def raw_record(aredis, key: str) -> dict[str, str]:
+    """A key's record as stored, for tests whose subject is what a call leaves in it."""
+    raw = await aredis.hgetall(names.record(hash_of(key)))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+async def make(plane, type: str = "standard", org: str = "default",
+               **settings) -> tuple[str, str]:
+    """(key id, plaintext key) of a new key made by the control plane (ControlStore).
+
+    settings use the admin API's names (quota, unlimited, models, allowed_ips, rpm, tpm,
+    permission, scopes, expires_at, account, cycle_days, payg_fallback, project_id, ...).
+    Standard and subscription keys are made outside any organization; an org key goes to
+    `org`'s default project unless an owner is given; an admin key gets an owner of its
+    own in `org`.
+    """
+    type = KeyType(type).value
+    if type in ("standard", "subscription"):
+        view, plaintext = await plane.create_standalone_key({"type": type, **settings})
+        return view["id"], plaintext
+    org = await plane.resolve_org(org)
+    if type == "admin" and "member_id" not in settings:
+        member = await plane.add_member(org, f"admin-{len(await plane.list_members(org))}",
+                                        "owner")
+        settings["member_id"] = member["id"]
+    elif type == "org" and not {"project_id", "member_id",
+                                "service_account_id"} & settings.keys():
+        settings["project_id"] = "default" if org == "default" else (
+            await plane.create_project(org, "p"))["id"]
+    view, plaintext = await plane.create_key(org, {"type": type, **settings})
     return view["id"], plaintext
+
+
+async def disable(plane, key_id: str) -> dict:
+    return await plane.set_key_status(None, key_id, False)
+
+
+async def balance(plane, account: str) -> int:
+    """A standalone account's PAYG balance."""
+    return (await plane.account(None, account))["balance"]
+
+
+async def expire_now(aredis, key: str) -> None:
+    """Age a key past its expiry. The control plane (rightly) refuses an expiry in the
+    past, so the record's field is rewritten as the passing of time would leave it."""
+    await aredis.hset(names.record(hash_of(key)), "ex", str(int(time.time() * 1000) - 1000))
 
 
 # The contract's denials a client can cause, with their status: each through every
@@ -161,7 +207,7 @@ DENIAL_ROWS = [("missing_api_key", 401), ("invalid_api_key/malformed", 401),
                ("permission_denied", 403), ("quota_exhausted", 402)]
 
 
-async def denial_row(store, row: str) -> tuple[str | None, dict]:
+async def denial_row(plane, row: str) -> tuple[str | None, dict]:
     """(key, call kwargs) that make `row`'s denial happen on a fresh database, for a
     client on 127.0.0.1 calling model gpt-x with a write call."""
     body = {"model": "gpt-x", "messages": []}
@@ -172,32 +218,32 @@ async def denial_row(store, row: str) -> tuple[str | None, dict]:
     if row == "invalid_api_key/unknown":
         return "sk-" + "A" * 40, {"body": body}
     if row == "invalid_api_key/deleted":
-        key_id, key = await make(store, unlimited=True)
-        await store.delete(key_id)
+        key_id, key = await make(plane, unlimited=True)
+        await plane.delete_key(None, key_id)
         return key, {"body": body}
     if row == "key_disabled":
-        key_id, key = await make(store, unlimited=True)
-        await store.set_status(key_id, False, reason="test")
+        key_id, key = await make(plane, unlimited=True)
+        await disable(plane, key_id)
         return key, {"body": body}
     if row == "key_expired":
-        key_id, key = await make(store, unlimited=True,
+        key_id, key = await make(plane, unlimited=True,
                                  expires_at=datetime.now(UTC) + timedelta(days=1))
-        await store.update(key_id, {"ex": str(int(time.time() * 1000) - 1000)})
+        await expire_now(plane.redis, key)
         return key, {"body": body}
     if row == "admin_key_not_allowed":
-        _, key = await make(store, type=KeyType.admin, unlimited=True, org="default")
+        _, key = await make(plane, type="admin")
         return key, {"body": body}
     if row == "ip_not_allowed":
-        _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+        _, key = await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"])
         return key, {"body": body}
     if row == "model_not_allowed":
-        _, key = await make(store, unlimited=True, models=["gpt-y"])
+        _, key = await make(plane, unlimited=True, models=["gpt-y"])
         return key, {"body": body}
     if row == "permission_denied":
-        _, key = await make(store, unlimited=True, permission="read-only")
+        _, key = await make(plane, unlimited=True, permission="read-only")
         return key, {"body": body}
     if row == "quota_exhausted":
-        _, key = await make(store, quota=0)
+        _, key = await make(plane, quota=0)
         return key, {"body": body}
     raise AssertionError(row)
 

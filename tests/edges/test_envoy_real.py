@@ -145,9 +145,9 @@ def assert_keyless(call, key: str) -> None:
 
 # -- allowed calls ------------------------------------------------------------------------
 
-async def test_allowed_calls_arrive_without_the_key(stack, store):
+async def test_allowed_calls_arrive_without_the_key(stack, plane):
     envoy, upstream, _ = stack
-    key_id, key = await make(store, unlimited=True, rpm=100)
+    key_id, key = await make(plane, unlimited=True, rpm=100)
     reply = chat(oai(envoy, key))
     assert reply.choices[0].message.content == "ok"
     seen = upstream.calls[-1]
@@ -179,9 +179,9 @@ ANTHROPIC_CLASSES = {401: (anthropic.AuthenticationError, "authentication_error"
 
 
 @pytest.mark.parametrize("row,status", DENIAL_ROWS, ids=[r for r, _ in DENIAL_ROWS])
-async def test_each_denial_reaches_the_sdks(stack, store, row, status):
+async def test_each_denial_reaches_the_sdks(stack, plane, row, status):
     envoy, upstream, _ = stack
-    key, call = await denial_row(store, row)
+    key, call = await denial_row(plane, row)
     seen = len(upstream.calls)
     code = row.split("/")[0]
     with pytest.raises(OPENAI_CLASSES[status]) as err:
@@ -200,9 +200,9 @@ async def test_each_denial_reaches_the_sdks(stack, store, row, status):
     assert len(upstream.calls) == seen
 
 
-async def test_rate_limited_with_retry_after(stack, store):
+async def test_rate_limited_with_retry_after(stack, plane):
     envoy, upstream, _ = stack
-    _, key = await make(store, unlimited=True, rpm=1)
+    _, key = await make(plane, unlimited=True, rpm=1)
     chat(oai(envoy, key))
     seen = len(upstream.calls)
     with pytest.raises(openai.RateLimitError) as err:
@@ -223,21 +223,21 @@ FORGED_IP = {"x-forwarded-for": "10.1.2.3", "x-envoy-external-address": "10.1.2.
              "x-client-ip": "10.1.2.3", "x-real-ip": "10.1.2.3"}
 
 
-async def test_forged_ip_headers_change_nothing(stack, store):
+async def test_forged_ip_headers_change_nothing(stack, plane):
     envoy, upstream, _ = stack
-    _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+    _, key = await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"])
     seen = len(upstream.calls)
     with pytest.raises(openai.PermissionDeniedError) as err:
         chat(oai(envoy, key, default_headers=FORGED_IP))
     assert err.value.code == "ip_not_allowed"
     assert len(upstream.calls) == seen
-    _, local = await make(store, unlimited=True, ips=["127.0.0.1"])
+    _, local = await make(plane, unlimited=True, allowed_ips=["127.0.0.1"])
     chat(oai(envoy, local, default_headers=FORGED_IP))     # the real peer: allowed
 
 
-async def test_forged_method_and_uri_change_nothing(stack, store):
+async def test_forged_method_and_uri_change_nothing(stack, plane):
     envoy, upstream, _ = stack
-    _, key = await make(store, unlimited=True, permission="read-only")
+    _, key = await make(plane, unlimited=True, permission="read-only")
     forged = {"x-original-method": "GET", "x-forwarded-method": "GET",
               "x-original-uri": "/v1/models", "x-forwarded-uri": "/v1/models"}
     seen = len(upstream.calls)
@@ -248,9 +248,9 @@ async def test_forged_method_and_uri_change_nothing(stack, store):
     assert oai(envoy, key).models.list().data[0].id     # a real read passes
 
 
-async def test_forged_model_header_changes_nothing(stack, store):
+async def test_forged_model_header_changes_nothing(stack, plane):
     envoy, upstream, _ = stack
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     seen = len(upstream.calls)
     with pytest.raises(openai.PermissionDeniedError) as err:
         chat(oai(envoy, key, default_headers={"x-model": "gpt-a"}), "gpt-b")
@@ -260,11 +260,11 @@ async def test_forged_model_header_changes_nothing(stack, store):
     assert upstream.calls[-1].path == "/v1/chat/completions"
 
 
-async def test_unreadable_bodies_cannot_smuggle_a_model(stack, store, http):
+async def test_unreadable_bodies_cannot_smuggle_a_model(stack, plane, http):
     """A gzip or multipart body naming a forbidden model, with a forged x-model naming
     an allowed one: the sidecar cannot read the model, so a whitelisted key is refused."""
     envoy, upstream, _ = stack
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     seen = len(upstream.calls)
     zipped = gzip.compress(orjson.dumps({"model": "gpt-b", "messages": []}))
     async with http.post(envoy.url + "/v1/chat/completions", data=zipped, headers={
@@ -285,9 +285,9 @@ async def test_unreadable_bodies_cannot_smuggle_a_model(stack, store, http):
     assert len(upstream.calls) == seen
 
 
-async def test_forged_identity_headers_are_replaced(stack, store):
+async def test_forged_identity_headers_are_replaced(stack, plane):
     envoy, upstream, _ = stack
-    key_id, key = await make(store, unlimited=True)
+    key_id, key = await make(plane, unlimited=True)
     chat(oai(envoy, key, default_headers={"x-key-id": "key_forged",
                                           "x-org-id": "org_forged",
                                           "x-reservation-id": FORGED_RESERVATION}))
@@ -308,9 +308,9 @@ def aliases(name: str) -> list[str]:
     return [s for s in spellings if s != name]
 
 
-async def test_identity_aliases_never_reach_the_upstream(stack, store, http):
+async def test_identity_aliases_never_reach_the_upstream(stack, plane, http):
     envoy, upstream, _ = stack
-    key_id, key = await make(store, unlimited=True)
+    key_id, key = await make(plane, unlimited=True)
     forged = {alias: "key_forged" for name in IDENTITY for alias in aliases(name)}
     forged.update({alias.upper(): "key_forged" for alias in aliases("x-key-id")})
     assert len(forged) >= 32
@@ -327,9 +327,9 @@ async def test_identity_aliases_never_reach_the_upstream(stack, store, http):
 
 # -- bodies -------------------------------------------------------------------------------
 
-async def test_a_200_kb_body_still_has_its_model_checked(stack, store):
+async def test_a_200_kb_body_still_has_its_model_checked(stack, plane):
     envoy, upstream, _ = stack
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     padding = [{"role": "user", "content": "x" * 200_000}]
     seen = len(upstream.calls)
     with pytest.raises(openai.PermissionDeniedError) as err:
@@ -385,13 +385,13 @@ def assert_unavailable(envoy, key: str, text: str = ENVOY_UNAVAILABLE) -> None:
         "type": "api_error", "message": text}}
 
 
-async def test_sidecar_stopped_is_a_json_503(mode, tmp_path, redis_url, store):
+async def test_sidecar_stopped_is_a_json_503(mode, tmp_path, redis_url, plane):
     upstream = RecordingUpstream().start()
     car = sidecar_for(mode, tmp_path / "sidecar", redis_url)
     envoy = None
     try:
         envoy = envoy_in_front_of(mode, tmp_path / "envoy", car, upstream.port)
-        _, key = await make(store, unlimited=True)
+        _, key = await make(plane, unlimited=True)
         chat(oai(envoy, key))                                 # up: allowed
         stop_process(car.proc)
         assert_unavailable(envoy, key)
@@ -403,11 +403,11 @@ async def test_sidecar_stopped_is_a_json_503(mode, tmp_path, redis_url, store):
         upstream.stop()
 
 
-async def test_redis_frozen_is_a_json_503(stack, mode, store, redis_server):
+async def test_redis_frozen_is_a_json_503(stack, mode, plane, redis_server):
     """Over HTTP Envoy takes the sidecar's 503 for an error (status_on_error, its own
     JSON); over gRPC the sidecar's DeniedHttpResponse 503 reaches the client as it is."""
     envoy, upstream, _ = stack
-    _, key = await make(store, unlimited=True)
+    _, key = await make(plane, unlimited=True)
     chat(oai(envoy, key))
     seen = len(upstream.calls)
     redis_server.proc.send_signal(19)     # SIGSTOP: Redis hangs, connections stay open
@@ -445,13 +445,13 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-async def test_exact_quota_race_through_envoy(stack, store):
+async def test_exact_quota_race_through_envoy(stack, plane):
     """Two client processes, 150 calls each on 16 connections each, one key with quota
     37: exactly 37 reach the upstream, the others get 402. (Connections, not 300 at once:
     on a loaded machine a deep queue would outlast Envoy's 0.5 s bound on the authorize
     call, and a 503 would prove nothing about the race.)"""
     envoy, upstream, _ = stack
-    key_id, key = await make(store, quota=37)
+    key_id, key = await make(plane, quota=37)
     seen = len(upstream.calls)
     racers = [subprocess.Popen([sys.executable, "-c", RACER,
                                 envoy.url + "/v1/chat/completions", key, "150"],
@@ -463,6 +463,6 @@ async def test_exact_quota_race_through_envoy(stack, store):
             totals[status] = totals.get(status, 0) + count
     assert totals == {"200": 37, "402": 263}, totals
     assert len(upstream.calls) - seen == 37
-    after = await store.get(key_id)
+    after = await plane.key(None, key_id)
     assert (after["quota_used"], after["quota_remaining"]) == (37, 0)
 

@@ -24,10 +24,9 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
-from live import CLIENT_TIMEOUT
+from live import CLIENT_TIMEOUT, disable, make
 from proxies import Reply, reply_of, request_parts
 
-from sidecar.control.keystore import KeySpec
 from sidecar.schema.keys import RESERVATION_ID
 
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
@@ -158,11 +157,6 @@ async def call(http, nginx: Nginx, path: str = "/v1/chat/completions", *,
         return await reply_of(resp)
 
 
-async def make(store, **spec) -> tuple[str, str]:
-    view, plaintext = await store.create(KeySpec(**spec))
-    return view["id"], plaintext
-
-
 def assert_denied(reply: Reply, status: int, code: str, upstream: Upstream, seen: int):
     """The true status and the sidecar's JSON reached the client; the upstream saw nothing."""
     assert reply.status == status, (reply.status, reply.raw)
@@ -176,9 +170,9 @@ def assert_denied(reply: Reply, status: int, code: str, upstream: Upstream, seen
 # -- allowed calls ------------------------------------------------------------------------
 
 async def test_allowed_call_reaches_upstream_with_identity_and_without_the_key(
-        stack, store, http):
+        stack, plane, http):
     nginx, upstream, _ = stack
-    key_id, key = await make(store, unlimited=True)
+    key_id, key = await make(plane, unlimited=True)
     body = {"model": "gpt-a", "messages": [{"role": "user", "content": "hi"}]}
     reply = await call(http, nginx, "/v1/chat/completions?x=1", key=key, body=body,
                        headers={"x-api-key": key, "x-key-id": "key_forged",
@@ -199,9 +193,9 @@ async def test_allowed_call_reaches_upstream_with_identity_and_without_the_key(
     assert len(headers["x-request-id"]) == 32   # for tracing a call
 
 
-async def test_read_call_keeps_its_method_and_limits_reach_the_client(stack, store, http):
+async def test_read_call_keeps_its_method_and_limits_reach_the_client(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, unlimited=True, permission="read-only", rpm=100)
+    _, key = await make(plane, unlimited=True, permission="read-only", rpm=100)
     reply = await call(http, nginx, "/v1/models", method="GET", key=key)
     assert reply.status == 200 and upstream.calls[-1]["method"] == "GET"
     assert reply.headers["x-ratelimit-limit-requests"] == "100"
@@ -211,9 +205,9 @@ async def test_read_call_keeps_its_method_and_limits_reach_the_client(stack, sto
     assert_denied(denied, 403, "permission_denied", upstream, seen)
 
 
-async def test_large_body_model_is_read_by_njs(stack, store, http):
+async def test_large_body_model_is_read_by_njs(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     big = {"messages": [{"role": "user", "content": "x" * 1_000_000}], "model": "gpt-a"}
     assert (await call(http, nginx, key=key, body=big)).status == 200
     assert len(upstream.calls[-1]["body"]) > 1_000_000
@@ -225,7 +219,7 @@ async def test_large_body_model_is_read_by_njs(stack, store, http):
 
 # -- every denial, with its true status and JSON -----------------------------------------
 
-async def test_missing_invalid_and_disabled_keys_are_401(stack, store, http):
+async def test_missing_invalid_and_disabled_keys_are_401(stack, plane, http):
     nginx, upstream, _ = stack
     seen = len(upstream.calls)
     missing = await call(http, nginx, body={"model": "m"})
@@ -233,24 +227,24 @@ async def test_missing_invalid_and_disabled_keys_are_401(stack, store, http):
     assert missing.headers["www-authenticate"].startswith("Bearer")
     unknown = await call(http, nginx, key="sk-" + "Q" * 40, body={"model": "m"})
     assert_denied(unknown, 401, "invalid_api_key", upstream, seen)
-    key_id, key = await make(store, unlimited=True)
-    await store.set_status(key_id, False, reason="test")
+    key_id, key = await make(plane, unlimited=True)
+    await disable(plane, key_id)
     assert_denied(await call(http, nginx, key=key, body={"model": "m"}), 401,
                   "key_disabled", upstream, seen)
 
 
-async def test_quota_exhausted_is_402_not_500(stack, store, http):
+async def test_quota_exhausted_is_402_not_500(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, quota=15)
+    _, key = await make(plane, quota=15)
     assert (await call(http, nginx, key=key, body={"model": "gpt-big"})).status == 200
     seen = len(upstream.calls)
     assert_denied(await call(http, nginx, key=key, body={"model": "gpt-big"}), 402,
                   "quota_exhausted", upstream, seen)
 
 
-async def test_model_from_the_body_wins_over_a_header(stack, store, http):
+async def test_model_from_the_body_wins_over_a_header(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     seen = len(upstream.calls)
     lying = await call(http, nginx, key=key, body={"model": "gpt-b"},
                        headers={"x-model": "gpt-a"})
@@ -281,9 +275,9 @@ NOT_CERTAIN = {
 
 
 @pytest.mark.parametrize("body", NOT_CERTAIN.values(), ids=NOT_CERTAIN.keys())
-async def test_njs_never_sends_a_guess(stack, store, http, body):
+async def test_njs_never_sends_a_guess(stack, plane, http, body):
     nginx, upstream, _ = stack
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     seen = len(upstream.calls)
     reply = await call(http, nginx, key=key, body=body,
                        headers={"Content-Type": "application/json"})
@@ -298,9 +292,9 @@ async def test_njs_never_sends_a_guess(stack, store, http, body):
         assert reply.status == 200, (good, reply.raw)
 
 
-async def test_model_in_the_path_beats_the_body_through_nginx(stack, store, http):
+async def test_model_in_the_path_beats_the_body_through_nginx(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, unlimited=True, models=["gemini-flash"])
+    _, key = await make(plane, unlimited=True, models=["gemini-flash"])
     seen = len(upstream.calls)
     forbidden = "/v1beta/models/gemini-pro:generateContent"
     assert_denied(await call(http, nginx, forbidden, key=key, body={"model": "gemini-flash"}),
@@ -309,21 +303,21 @@ async def test_model_in_the_path_beats_the_body_through_nginx(stack, store, http
                        body={"contents": []})).status == 200
 
 
-async def test_ip_allow_list_sees_the_real_client(stack, store, http):
+async def test_ip_allow_list_sees_the_real_client(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+    _, key = await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"])
     forged = {"X-Real-IP": "10.1.1.1", "x-client-ip": "10.1.1.1",
               "x-envoy-external-address": "10.1.1.1", "X-Forwarded-For": "10.1.1.1"}
     seen = len(upstream.calls)
     assert_denied(await call(http, nginx, key=key, body={"model": "m"}, headers=forged),
                   403, "ip_not_allowed", upstream, seen)
-    _, local = await make(store, unlimited=True, ips=["127.0.0.0/8"])
+    _, local = await make(plane, unlimited=True, allowed_ips=["127.0.0.0/8"])
     assert (await call(http, nginx, key=local, body={"model": "m"})).status == 200
 
 
-async def test_rate_limited_is_429_with_retry_after(stack, store, http):
+async def test_rate_limited_is_429_with_retry_after(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, unlimited=True, rpm=1)
+    _, key = await make(plane, unlimited=True, rpm=1)
     assert (await call(http, nginx, key=key, body={"model": "m"})).status == 200
     seen = len(upstream.calls)
     limited = await call(http, nginx, key=key, body={"model": "m"})
@@ -333,9 +327,9 @@ async def test_rate_limited_is_429_with_retry_after(stack, store, http):
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-async def test_anthropic_dialect_through_nginx(stack, store, http):
+async def test_anthropic_dialect_through_nginx(stack, plane, http):
     nginx, upstream, _ = stack
-    _, key = await make(store, quota=0)
+    _, key = await make(plane, quota=0)
     seen = len(upstream.calls)
     reply = await call(http, nginx, "/v1/messages", body={"model": "claude-x"},
                        headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
@@ -363,7 +357,7 @@ async def test_sidecar_unreachable_is_503_json(tmp_path, http):
         stop_process(nginx.proc)
 
 
-async def test_usage_reported_by_the_upstream_is_settled(stack, store, http, tmp_path):
+async def test_usage_reported_by_the_upstream_is_settled(stack, plane, http, tmp_path):
     """The whole loop: nginx -> sidecar (reserves) -> stub upstream, which reports its
     usage to /settle by the x-key-id and x-reservation-id nginx gave it -> refund."""
     _, _, car = stack
@@ -377,16 +371,16 @@ async def test_usage_reported_by_the_upstream_is_settled(stack, store, http, tmp
         wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
                                                 timeout=1).status == 200, 10, "stub upstream")
         front = start_nginx(tmp_path / "front", car.port, port)
-        key_id, key = await make(store, quota=100)
+        key_id, key = await make(plane, quota=100)
         reply = await call(http, front, key=key, body={"model": "gpt-priced", "messages": []})
         assert reply.status == 200 and reply.json["usage"]["completion_tokens"] == 16
         # gpt-priced reserved 10 units; the stub reports ~25 tokens, priced at 40 units
         # per 1000 tokens: 1 unit. The report arrives after the answer: wait for it.
         for _ in range(100):
-            if (await store.get(key_id))["quota_remaining"] != 90:
+            if (await plane.key(None, key_id))["quota_remaining"] != 90:
                 break
             await asyncio.sleep(0.1)
-        view = await store.get(key_id)
+        view = await plane.key(None, key_id)
         assert (view["quota_remaining"], view["quota_used"]) == (99, 1)
     finally:
         if front is not None:
@@ -394,13 +388,13 @@ async def test_usage_reported_by_the_upstream_is_settled(stack, store, http, tmp
         stop_process(stub)
 
 
-async def test_business_denials_leave_no_error_line(stack, store, http):
+async def test_business_denials_leave_no_error_line(stack, plane, http):
     """402 and 429 are answers, not faults: the client gets them, the error log gets
     nothing (NGINX logs "auth request unexpected status" for any status it does not
     expect from auth_request)."""
     nginx, upstream, _ = stack
-    _, broke = await make(store, quota=0)
-    _, limited = await make(store, unlimited=True, rpm=1)
+    _, broke = await make(plane, quota=0)
+    _, limited = await make(plane, unlimited=True, rpm=1)
     assert (await call(http, nginx, key=limited, body={"model": "m"})).status == 200
     before = nginx.errors().count("\n")
     seen = len(upstream.calls)

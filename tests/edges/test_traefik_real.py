@@ -22,7 +22,7 @@ import orjson
 import pytest
 import yaml
 from conftest import ROOT, free_port, start_sidecar, stop_process, wait_for
-from live import DENIAL_ROWS, denial_row, make
+from live import DENIAL_ROWS, denial_row, disable, make
 from proxies import (
     RecordingUpstream,
     Reply,
@@ -213,8 +213,8 @@ def upstream_saw_nothing_since(stack: Stack, seen: int) -> None:
 # -- allowed calls ----------------------------------------------------------------------
 
 async def test_allowed_calls_through_both_sdks_reach_upstream_without_the_key(
-        stack, store):
-    key_id, key = await make(store, unlimited=True)
+        stack, plane):
+    key_id, key = await make(plane, unlimited=True)
     forged = {"X-Key-Id": "key_forged", "X-Org-Id": "org_forged", "x-api-key": key,
               "X-Reservation-Id": "rsv_" + "f" * 32}
     done = await chat(stack, key, extra_headers=forged)
@@ -236,9 +236,9 @@ async def test_allowed_calls_through_both_sdks_reach_upstream_without_the_key(
     assert "x-api-key" not in seen.headers and key not in repr(seen.headers)
 
 
-async def test_alias_headers_of_identity_never_reach_upstream(stack, store):
+async def test_alias_headers_of_identity_never_reach_upstream(stack, plane):
     """x_key_id / x.key.id read as X-Key-Id by CGI-style backends: never forwarded."""
-    key_id, key = await make(store, unlimited=True)
+    key_id, key = await make(plane, unlimited=True)
     aliases = {}
     for name in IDENTITY | {"authorization", "x-api-key"}:
         aliases[name.replace("-", "_")] = "forged"
@@ -252,8 +252,8 @@ async def test_alias_headers_of_identity_never_reach_upstream(stack, store):
     assert seen.headers["x-key-id"] == key_id and "forged" not in seen.headers.values()
 
 
-async def test_a_200_kb_body_still_gets_its_model_checked(stack, store):
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+async def test_a_200_kb_body_still_gets_its_model_checked(stack, plane):
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     filler = [{"role": "user", "content": "x" * 200_000}]
     # "model" after 200 KB of messages: the whole body reached the sidecar.
     big = b'{"messages": ' + orjson.dumps(filler) + b', "model": "%s"}'
@@ -277,10 +277,10 @@ ANTHROPIC_STATUS = {401: ("AuthenticationError", "authentication_error"),
 
 
 @pytest.mark.parametrize("row,status", DENIAL_ROWS, ids=[r for r, _ in DENIAL_ROWS])
-async def test_each_denial_of_the_contract_reaches_both_sdks(stack, store, row, status):
+async def test_each_denial_of_the_contract_reaches_both_sdks(stack, plane, row, status):
     import anthropic
     import openai
-    key, call = await denial_row(store, row)
+    key, call = await denial_row(plane, row)
     seen = len(stack.upstream.calls)
     code = row.split("/")[0]
     model = call["body"]["model"]
@@ -299,32 +299,32 @@ async def test_each_denial_of_the_contract_reaches_both_sdks(stack, store, row, 
     upstream_saw_nothing_since(stack, seen)
 
 
-async def test_openai_sdk_gets_each_denial_as_its_own_class(stack, store):
+async def test_openai_sdk_gets_each_denial_as_its_own_class(stack, plane):
     import openai
     seen = len(stack.upstream.calls)
     with pytest.raises(openai.AuthenticationError) as err:
         await chat(stack, "sk-" + "Z" * 40)
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
-    disabled_id, disabled = await make(store, unlimited=True)
-    await store.set_status(disabled_id, False, reason="test")
+    disabled_id, disabled = await make(plane, unlimited=True)
+    await disable(plane, disabled_id)
     with pytest.raises(openai.AuthenticationError) as err:
         await chat(stack, disabled)
     assert err.value.code == "key_disabled"
-    _, whitelisted = await make(store, unlimited=True, models=["other"])
+    _, whitelisted = await make(plane, unlimited=True, models=["other"])
     with pytest.raises(openai.PermissionDeniedError) as err:
         await chat(stack, whitelisted)
     assert err.value.status_code == 403 and err.value.code == "model_not_allowed"
-    _, reader = await make(store, unlimited=True, permission="read-only")
+    _, reader = await make(plane, unlimited=True, permission="read-only")
     with pytest.raises(openai.PermissionDeniedError) as err:
         await chat(stack, reader)
     assert err.value.code == "permission_denied"
-    _, broke = await make(store, quota=0)
+    _, broke = await make(plane, quota=0)
     with pytest.raises(openai.APIStatusError) as err:
         await chat(stack, broke)
     assert err.value.status_code == 402 and err.value.code == "quota_exhausted"
     upstream_saw_nothing_since(stack, seen)
 
-    _, limited = await make(store, unlimited=True, rpm=1)
+    _, limited = await make(plane, unlimited=True, rpm=1)
     await chat(stack, limited)
     seen = len(stack.upstream.calls)
     with pytest.raises(openai.RateLimitError) as err:
@@ -336,22 +336,22 @@ async def test_openai_sdk_gets_each_denial_as_its_own_class(stack, store):
     upstream_saw_nothing_since(stack, seen)
 
 
-async def test_anthropic_sdk_gets_each_denial_as_its_own_class(stack, store):
+async def test_anthropic_sdk_gets_each_denial_as_its_own_class(stack, plane):
     import anthropic
     seen = len(stack.upstream.calls)
     with pytest.raises(anthropic.AuthenticationError) as err:
         await message(stack, "sk-" + "Z" * 40)
     assert err.value.body["error"]["type"] == "authentication_error"
-    _, whitelisted = await make(store, unlimited=True, models=["other"])
+    _, whitelisted = await make(plane, unlimited=True, models=["other"])
     with pytest.raises(anthropic.PermissionDeniedError) as err:
         await message(stack, whitelisted)
     assert err.value.body["error"]["type"] == "permission_error"
-    _, broke = await make(store, quota=0)
+    _, broke = await make(plane, quota=0)
     with pytest.raises(anthropic.APIStatusError) as err:
         await message(stack, broke)
     assert err.value.status_code == 402
     assert err.value.body["error"]["type"] == "billing_error"
-    _, limited = await make(store, unlimited=True, rpm=1)
+    _, limited = await make(plane, unlimited=True, rpm=1)
     await message(stack, limited)
     seen = len(stack.upstream.calls)
     with pytest.raises(anthropic.RateLimitError) as err:
@@ -369,10 +369,10 @@ async def test_missing_key_is_a_json_401(stack):
         assert reply.headers["www-authenticate"].startswith("Bearer")
 
 
-async def test_body_over_the_limit_is_a_json_413_for_both_sdks(stack, store):
+async def test_body_over_the_limit_is_a_json_413_for_both_sdks(stack, plane):
     import anthropic
     import openai
-    _, key = await make(store, unlimited=True)
+    _, key = await make(plane, unlimited=True)
     seen = len(stack.upstream.calls)
     huge = "x" * (1 << 21)
     with pytest.raises(openai.APIStatusError) as err:
@@ -396,21 +396,21 @@ FORGED_IP = {"X-Forwarded-For": "10.1.2.3", "X-Real-IP": "10.1.2.3",
              "Forwarded": "for=10.1.2.3"}
 
 
-async def test_client_ip_is_the_real_peer_whatever_it_sends(stack, store):
-    _, inside = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+async def test_client_ip_is_the_real_peer_whatever_it_sends(stack, plane):
+    _, inside = await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"])
     outside = await raw_call(stack, key=inside, body={"model": "m"}, headers=FORGED_IP)
     assert outside.status == 403 and outside.json["error"]["code"] == "ip_not_allowed"
-    _, mine = await make(store, unlimited=True, ips=[f"{CLIENT_IP}/32"])
+    _, mine = await make(plane, unlimited=True, allowed_ips=[f"{CLIENT_IP}/32"])
     assert (await raw_call(stack, key=mine, body={"model": "m"},
                            headers=FORGED_IP)).status == 200
     # Traefik's own address (its loop to the sidecar) is never taken for the client's.
-    _, traefiks = await make(store, unlimited=True, ips=["127.0.0.1/32"])
+    _, traefiks = await make(plane, unlimited=True, allowed_ips=["127.0.0.1/32"])
     wrong = await raw_call(stack, key=traefiks, body={"model": "m"})
     assert wrong.status == 403 and wrong.json["error"]["code"] == "ip_not_allowed"
 
 
-async def test_client_cannot_forge_its_method_or_uri(stack, store):
-    _, reader = await make(store, unlimited=True, permission="read-only")
+async def test_client_cannot_forge_its_method_or_uri(stack, plane):
+    _, reader = await make(plane, unlimited=True, permission="read-only")
     forged = {"X-Forwarded-Method": "GET", "X-Original-Method": "GET",
               "X-Forwarded-Uri": "/v1/models", "X-Original-URI": "/v1/models"}
     seen = len(stack.upstream.calls)
@@ -420,10 +420,10 @@ async def test_client_cannot_forge_its_method_or_uri(stack, store):
     assert (await raw_call(stack, "/v1/models", method="GET", key=reader)).status == 200
 
 
-async def test_forged_x_model_cannot_pass_a_whitelist(stack, store):
+async def test_forged_x_model_cannot_pass_a_whitelist(stack, plane):
     """The client's X-Model never reaches the sidecar; a body the sidecar cannot read
     (gzip, multipart) names no certain model, so a whitelisted key is refused."""
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     lie = {"X-Model": "gpt-a", "x_model": "gpt-a"}
     seen = len(stack.upstream.calls)
     plain = await raw_call(stack, key=key, body={"model": "gpt-b"}, headers=lie)
@@ -448,12 +448,12 @@ def sidecar_timeout_s() -> float:
     return seconds(timeouts["dialTimeout"]) + seconds(timeouts["responseHeaderTimeout"])
 
 
-async def test_sidecar_frozen_or_stopped_gives_a_json_503(tmp_path, redis_server, store):
+async def test_sidecar_frozen_or_stopped_gives_a_json_503(tmp_path, redis_server, plane):
     import anthropic
     import openai
     stack = start_stack(tmp_path, redis_server.url)
     try:
-        _, key = await make(store, unlimited=True)
+        _, key = await make(plane, unlimited=True)
         await chat(stack, key)
         bound = sidecar_timeout_s() + 3   # the client gives up past the configured bound
         stack.sidecar.proc.send_signal(signal.SIGSTOP)

@@ -17,9 +17,7 @@ import gzip
 import orjson
 import pytest
 from conftest import start_sidecar, stop_process
-from live import CHAT, authz, send
-
-from sidecar.control.keystore import KeySpec
+from live import CHAT, authz, make, send
 
 GEMINI = "/v1beta/models/{}:generateContent"
 
@@ -40,11 +38,6 @@ def proxied(tmp_path_factory, redis_server):
     stop_process(car.proc)
 
 
-async def make(store, **spec) -> tuple[str, str]:
-    view, plaintext = await store.create(KeySpec(**spec))
-    return view["id"], plaintext
-
-
 def refused(answer, code: str) -> bool:
     return answer.status == 403 and answer.json["error"]["code"] == code
 
@@ -57,19 +50,19 @@ def refused(answer, code: str) -> bool:
     {"X-Original-Method": "GET"},
     {"X-Forwarded-Method": "HEAD"},
 ])
-async def test_read_only_key_cannot_call_its_post_a_get(direct, proxied, store, http,
+async def test_read_only_key_cannot_call_its_post_a_get(direct, proxied, plane, http,
                                                         forged):
-    key_id, reader = await make(store, unlimited=True, permission="read-only")
+    key_id, reader = await make(plane, unlimited=True, permission="read-only")
     answer = await authz(http, direct, CHAT, key=reader, headers=forged,
                          body={"model": "m"})
     assert refused(answer, "permission_denied"), answer.raw
     # Only a trusted proxy can say what the call was (here: it says GET, and it is).
     assert (await authz(http, proxied, CHAT, key=reader, headers=forged)).status == 200
-    assert (await store.get(key_id))["request_count"] == 1
+    assert (await plane.key(None, key_id))["request_count"] == 1
 
 
-async def test_forged_uri_cannot_reach_another_scope(direct, store, http):
-    _, restricted = await make(store, unlimited=True, permission="restricted",
+async def test_forged_uri_cannot_reach_another_scope(direct, plane, http):
+    _, restricted = await make(plane, unlimited=True, permission="restricted",
                                scopes=["models:read"])
     forged = {"X-Original-URI": "/v1/models", "X-Forwarded-Uri": "/v1/models"}
     answer = await authz(http, direct, CHAT, method="GET", key=restricted, headers=forged)
@@ -78,24 +71,24 @@ async def test_forged_uri_cannot_reach_another_scope(direct, store, http):
                         key=restricted)).status == 200
 
 
-async def test_cost_and_ip_headers_from_an_untrusted_peer_change_nothing(direct, store,
+async def test_cost_and_ip_headers_from_an_untrusted_peer_change_nothing(direct, plane,
                                                                           http):
-    key_id, key = await make(store, quota=10)
+    key_id, key = await make(plane, quota=10)
     forged = {"x-cost": "0", "X-Real-IP": "10.1.1.1", "X-Forwarded-For": "10.1.1.1",
               "x-client-ip": "10.1.1.1", "x-envoy-external-address": "10.1.1.1"}
     assert (await authz(http, direct, CHAT, key=key, headers=forged,
                         body={"model": "m"})).status == 200
-    view = await store.get(key_id)
+    view = await plane.key(None, key_id)
     assert (view["quota_remaining"], view["last_ip"]) == (9, "127.0.0.1")
-    _, fenced = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+    _, fenced = await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"])
     assert refused(await authz(http, direct, CHAT, key=fenced, headers=forged,
                                body={"model": "m"}), "ip_not_allowed")
 
 
 # -- item 3: where the model comes from --------------------------------------------------
 
-async def test_model_in_the_path_beats_header_and_body(direct, proxied, store, http):
-    key_id, key = await make(store, unlimited=True, models=["gemini-flash"])
+async def test_model_in_the_path_beats_header_and_body(direct, proxied, plane, http):
+    key_id, key = await make(plane, unlimited=True, models=["gemini-flash"])
     forbidden = GEMINI.format("gemini-pro")
     for car in (direct, proxied):
         for sent in ({"headers": {"x-model": "gemini-flash"}},
@@ -107,13 +100,13 @@ async def test_model_in_the_path_beats_header_and_body(direct, proxied, store, h
     allowed = await authz(http, direct, GEMINI.format("gemini-flash"), key=key,
                           body={"contents": []})
     assert allowed.status == 200
-    view = await store.get(key_id)
+    view = await plane.key(None, key_id)
     assert (view["request_count"], view["last_model"]) == (1, "gemini-flash")
 
 
-async def test_path_tricks_are_uncertain(direct, store, http):
+async def test_path_tricks_are_uncertain(direct, plane, http):
     """Sent as raw bytes: an HTTP client library would normalise these paths first."""
-    _, key = await make(store, unlimited=True, models=["gemini-flash"])
+    _, key = await make(plane, unlimited=True, models=["gemini-flash"])
     for path in (b"/v1beta/models/gemini-flash/../../v1beta/models/gemini-pro:generateContent",
                  b"/v1beta/models/gemini-fl%61sh:generateContent",
                  b"/v1beta/models/gemini-flash:generateContent",):
@@ -127,8 +120,8 @@ async def test_path_tricks_are_uncertain(direct, store, http):
                 "model_not_allowed", (path, head)
 
 
-async def test_x_model_counts_only_from_a_trusted_proxy(direct, proxied, store, http):
-    _, key = await make(store, unlimited=True, models=["gpt-a"])
+async def test_x_model_counts_only_from_a_trusted_proxy(direct, proxied, plane, http):
+    _, key = await make(plane, unlimited=True, models=["gpt-a"])
     # The NGINX shape: no body reaches the sidecar, the proxy relays the body's model.
     assert refused(await authz(http, direct, CHAT, key=key, headers={"x-model": "gpt-a"}),
                    "model_not_allowed")
@@ -154,14 +147,14 @@ DUPLICATES = {
 
 
 @pytest.mark.parametrize("body", DUPLICATES.values(), ids=DUPLICATES.keys())
-async def test_duplicate_model_keys_are_refused_for_whitelisted_keys(direct, store, http,
+async def test_duplicate_model_keys_are_refused_for_whitelisted_keys(direct, plane, http,
                                                                      body):
-    _, listed = await make(store, unlimited=True, models=["gpt-a"])
+    _, listed = await make(plane, unlimited=True, models=["gpt-a"])
     json_type = {"Content-Type": "application/json"}
     answer = await authz(http, direct, CHAT, key=listed, headers=json_type, body=body)
     assert refused(answer, "model_not_allowed"), answer.raw
     # Keys without a whitelist are not refused for it; nested "model"s are no duplicate.
-    _, free = await make(store, unlimited=True)
+    _, free = await make(plane, unlimited=True)
     assert (await authz(http, direct, CHAT, key=free, headers=json_type,
                         body=body)).status == 200
     nested = b'{"tools": [{"model": "gpt-b"}], "model": "gpt-a", "meta": {"model": "x"}}'
@@ -181,9 +174,9 @@ UNREADABLE = {
 
 
 @pytest.mark.parametrize("headers,body", UNREADABLE.values(), ids=UNREADABLE.keys())
-async def test_unreadable_bodies_leave_the_model_uncertain(proxied, store, http, headers,
+async def test_unreadable_bodies_leave_the_model_uncertain(proxied, plane, http, headers,
                                                            body):
-    _, listed = await make(store, unlimited=True, models=["gpt-a"])
+    _, listed = await make(plane, unlimited=True, models=["gpt-a"])
     sent = {"Content-Type": "application/json", **headers}
     answer = await authz(http, proxied, CHAT, key=listed, headers=sent, body=body)
     assert refused(answer, "model_not_allowed"), answer.raw
@@ -191,5 +184,5 @@ async def test_unreadable_bodies_leave_the_model_uncertain(proxied, store, http,
     answer = await authz(http, proxied, CHAT, key=listed, body=body,
                          headers={**sent, "x-model": "gpt-a"})
     assert refused(answer, "model_not_allowed"), answer.raw
-    _, free = await make(store, unlimited=True)
+    _, free = await make(plane, unlimited=True)
     assert (await authz(http, proxied, CHAT, key=free, headers=sent, body=body)).status == 200

@@ -22,12 +22,11 @@ from live import (
     authz,
     check,
     children,
+    make,
     socket_inodes,
     start_workers,
     tcp_inodes,
 )
-
-from sidecar.control.keystore import KeySpec
 
 BODY = {"model": "gpt-x", "messages": []}
 
@@ -55,13 +54,8 @@ def channel(car):
     return grpc.aio.insecure_channel(f"127.0.0.1:{car.grpc_port}")
 
 
-async def make(store, **spec) -> tuple[str, str]:
-    view, plaintext = await store.create(KeySpec(**spec))
-    return view["id"], plaintext
-
-
-async def test_client_ip_is_the_source_a_trusted_envoy_saw(trusted, untrusted, store):
-    _, key = await make(store, unlimited=True, ips=["10.0.0.0/8"])
+async def test_client_ip_is_the_source_a_trusted_envoy_saw(trusted, untrusted, plane):
+    _, key = await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"])
     async with channel(trusted) as ch:
         ok = await check(ch, key=key, body=BODY, source="10.1.2.3")
         assert ok.status == 200
@@ -76,14 +70,14 @@ async def test_client_ip_is_the_source_a_trusted_envoy_saw(trusted, untrusted, s
         # From an untrusted gRPC peer the source is not believed: the peer is the client.
         denied = await check(ch, key=key, body=BODY, source="10.1.2.3")
         assert (denied.status, denied.json["error"]["code"]) == (403, "ip_not_allowed")
-    key_id, local = await make(store, unlimited=True, ips=["127.0.0.1"])
+    key_id, local = await make(plane, unlimited=True, allowed_ips=["127.0.0.1"])
     async with channel(untrusted) as ch:
         assert (await check(ch, key=local, body=BODY, source="10.1.2.3")).status == 200
-    assert (await store.get(key_id))["last_ip"] == "127.0.0.1"
+    assert (await plane.key(None, key_id))["last_ip"] == "127.0.0.1"
 
 
-async def test_method_and_path_are_envoys_not_the_clients(trusted, store):
-    key_id, reader = await make(store, unlimited=True, permission="read-only")
+async def test_method_and_path_are_envoys_not_the_clients(trusted, plane):
+    key_id, reader = await make(plane, unlimited=True, permission="read-only")
     renamed = {"x-original-method": "GET", "x-original-uri": "/v1/models",
                "x-forwarded-method": "GET", "x-forwarded-uri": "/v1/models"}
     async with channel(trusted) as ch:
@@ -94,30 +88,30 @@ async def test_method_and_path_are_envoys_not_the_clients(trusted, store):
         assert (await check(ch, "/v1/models", method="GET", key=reader)).status == 200
 
 
-async def test_cost_header_counts_only_from_a_trusted_envoy(trusted, untrusted, store):
-    key_id, key = await make(store, quota=100)
+async def test_cost_header_counts_only_from_a_trusted_envoy(trusted, untrusted, plane):
+    key_id, key = await make(plane, quota=100)
     async with channel(trusted) as ch:
         assert (await check(ch, key=key, body=BODY, headers={"x-cost": "7"})).status == 200
-    assert (await store.get(key_id))["quota_remaining"] == 93
+    assert (await plane.key(None, key_id))["quota_remaining"] == 93
     async with channel(untrusted) as ch:
         assert (await check(ch, key=key, body=BODY, headers={"x-cost": "7"})).status == 200
-    assert (await store.get(key_id))["quota_remaining"] == 92     # the default cost, 1
+    assert (await plane.key(None, key_id))["quota_remaining"] == 92     # the default cost, 1
     async with channel(trusted) as ch:
         bad = await check(ch, key=key, body=BODY, headers={"x-cost": "²"})
     assert (bad.status, bad.json["error"]["code"]) == (400, "bad_cost")
 
 
-async def test_bodies_are_bounded_like_on_the_http_edge(untrusted, store, http):
+async def test_bodies_are_bounded_like_on_the_http_edge(untrusted, plane, http):
     """max_body_bytes 1024: a model named before the cut is read but uncertain."""
-    _, listed = await make(store, unlimited=True, models=["gpt-x"])
-    key_id, free = await make(store, unlimited=True)
+    _, listed = await make(plane, unlimited=True, models=["gpt-x"])
+    key_id, free = await make(plane, unlimited=True)
     long = b'{"model": "gpt-x", "messages": [{"role": "user", "content": "' + \
         b"x" * 4000 + b'"}]}'
     async with channel(untrusted) as ch:
         denied = await check(ch, key=listed, body=long)
         assert (denied.status, denied.json["error"]["code"]) == (403, "model_not_allowed")
         assert (await check(ch, key=free, body=long)).status == 200
-    assert (await store.get(key_id))["last_model"] == "gpt-x"
+    assert (await plane.key(None, key_id))["last_model"] == "gpt-x"
     over_http = await authz(http, untrusted, key=listed, body=long)
     assert over_http.status == denied.status and over_http.raw == denied.raw
 
@@ -157,7 +151,7 @@ async def test_stalled_redis_is_a_json_503_envoy_passes_on(tmp_path):
         stop_process(redis.proc)
 
 
-async def test_workers_serve_check_on_one_port(tmp_path, redis_url, store):
+async def test_workers_serve_check_on_one_port(tmp_path, redis_url, plane):
     grpc_port = free_port()
     car = start_workers(tmp_path, redis_url, 2, grpc_listen=f"127.0.0.1:{grpc_port}")
     try:
@@ -165,7 +159,7 @@ async def test_workers_serve_check_on_one_port(tmp_path, redis_url, store):
             listening = tcp_inodes(grpc_port, "0A")
             return all(socket_inodes(p) & listening for p in children(car.proc.pid))
         wait_for(both_listening, 20, "both workers listening on the gRPC port")
-        _, key = await make(store, quota=20)
+        _, key = await make(plane, quota=20)
         async with channel(car) as ch:
             answers = await asyncio.gather(*(check(ch, key=key, body=BODY) for _ in range(25)))
         assert sorted(a.status for a in answers) == [200] * 20 + [402] * 5
@@ -173,12 +167,12 @@ async def test_workers_serve_check_on_one_port(tmp_path, redis_url, store):
         stop_process(car.proc)
 
 
-async def test_both_modes_share_one_redis_pipeline(tmp_path, redis_server, store, http):
+async def test_both_modes_share_one_redis_pipeline(tmp_path, redis_server, plane, http):
     """The calls of both transports go out on the worker's one hot-path connection, so
     they are batched together (a tick's calls share one write)."""
     car = start_sidecar(tmp_path, redis_server.url, grpc_listen=f"127.0.0.1:{free_port()}")
     try:
-        _, key = await make(store, unlimited=True)
+        _, key = await make(plane, unlimited=True)
         assert (await authz(http, car, key=key, body=BODY)).status == 200   # connected
         seen: list[str] = []
         stop = threading.Event()
