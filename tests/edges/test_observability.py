@@ -23,9 +23,7 @@ import orjson
 import pytest
 import yaml
 from conftest import ROOT, npm_tool, start_sidecar, stop_process
-from live import CLIENT_TIMEOUT, authz
-
-from sidecar.control.keystore import KeySpec
+from live import CLIENT_TIMEOUT, authz, make
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sidecar.json"
@@ -120,13 +118,13 @@ def car(tmp_path_factory, redis_server):
     stop_process(sidecar.proc)
 
 
-async def drive(car, store, http, redis_server) -> None:
+async def drive(car, plane, http, redis_server) -> None:
     """Make the sidecar produce every kind of series the dashboard and rules use."""
-    _, ok = await store.create(KeySpec(unlimited=True, rpm=1))
+    _, ok = await make(plane, unlimited=True, rpm=1)
     first = await authz(http, car, key=ok, body={"model": "m"})
     assert first.status == 200
     assert (await authz(http, car, key=ok, body={"model": "m"})).status == 429
-    _, broke = await store.create(KeySpec(quota=0))
+    _, broke = await make(plane, quota=0)
     assert (await authz(http, car, key=broke, body={"model": "m"})).status == 402
     assert (await authz(http, car, body={"model": "m"})).status == 401
     async with http.post(car.url + "/settle", timeout=CLIENT_TIMEOUT,
@@ -161,9 +159,9 @@ def exported(text: str) -> dict[str, set[str]]:
     return out
 
 
-async def test_every_metric_in_dashboard_and_rules_is_exported(car, store, http,
+async def test_every_metric_in_dashboard_and_rules_is_exported(car, plane, http,
                                                               redis_server):
-    await drive(car, store, http, redis_server)
+    await drive(car, plane, http, redis_server)
     samples = exported(scrape(car))
     named = 0
     for where, expr in expressions():
@@ -181,7 +179,7 @@ async def test_every_metric_in_dashboard_and_rules_is_exported(car, store, http,
     assert named >= 15
 
 
-async def test_no_label_can_hold_a_key_or_an_ip(car, store, http, redis_server):
+async def test_no_label_can_hold_a_key_or_an_ip(car, plane, http, redis_server):
     samples = exported(scrape(car))
     sidecar_labels = set().union(*(labels for name, labels in samples.items()
                                    if name.startswith("sidecar_")))

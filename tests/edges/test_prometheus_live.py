@@ -36,10 +36,8 @@ import orjson
 import pytest
 import yaml
 from conftest import free_port, start_sidecar, stop_process, wait_for
-from live import CLIENT_TIMEOUT, authz
+from live import CLIENT_TIMEOUT, authz, make
 from test_observability import PROMETHEUS, expressions
-
-from sidecar.control.keystore import KeySpec
 
 TOKEN = "prometheus-live-token-0123456789"
 RANGE = "1m"                 # stands for Grafana's interval variables; > the test's length
@@ -154,13 +152,13 @@ async def settle(http, car, token: str, key: str, reservation_id: str) -> int:
         return resp.status
 
 
-async def load(car, store, http, redis_server) -> set[int]:
+async def load(car, plane, http, redis_server) -> set[int]:
     """LOAD_ROUNDS rounds of one call per outcome, a Redis stall half-way (503 and a Redis
     timeout), an accepted and a refused usage report. Returns the statuses seen."""
-    _, ok = await store.create(KeySpec(unlimited=True))
-    _, limited = await store.create(KeySpec(unlimited=True, rpm=1))
-    _, broke = await store.create(KeySpec(quota=0))
-    _, narrow = await store.create(KeySpec(unlimited=True, models=["allowed-model"]))
+    _, ok = await make(plane, unlimited=True)
+    _, limited = await make(plane, unlimited=True, rpm=1)
+    _, broke = await make(plane, quota=0)
+    _, narrow = await make(plane, unlimited=True, models=["allowed-model"])
     seen: set[int] = set()
     for round_ in range(LOAD_ROUNDS):
         for key, model in ((ok, "m"), (limited, "m"), (broke, "m"), (narrow, "other"),
@@ -193,8 +191,8 @@ def series_count(answer: dict) -> tuple[int, int]:
 
 
 async def test_every_dashboard_and_alert_expression_returns_series(
-        car, prometheus, store, http, redis_server):
-    seen = await load(car, store, http, redis_server)
+        car, prometheus, plane, http, redis_server):
+    seen = await load(car, plane, http, redis_server)
     assert seen == {200, 401, 402, 403, 429, 503}, seen
     todo = checks()
     assert len(todo) >= 20

@@ -14,9 +14,8 @@ import pytest
 from conftest import start_sidecar, stop_process
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from live import evalsha_calls, send
+from live import evalsha_calls, make, send
 
-from sidecar.control.keystore import KeySpec
 from sidecar.schema.keys import KeyType
 
 MAX_BODY = 4096     # the sidecar below reads at most this much of a body
@@ -42,11 +41,6 @@ def post(path: str = "/v1/chat/completions", headers: dict[str, str] | None = No
         lines.append(f"Content-Length: {len(body)}")
     return "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n" + extra + \
         b"\r\n" + body
-
-
-async def make(store, spec: KeySpec) -> tuple[str, str]:
-    view, plaintext = await store.create(spec)
-    return view["id"], plaintext
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -92,8 +86,8 @@ async def test_malformed_keys_are_401_without_touching_redis(car, redis_server, 
     assert evalsha_calls(redis_server.client()) == before
 
 
-async def test_a_batch_of_malformed_keys_makes_no_redis_call(car, redis_server, store):
-    _, key = await make(store, KeySpec(unlimited=True))
+async def test_a_batch_of_malformed_keys_makes_no_redis_call(car, redis_server, plane):
+    _, key = await make(plane, unlimited=True)
     client = redis_server.client()
     before = evalsha_calls(client)
     answers = await asyncio.gather(*(send(car, post(headers={"Authorization": v}))
@@ -126,9 +120,9 @@ BODIES = {
 
 
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
-async def test_bad_bodies_are_decided_not_errors(car, store, body):
+async def test_bad_bodies_are_decided_not_errors(car, plane, body):
     """A whitelisted key: whatever the body, the answer is 200 or the model denial."""
-    _, key = await make(store, KeySpec(unlimited=True, models=["gpt-x", "gpt-y"]))
+    _, key = await make(plane, unlimited=True, models=["gpt-x", "gpt-y"])
     status, head, doc = await send(car, post(headers={**bearer(key),
                                                       "Content-Type": "application/json"},
                                              body=body))
@@ -137,29 +131,29 @@ async def test_bad_bodies_are_decided_not_errors(car, store, body):
         assert orjson.loads(doc)["error"]["code"] == "model_not_allowed"
 
 
-async def test_truncated_body_still_yields_the_model(car, store):
-    key_id, key = await make(store, KeySpec(unlimited=True))
+async def test_truncated_body_still_yields_the_model(car, plane):
+    key_id, key = await make(plane, unlimited=True)
     assert (await send(car, post(headers=bearer(key), body=BODIES["truncated"])))[0] == 200
-    assert (await store.get(key_id))["last_model"] == "gpt-x"
+    assert (await plane.key(None, key_id))["last_model"] == "gpt-x"
     # Whitelisted keys refuse models they cannot be sure of, or that are not listed.
-    _, listed = await make(store, KeySpec(unlimited=True, models=["gpt-x"]))
+    _, listed = await make(plane, unlimited=True, models=["gpt-x"])
     for name in ("truncated", "model with comma", "escaped quote", "model number", "array"):
         denied = await send(car, post(headers=bearer(listed), body=BODIES[name]))
         assert denied[0] == 403, name
 
 
-async def test_huge_bodies_are_answered(car, store):
-    key_id, key = await make(store, KeySpec(unlimited=True))
+async def test_huge_bodies_are_answered(car, plane):
+    key_id, key = await make(plane, unlimited=True)
     huge = b'{"model": "gpt-x", "input": "' + b"a" * 2_000_000 + b'"}'
     assert (await send(car, post(headers=bearer(key), body=huge)))[0] == 200
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(huge), huge)
     answer = await send(car, post(headers={**bearer(key), "Transfer-Encoding": "chunked"},
                                   body=chunked))
     assert answer[0] == 200
-    view = await store.get(key_id)
+    view = await plane.key(None, key_id)
     assert (view["request_count"], view["last_model"]) == (2, "gpt-x")
     # Only a prefix is read: a whitelisted key cannot trust the model of a huge body.
-    _, listed = await make(store, KeySpec(unlimited=True, models=["gpt-x"]))
+    _, listed = await make(plane, unlimited=True, models=["gpt-x"])
     assert (await send(car, post(headers=bearer(listed), body=huge)))[0] == 403
     small = b'{"model": "gpt-x", "input": "abc"}'
     assert (await send(car, post(headers=bearer(listed), body=small)))[0] == 200
@@ -181,15 +175,15 @@ BAD_FRAMING = {
 
 
 @pytest.mark.parametrize("headers,body", BAD_FRAMING.values(), ids=BAD_FRAMING.keys())
-async def test_bad_framing_is_4xx(car, store, headers, body):
-    _, key = await make(store, KeySpec(unlimited=True))
+async def test_bad_framing_is_4xx(car, plane, headers, body):
+    _, key = await make(plane, unlimited=True)
     status, head, _ = await send(car, post(headers={**bearer(key), **headers}, body=body))
     assert 200 <= status < 500, head
     assert status in (200, 400, 401, 403, 413), head
 
 
-async def test_body_shorter_than_content_length_then_eof(car, store):
-    _, key = await make(store, KeySpec(unlimited=True))
+async def test_body_shorter_than_content_length_then_eof(car, plane):
+    _, key = await make(plane, unlimited=True)
     request = post(headers={**bearer(key), "Content-Length": "100"}, body=b'{"model":')
     try:
         status, head, _ = await send(car, request, shut_write=True)
@@ -200,9 +194,9 @@ async def test_body_shorter_than_content_length_then_eof(car, store):
     assert (await send(car, post(headers=bearer(key), body=b"{}")))[0] == 200
 
 
-async def test_expect_100_continue_gets_the_go_ahead(car, store):
+async def test_expect_100_continue_gets_the_go_ahead(car, plane):
     """A client that waits for `100 Continue` before its body is not left waiting."""
-    key_id, key = await make(store, KeySpec(unlimited=True))
+    key_id, key = await make(plane, unlimited=True)
     body = b'{"model": "gpt-x"}'
     reader, writer = await asyncio.open_connection("127.0.0.1", car.port)
     try:
@@ -215,7 +209,7 @@ async def test_expect_100_continue_gets_the_go_ahead(car, store):
         assert final.startswith(b"HTTP/1.1 200 ")
     finally:
         writer.close()
-    assert (await store.get(key_id))["last_model"] == "gpt-x"
+    assert (await plane.key(None, key_id))["last_model"] == "gpt-x"
 
 
 BAD_IPS = ["not-an-ip", "999.1.1.1", "10.0.0.1.5", "", " , ,", "10.0.0.0/8", "1.2.3.4:80",
@@ -225,10 +219,9 @@ BAD_IPS = ["not-an-ip", "999.1.1.1", "10.0.0.1.5", "", " , ,", "10.0.0.0/8", "1.
 @pytest.mark.parametrize("value", BAD_IPS)
 @pytest.mark.parametrize("header", ["X-Real-IP", "X-Forwarded-For", "x-client-ip",
                                     "x-envoy-external-address"])
-async def test_invalid_ip_headers_from_a_trusted_proxy(car, store, header, value):
-    restricted_id, restricted = await make(store, KeySpec(unlimited=True,
-                                                           ips=["10.0.0.0/8"]))
-    open_id, unrestricted = await make(store, KeySpec(unlimited=True))
+async def test_invalid_ip_headers_from_a_trusted_proxy(car, plane, header, value):
+    restricted_id, restricted = await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"])
+    open_id, unrestricted = await make(plane, unlimited=True)
     body = b'{"model":"m"}'
     status, head, doc = await send(car, post(headers={**bearer(restricted), header: value},
                                              body=body))
@@ -237,13 +230,13 @@ async def test_invalid_ip_headers_from_a_trusted_proxy(car, store, header, value
     status, head, _ = await send(car, post(headers={**bearer(unrestricted), header: value},
                                            body=body))
     assert status == 200, head
-    last_ip = (await store.get(open_id))["last_ip"]
+    last_ip = (await plane.key(None, open_id))["last_ip"]
     assert last_ip in (None, "127.0.0.1")   # junk is not recorded as an address
-    assert (await store.get(restricted_id))["request_count"] == 0
+    assert (await plane.key(None, restricted_id))["request_count"] == 0
 
 
-async def test_headers_that_are_not_utf8(car, store):
-    key_id, key = await make(store, KeySpec(unlimited=True, models=["gpt-x"]))
+async def test_headers_that_are_not_utf8(car, plane):
+    key_id, key = await make(plane, unlimited=True, models=["gpt-x"])
     for name in ("x-model", "X-Original-URI", "X-Forwarded-Uri", "X-Original-Method"):
         request = post(headers={**bearer(key), name: "gpt-\udcff\udcfe"})
         status, head, _ = await send(car, request)
@@ -252,16 +245,16 @@ async def test_headers_that_are_not_utf8(car, store):
         key.encode() + b"\r\n\r\n"
     status, head, _ = await send(car, raw_line)
     assert 400 <= status < 500, head
-    assert (await store.get(key_id))["request_count"] == 0
+    assert (await plane.key(None, key_id))["request_count"] == 0
 
 
 @pytest.mark.parametrize("cost", ["abc", "-1", "1.5", "²", "١", "9" * 40, ""])
-async def test_bad_cost_header_from_a_trusted_proxy(car, store, cost):
-    key_id, key = await make(store, KeySpec(quota=100))
+async def test_bad_cost_header_from_a_trusted_proxy(car, plane, cost):
+    key_id, key = await make(plane, quota=100)
     status, head, _ = await send(car, post(headers={**bearer(key), "x-cost": cost},
                                            body=b'{"model":"m"}'))
     assert status == 400, head
-    assert (await store.get(key_id))["quota_remaining"] == 100
+    assert (await plane.key(None, key_id))["quota_remaining"] == 100
 
 
 @pytest.mark.parametrize("request_line", [
@@ -331,11 +324,12 @@ async def test_random_requests_never_get_a_5xx(car, live_keys, method, path, hea
 
 
 @pytest.fixture
-async def live_keys(store) -> list[str]:
+async def live_keys(plane) -> list[str]:
     """Two real keys, so random requests also reach the script: one open, one strict."""
-    _, open_key = await make(store, KeySpec(unlimited=True))
-    _, strict = await make(store, KeySpec(type=KeyType.org, unlimited=True, org="o",
-                                           project="p", models=["gpt-x"], ips=["10.0.0.0/8"],
-                                           permission="restricted",
-                                           scopes=["chat.completions:write"], rpm=1000))
+    org = (await plane.create_org("o"))["id"]
+    _, open_key = await make(plane, unlimited=True)
+    _, strict = await make(plane, type=KeyType.org, unlimited=True, org=org,
+                           models=["gpt-x"], allowed_ips=["10.0.0.0/8"],
+                           permission="restricted", scopes=["chat.completions:write"],
+                           rpm=1000)
     return [open_key, strict]

@@ -15,16 +15,9 @@ import json
 
 import pytest
 from conftest import start_sidecar, stop_process
-from live import send
-
-from sidecar.control.keystore import KeySpec
+from live import make, send
 
 TRICKLE = b"POST /authz/v1/chat/completions HTTP/1.1\r\nHost: s\r\nX-Pad: "
-
-
-async def make(store, **spec) -> str:
-    _, plaintext = await store.create(KeySpec(**spec))
-    return plaintext
 
 
 def authz_request(key: str, headers: bytes = b"") -> bytes:
@@ -59,7 +52,7 @@ async def trickle(port: int, pause: float, stop: asyncio.Event) -> bytes:
         writer.close()
 
 
-async def test_a_trickling_request_gets_408_at_its_deadline(tmp_path, redis_url, store):
+async def test_a_trickling_request_gets_408_at_its_deadline(tmp_path, redis_url, plane):
     """request_deadline_s=2; pauses of 0.3 s never reach request_timeout_s (10 s)."""
     car = start_sidecar(tmp_path, redis_url, request_deadline_s=2, request_timeout_s=10,
                         keepalive_timeout_s=30)
@@ -70,7 +63,7 @@ async def test_a_trickling_request_gets_408_at_its_deadline(tmp_path, redis_url,
         assert b"Connection: close" in answer and b"request_timeout" in answer
         # Between requests a connection idles for the keep-alive, longer than the
         # deadline: the same connection still serves a request after 3 s of silence.
-        key = await make(store, unlimited=True)
+        _, key = await make(plane, unlimited=True)
         reader, writer = await asyncio.open_connection("127.0.0.1", car.port)
         try:
             for pause in (0, 3):
@@ -92,8 +85,8 @@ def small_headers(tmp_path_factory, redis_server):
     stop_process(car.proc)
 
 
-async def test_too_many_headers_get_431_and_a_close(small_headers, redis_url, store):
-    key = await make(store, unlimited=True)
+async def test_too_many_headers_get_431_and_a_close(small_headers, redis_url, plane):
+    _, key = await make(plane, unlimited=True)
     # Authorization, Host and Content-Length are three of the 20.
     ok = b"".join(b"X-H%d: v\r\n" % i for i in range(17))
     status, head, _ = await send(small_headers, authz_request(key, ok))
@@ -110,8 +103,8 @@ async def test_too_many_headers_get_431_and_a_close(small_headers, redis_url, st
     assert (await send(small_headers, authz_request(key, flood)))[0] == 431
 
 
-async def test_too_many_header_bytes_get_431_and_a_close(small_headers, redis_url, store):
-    key = await make(store, unlimited=True)
+async def test_too_many_header_bytes_get_431_and_a_close(small_headers, redis_url, plane):
+    _, key = await make(plane, unlimited=True)
     fits = b"X-Big: " + b"v" * 3000 + b"\r\n"
     assert (await send(small_headers, authz_request(key, fits)))[0] == 200
     # Under the count limit, over the bytes limit in total.
@@ -125,7 +118,7 @@ async def test_too_many_header_bytes_get_431_and_a_close(small_headers, redis_ur
 OPEN_FILES = 200     # the sidecar's RLIMIT_NOFILE (soft and hard) in the test below
 
 
-async def test_a_fresh_request_is_answered_past_the_file_limit(tmp_path, redis_url, store):
+async def test_a_fresh_request_is_answered_past_the_file_limit(tmp_path, redis_url, plane):
     """More trickling connections than the process has files for. Without a cap the
     process runs out of descriptors and accept() fails for everyone; with it, the
     slowest are shed (503 or a close) and a fresh request is answered."""
@@ -138,7 +131,7 @@ async def test_a_fresh_request_is_answered_past_the_file_limit(tmp_path, redis_u
                      if '"listening"' in line][0]
         cap = listening["max_connections"]
         assert listening["open_files"] == OPEN_FILES and 0 < cap < OPEN_FILES
-        key = await make(store, unlimited=True)
+        _, key = await make(plane, unlimited=True)
         count = OPEN_FILES + 50
         for _ in range(count):
             tasks.append(asyncio.create_task(trickle(car.port, 1.0, stop)))

@@ -11,8 +11,7 @@ import socket
 
 import pytest
 from conftest import start_sidecar, stop_process
-
-from sidecar.control.keystore import KeySpec
+from live import make
 
 BODY = b'{"model": "gpt-5.5", "messages": []}'
 
@@ -66,9 +65,9 @@ def closed(sock: socket.socket) -> bool:
         return True
 
 
-async def test_pipelined_answers_keep_request_order(car, store):
+async def test_pipelined_answers_keep_request_order(car, plane):
     """An allow waiting on Redis, then denials decided at once: answered in sent order."""
-    _, key = await store.create(KeySpec(unlimited=True))
+    _, key = await make(plane, unlimited=True)
     sock = connect(car)
     sock.sendall(request("/authz/v1/chat/completions", key)
                  + request("/authz/v1/chat/completions")               # missing key
@@ -81,8 +80,8 @@ async def test_pipelined_answers_keep_request_order(car, store):
     sock.close()
 
 
-async def test_keep_alive_and_connection_close(car, store):
-    _, key = await store.create(KeySpec(unlimited=True))
+async def test_keep_alive_and_connection_close(car, plane):
+    _, key = await make(plane, unlimited=True)
     sock = connect(car)
     for _ in range(3):   # one connection, several calls
         sock.sendall(request("/authz/v1/chat/completions", key))
@@ -98,8 +97,8 @@ async def test_keep_alive_and_connection_close(car, store):
     assert closed(sock)
 
 
-async def test_chunked_body_names_the_model(car, store):
-    _, key = await store.create(KeySpec(unlimited=True, models=["gpt-5.5"]))
+async def test_chunked_body_names_the_model(car, plane):
+    _, key = await make(plane, unlimited=True, models=["gpt-5.5"])
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
                       for part in (b'{"model": "o3"', b', "messages": []}')) + b"0\r\n\r\n"
     sock = connect(car)
@@ -130,10 +129,10 @@ async def test_malformed_framing_gets_a_4xx_and_a_close(car, raw, status):
     assert closed(sock)
 
 
-async def test_idle_connection_is_closed_after_keepalive_timeout(car, store):
+async def test_idle_connection_is_closed_after_keepalive_timeout(car, plane):
     """keepalive_timeout_s=2 here: an idle keep-alive connection is closed by the sidecar
     (the proxy's own idle timeout must be shorter, see deploy/envoy)."""
-    _, key = await store.create(KeySpec(unlimited=True))
+    _, key = await make(plane, unlimited=True)
     sock = connect(car)
     sock.sendall(request("/authz/v1/chat/completions", key))
     assert read_answers(sock, 1)[0][0] == 200
@@ -141,8 +140,8 @@ async def test_idle_connection_is_closed_after_keepalive_timeout(car, store):
     assert sock.recv(1) == b""
 
 
-async def test_client_gone_mid_body_leaves_the_server_serving(car, store):
-    _, key = await store.create(KeySpec(unlimited=True))
+async def test_client_gone_mid_body_leaves_the_server_serving(car, plane):
+    _, key = await make(plane, unlimited=True)
     sock = connect(car)
     sock.sendall(b"POST /authz/v1/chat/completions HTTP/1.1\r\nHost: s\r\n"
                  b"Content-Length: 1000\r\n\r\n{\"model\":")

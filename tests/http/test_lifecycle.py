@@ -18,13 +18,12 @@ from live import (
     authz,
     children,
     cli,
+    make,
     metric_value,
     socket_inodes,
     start_workers,
     tcp_inodes,
 )
-
-from sidecar.control.keystore import KeySpec
 
 BODY = {"model": "gpt-x", "messages": []}
 
@@ -90,13 +89,13 @@ def answering_pid(port: int, client_port: int, pids: list[int]) -> int | None:
     return next((pid for pid in pids if socket_inodes(pid) & ours), None)
 
 
-async def test_two_workers_answer_aggregate_and_stop(tmp_path, redis_url, store):
+async def test_two_workers_answer_aggregate_and_stop(tmp_path, redis_url, plane):
     car = start_workers(tmp_path, redis_url, 2)
     workers: list[int] = []
     try:
         workers = children(car.proc.pid)
         assert len(workers) == 2
-        _, key = await store.create(KeySpec(unlimited=True))
+        _, key = await make(plane, unlimited=True)
         request = (f"POST /authz/v1/chat/completions HTTP/1.1\r\nHost: s\r\n"
                    f"Authorization: Bearer {key}\r\nContent-Length: 2\r\n\r\n{{}}").encode()
         answered_by = set()

@@ -17,9 +17,8 @@ import aiohttp
 import orjson
 import pytest
 from conftest import start_sidecar, stop_process
-from live import CLIENT_TIMEOUT, start_workers
+from live import CLIENT_TIMEOUT, hash_of, make, start_workers
 
-from sidecar.control.keystore import KeySpec
 from sidecar.schema import names
 
 CALLS = 400
@@ -65,58 +64,58 @@ async def storm(cars, key: str, calls: int = CALLS) -> collections.Counter:
     return collections.Counter(status for status, _ in answers)
 
 
-async def test_exact_quota_over_two_processes(two_sidecars, store, aredis):
-    view, key = await store.create(KeySpec(quota=370))       # 37 calls of gpt-x (10)
+async def test_exact_quota_over_two_processes(two_sidecars, plane, aredis):
+    key_id, key = await make(plane, quota=370)       # 37 calls of gpt-x (10)
     statuses = await storm(two_sidecars, key)
     assert statuses == {200: 37, 402: CALLS - 37}
-    after = await store.get(view["id"])
+    after = await plane.key(None, key_id)
     assert (after["quota_used"], after["quota_remaining"]) == (370, 0)
     assert after["request_count"] == 37
     # One reservation per allowed call, none for a refused one.
-    held = [k async for k in aredis.scan_iter(names.reservation(store.hasher(key), "*"))]
+    held = [k async for k in aredis.scan_iter(names.reservation(hash_of(key), "*"))]
     assert len(held) == 37
 
 
-async def test_duplicate_reports_over_two_processes_settle_once(two_sidecars, store):
+async def test_duplicate_reports_over_two_processes_settle_once(two_sidecars, plane):
     """Each of 20 reservations reported 10 times at once, the copies spread over both
     processes: 20 settle, 180 are refused as already settled, and the quota gets back
     exactly what the 20 calls reserved (10 each), no more."""
-    view, key = await store.create(KeySpec(quota=1000))
+    key_id, key = await make(plane, quota=1000)
     body = b'{"model": "gpt-x", "messages": []}'
     calls = await spread(two_sidecars, [("/authz/v1/chat/completions",
                                          {"Authorization": f"Bearer {key}"}, body)] * 20)
     assert [status for status, _ in calls] == [200] * 20
     rids = [headers["x-reservation-id"] for _, headers in calls]
     assert len(set(rids)) == 20
-    assert (await store.get(view["id"]))["quota_remaining"] == 800
+    assert (await plane.key(None, key_id))["quota_remaining"] == 800
     auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    reports = [("/settle", auth, orjson.dumps({"reservation_id": rid, "key_id": view["id"],
+    reports = [("/settle", auth, orjson.dumps({"reservation_id": rid, "key_id": key_id,
                                                 "cost": 0}))
                for rid in rids for _ in range(10)]     # copies alternate processes
     statuses = collections.Counter(status for status, _ in await spread(two_sidecars,
                                                                           reports))
     assert statuses == {200: 20, 409: 180}
-    after = await store.get(view["id"])
+    after = await plane.key(None, key_id)
     assert (after["quota_remaining"], after["quota_used"]) == (1000, 0)
 
 
-async def test_exact_rpm_over_two_processes(two_sidecars, store):
+async def test_exact_rpm_over_two_processes(two_sidecars, plane):
     """rpm 8 (GCRA: a burst of 8, then one call per 7.5 s): 400 calls at once over two
     processes get exactly 8 through, whatever minute boundary they straddle."""
-    view, key = await store.create(KeySpec(unlimited=True, rpm=8))
+    key_id, key = await make(plane, unlimited=True, rpm=8)
     statuses = await storm(two_sidecars, key)
     assert statuses == {200: 8, 429: CALLS - 8}
-    after = await store.get(view["id"])
+    after = await plane.key(None, key_id)
     assert after["request_count"] == 8 and after["quota_remaining"] is None
 
 
-async def test_exact_quota_with_two_workers_of_one_command(tmp_path, redis_url, store):
+async def test_exact_quota_with_two_workers_of_one_command(tmp_path, redis_url, plane):
     car = start_workers(tmp_path, redis_url, 2)
     try:
-        view, key = await store.create(KeySpec(quota=37))
+        key_id, key = await make(plane, quota=37)
         statuses = await storm([car], key)
         assert statuses == {200: 37, 402: CALLS - 37}
-        after = await store.get(view["id"])
+        after = await plane.key(None, key_id)
         assert (after["quota_used"], after["quota_remaining"]) == (37, 0)
     finally:
         stop_process(car.proc)
