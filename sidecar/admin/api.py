@@ -33,9 +33,9 @@ _ID = re.compile(schemas.ID_PATTERN.strip("^$"))
 
 
 def routes() -> list[Route]:
-    from . import routes_audit, routes_keys, routes_org, routes_subscriptions
+    from . import routes_audit, routes_keys, routes_org, routes_subscriptions, routes_webhooks
     return [*routes_org.ROUTES, *routes_keys.ROUTES, *routes_subscriptions.ROUTES,
-            *routes_audit.ROUTES]
+            *routes_audit.ROUTES, *routes_webhooks.ROUTES]
 
 
 def endpoint(route: Route, app: web.Application) -> Callable:

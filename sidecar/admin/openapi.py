@@ -25,7 +25,9 @@ _TAGS = {"organization": "The organization the admin key belongs to",
          "service_accounts": "Non-person identities of a project",
          "keys": "API keys: create, edit, quota, rotation, revocation",
          "subscriptions": "Plans with a per-cycle quota",
-         "audit": "Who changed what, newest first"}
+         "audit": "Who changed what, newest first",
+         "webhooks": "Endpoints that receive the organization's events, signed "
+                     "(Standard Webhooks)"}
 _QUERY = {"limit": "Page size (default 100)",
           "cursor": "The `next_cursor` of the previous page",
           "since": "Only entries at or after this time (RFC 3339)",
@@ -89,8 +91,9 @@ def document(routes: list[Route]) -> dict:
         "openapi": "3.1.0",
         "info": {"title": "llm-key-sidecar admin API", "version": "1",
                  "description": "Organizations, members, projects, service accounts, keys, "
-                                "subscriptions and the audit log. Authenticate with an "
-                                "organization admin key: `Authorization: Bearer sk-admin_...`."
+                                "subscriptions, webhook endpoints and the audit log. "
+                                "Authenticate with an organization admin key: "
+                                "`Authorization: Bearer sk-admin_...`."
                                 " Errors: {\"error\": {\"message\", \"type\", \"code\", "
                                 "\"param\"}}.",
                  "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"}},

@@ -27,8 +27,10 @@ from ..control.input_limits import (
     MIN_SCOPE,
 )
 from ..control.policy import ROLES
+from ..schema.events import TYPES as EVENT_TYPES
 from ..schema.keys import KeyType
 from ..schema.record import PERMISSIONS
+from ..schema.webhooks import MAX_URL
 
 ID_PATTERN = f"^[A-Za-z0-9_-]{{1,{MAX_ID}}}$"
 ID = {"type": "string", "pattern": ID_PATTERN, "maxLength": MAX_ID}
@@ -106,6 +108,15 @@ SUB_UPDATE = obj({"plan": REQUIRED_NAME, "cycle_quota": UNITS,
                   "payg_fallback": {"type": "boolean"}}, min_properties=1)
 
 # Query strings.
+WEBHOOK_CREATE = obj({
+    "url": {"type": "string", "minLength": 1, "maxLength": MAX_URL,
+            "description": "http:// or https://, no user:password"},
+    "secret": {"type": "string", "pattern": "^whsec_[A-Za-z0-9+/]{32,88}={0,2}$",
+               "description": "whsec_<base64 of 24 to 64 bytes>; default: generated"},
+    "events": {"type": "array", "maxItems": len(EVENT_TYPES),
+               "items": {"type": "string", "enum": [*EVENT_TYPES, "*"]},
+               "description": "the event types to send; default (or ['*']): all"},
+    "description": NAME}, ("url",))
 PAGE = {"limit": LIMIT, "cursor": OFFSET_CURSOR}
 MEMBER_QUERY = obj({"role": {"type": "string", "enum": list(ROLES)}, **PAGE})
 PAGE_QUERY = obj(PAGE)
@@ -175,6 +186,8 @@ RESPONSES = {
                                                    "member_id": _SN}},
         "resource": {"type": "object", "properties": {"type": _S, "id": _S}},
         "before": {}, "after": {}}},
+    "WebhookEndpoint": _entity("webhook_endpoint", org_id=_S, url=_S, events=_STRS,
+                               description=_S),
     "Deleted": {"type": "object", "required": ["id", "deleted"],
                 "properties": {"id": _S, "deleted": {"const": True},
                                "disabled_keys": _STRS}},
@@ -185,6 +198,10 @@ RESPONSES["KeyCreated"] = {"allOf": [{"$ref": "#/components/schemas/Key"}, {
 RESPONSES["KeyRotated"] = {"allOf": [{"$ref": "#/components/schemas/KeyCreated"}, {
     "type": "object", "required": ["replayed", "old_key"], "properties": {
         "replayed": _B, "old_key": {"$ref": "#/components/schemas/Key"}}}]}
+RESPONSES["WebhookEndpointCreated"] = {"allOf": [
+    {"$ref": "#/components/schemas/WebhookEndpoint"},
+    {"type": "object", "required": ["secret"], "properties": {"secret": {
+        "type": "string", "description": "signs every delivery; shown this once"}}}]}
 RESPONSES["SubscriptionCreated"] = {"allOf": [
     {"$ref": "#/components/schemas/Subscription"},
     {"type": "object", "required": ["key"], "properties": {"key": _S}}]}

@@ -29,6 +29,7 @@ from . import (
     serve,
     service_accounts,
     subscriptions,
+    webhooks,
 )
 from .parsing import CliError, _Parser, common_options, config_path
 from .serve import first_key_hint
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     common = common_options()
     for module in (keys, accounts, admin, orgs, members, projects, service_accounts,
-                   subscriptions, audit):
+                   subscriptions, audit, webhooks):
         module.register(sub, common)
     return parser
 

@@ -78,7 +78,8 @@ async def replay(redis, event_id: str | None) -> list[dict]:
 async def add_dead_letter(redis, event: events.Event, endpoint: str, url: str,
                           attempts: int, error: str) -> None:
     """A delivery that failed for the whole window (the worker calls it)."""
-    fields = dict(event.fields, id=event.id)
+    # id and time pinned: a replay is the same event (same id, same occurred_at)
+    fields = dict(event.fields, id=event.id, at=str(event.occurred_ms))
     fields.pop("to", None)
     await redis.xadd(names.DEAD_LETTERS, {"ev": orjson.dumps(fields), "tag": event.tag,
                                           "ep": endpoint, "url": url, "n": str(attempts),

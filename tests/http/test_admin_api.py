@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from admin_helpers import Plane, cli_json, module_plane, request
 
+from sidecar.schema import names
+
 plane = module_plane("admin-api")
 
 
@@ -245,11 +247,18 @@ BAD_REQUESTS = [
 
 
 def _snapshot(plane: Plane) -> dict:
-    """Every Redis key and its content, minus the admin key's own activity fields."""
+    """Every Redis key and its content, minus the admin key's own activity fields and
+    the webhook worker's own state (ev:active, ev:sweep); of an event stream, how many
+    entries were ever added (the worker deletes what it delivered)."""
     r = plane.redis.client()
     out = {}
     for name in r.keys("*"):
+        if name in (names.EVENTS_ACTIVE, names.EVENTS_SWEEP):
+            continue
         kind = r.type(name)
+        if kind == "stream" and name.startswith("ev:"):
+            out[name] = r.xinfo_stream(name)["entries-added"]
+            continue
         if kind == "hash":
             value = {k: v for k, v in r.hgetall(name).items() if k not in ("la", "n")}
         elif kind == "set":

@@ -117,3 +117,24 @@ def test_event_entries_and_payload():
     assert made["t"] == "key.disabled" and events.valid_id(made["id"]) and "o" not in made
     with pytest.raises(ValueError):
         events.entry("quota.gone")
+
+
+def test_webhooks_settings_are_checked_at_start_without_echoing_a_secret():
+    from sidecar.runtime.config import ConfigError, load_settings
+    secret = new_secret()
+    good = load_settings(env={"SIDECAR_WEBHOOKS": f'[{{"url": "https://h.example/x", '
+                                                  f'"secret": "{secret}"}}]'})
+    assert [e.url for e in good.webhooks] == ["https://h.example/x"]
+    assert secret not in repr(good)
+    for raw, field in (('[{"url": "gopher://h/", "secret": "S"}]', "webhooks[0].url"),
+                       ('[{"url": "https://a:b@h/", "secret": "S"}]', "webhooks[0].url"),
+                       ('[{"url": "https://h/", "secret": "whsec_bad"}]',
+                        "webhooks[0].secret"),
+                       ('{"url": "https://h/"}', "webhooks"), ("[5]", "webhooks[0]"),
+                       ('[{"url": "https://h/", "secret": "S", "events": ["x"]}]',
+                        "webhooks[0].events")):
+        with pytest.raises(ConfigError) as err:
+            load_settings(env={"SIDECAR_WEBHOOKS": raw.replace('"S"', f'"{secret}"')})
+        assert str(err.value).startswith(field + ":") and secret not in str(err.value)
+    with pytest.raises(ConfigError, match="webhook_backoff_s"):
+        load_settings(env={"SIDECAR_WEBHOOK_BACKOFF_S": "0"})
