@@ -143,14 +143,6 @@ async def plane(aredis):
     return ControlStore(aredis, KeyHasher(PEPPER))
 
 
-@pytest.fixture
-async def store(aredis):
-    """The raw KeyStore, below the control plane's rules (files not yet on `plane`)."""
-    from sidecar.control.keystore import KeyStore
-    from sidecar.schema.keys import KeyHasher
-    return KeyStore(aredis, KeyHasher(PEPPER))
-
-
 @dataclass
 class Sidecar:
     proc: subprocess.Popen

@@ -1,6 +1,7 @@
 """A sidecar on a real 3-node Redis Cluster (redis+cluster://): keys made through the
-KeyStore on a cluster client land on different nodes, every call is decided on the node
-holding its key (record and wallet share a hash tag), and the exact-quota race holds.
+control plane (ControlStore) on a cluster client land on different nodes, every call is
+decided on the node holding its key (record and wallet share a hash tag), and the
+exact-quota race holds.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import time
 import aiohttp
 import pytest
 from conftest import PEPPER, free_port, start_redis, start_sidecar, stop_process, wait_for
-from live import CLIENT_TIMEOUT, authz
+from live import CLIENT_TIMEOUT, authz, balance, disable, hash_of, make
 from redis.crc import key_slot
 
-from sidecar.control.keystore import KeySpec, KeyStore
+from sidecar.control.store import ControlStore
 from sidecar.redis.runner import control_client, make_runner
 from sidecar.schema import names
 from sidecar.schema.keys import KeyHasher, KeyType, shard_of
@@ -71,36 +72,34 @@ def car(cluster_url, tmp_path_factory):
 
 
 @pytest.fixture
-async def cstore(cluster_url):
-    """The KeyStore on the control plane's cluster client (redis-py RedisCluster)."""
+async def plane(cluster_url):
+    """The control plane on its cluster client (redis-py RedisCluster)."""
     client = control_client(cluster_url, 2.0, 8)
-    yield KeyStore(client, KeyHasher(PEPPER))
+    yield ControlStore(client, KeyHasher(PEPPER))
     await client.aclose()
-
-
-async def make(store, **spec) -> tuple[str, str]:
-    view, key = await store.create(KeySpec(**spec))
-    return view["id"], key
 
 
 async def statuses(http, car, key: str, n: int, **call) -> list[int]:
     return [(await authz(http, car, key=key, body=BODY, **call)).status for _ in range(n)]
 
 
-async def test_decisions_on_keys_spread_over_the_nodes(cluster, car, cstore, http):
+async def test_decisions_on_keys_spread_over_the_nodes(cluster, car, plane, http):
+    org_id = (await plane.create_org("o1"))["id"]
+    project_id = (await plane.create_project(org_id, "p1"))["id"]
     made = {
-        "quota": await make(cstore, quota=1),
-        "models": await make(cstore, unlimited=True, models=["gpt-other"]),
-        "ips": await make(cstore, unlimited=True, ips=["10.0.0.0/8"]),
-        "rpm": await make(cstore, unlimited=True, rpm=1),
-        "disabled": await make(cstore, unlimited=True),
-        "org": await make(cstore, type=KeyType.org, unlimited=True, org="o1", project="p1"),
-        "payg": await make(cstore, type=KeyType.subscription, quota=1, account="acct_c",
+        "quota": await make(plane, quota=1),
+        "models": await make(plane, unlimited=True, models=["gpt-other"]),
+        "ips": await make(plane, unlimited=True, allowed_ips=["10.0.0.0/8"]),
+        "rpm": await make(plane, unlimited=True, rpm=1),
+        "disabled": await make(plane, unlimited=True),
+        "org": await make(plane, type=KeyType.org, unlimited=True, org=org_id,
+                          project_id=project_id),
+        "payg": await make(plane, type=KeyType.subscription, quota=1, account="acct_c",
                            payg_fallback=True),
     }
-    made.update({f"plain{i}": await make(cstore, quota=3) for i in range(8)})
-    await cstore.set_status(made["disabled"][0], False, reason="test")
-    await cstore.set_balance("acct_c", 1)
+    made.update({f"plain{i}": await make(plane, quota=3) for i in range(8)})
+    await disable(plane, made["disabled"][0])
+    await plane.set_account_balance(None, "acct_c", 1)
 
     # The records really are spread: more than one node holds key records.
     holders = [n for n in cluster if n.client().keys("k:*")]
@@ -114,36 +113,36 @@ async def test_decisions_on_keys_spread_over_the_nodes(cluster, car, cstore, htt
     assert await statuses(http, car, key["disabled"], 1) == [401]
     # Subscription cycle, then the wallet (same hash tag as the record), then 402.
     assert await statuses(http, car, key["payg"], 3) == [200, 200, 402]
-    assert await cstore.balance("acct_c") == 0
+    assert await balance(plane, "acct_c") == 0
     org = await authz(http, car, key=key["org"], body=BODY)
     assert (org.status, org.headers["x-org-id"], org.headers["x-project-id"]) == (
-        200, "o1", "p1")
+        200, org_id, project_id)
     for i in range(8):
         assert await statuses(http, car, key[f"plain{i}"], 4) == [200, 200, 200, 402]
-        view = await cstore.get(made[f"plain{i}"][0])
+        view = await plane.key(None, made[f"plain{i}"][0])
         assert (view["quota_used"], view["quota_remaining"], view["last_model"]) == (
             3, 0, "gpt-x")
 
     # Revocation through the cluster client is seen on the next call.
     plain_id, plain = made["plain0"]
-    await cstore.set_quota(plain_id, 5)
+    await plane.set_key_quota(None, plain_id, set_to=5)
     assert await statuses(http, car, plain, 1) == [200]
-    await cstore.delete(plain_id)
+    await plane.delete_key(None, plain_id)
     assert await statuses(http, car, plain, 1) == [401]
-    listed, _ = await cstore.list(limit=100)
+    listed = await plane.all_keys()
     assert {v["id"] for v in listed} == {i for name, (i, _) in made.items() if name != "plain0"}
 
 
-async def test_scripts_are_loaded_again_after_a_flush(cluster, car, cstore, http):
-    _, key = await make(cstore, quota=10)
+async def test_scripts_are_loaded_again_after_a_flush(cluster, car, plane, http):
+    _, key = await make(plane, quota=10)
     assert await statuses(http, car, key, 1) == [200]
     for node in cluster:
         node.client().script_flush()
     assert await statuses(http, car, key, 2) == [200, 200]
 
 
-async def test_exact_quota_race_through_the_cluster(car, cstore):
-    key_id, key = await make(cstore, quota=37)
+async def test_exact_quota_race_through_the_cluster(car, plane):
+    key_id, key = await make(plane, quota=37)
     headers = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100),
                                      timeout=CLIENT_TIMEOUT) as session:
@@ -154,16 +153,16 @@ async def test_exact_quota_race_through_the_cluster(car, cstore):
                 return resp.status
         counts = collections.Counter(await asyncio.gather(*(one() for _ in range(300))))
     assert counts == {200: 37, 402: 263}
-    view = await cstore.get(key_id)
+    view = await plane.key(None, key_id)
     assert (view["quota_used"], view["quota_remaining"]) == (37, 0)
 
 
-async def test_a_stale_slot_map_follows_moved_and_recovers(cluster_url, cstore):
+async def test_a_stale_slot_map_follows_moved_and_recovers(cluster_url, plane):
     """The runner's map names the wrong node (as after a resharding or a failover): that
     node answers MOVED, the runner asks the cluster again and the call is decided anyway,
     once."""
-    key_id, key = await make(cstore, quota=5)
-    key_hash = cstore.hasher(key)
+    key_id, key = await make(plane, quota=5)
+    key_hash = hash_of(key)
     keys = (names.record(key_hash), names.wallet(shard_of(key_hash)))
     slot = key_slot(keys[0].encode())
     runner = make_runner(cluster_url, 2.0)
@@ -175,6 +174,6 @@ async def test_a_stale_slot_map_follows_moved_and_recovers(cluster_url, cstore):
         runner._slots[slot] = next(n for n in runner._nodes.values() if n is not right)
         assert (await runner.run(AUTHORIZE, keys, argv))[0] == 0
         assert runner._slots[slot] is right
-        assert (await cstore.get(key_id))["quota_used"] == 2
+        assert (await plane.key(None, key_id))["quota_used"] == 2
     finally:
         await runner.close()

@@ -18,9 +18,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from conftest import PEPPER, start_redis, start_sidecar, stop_process
-from live import CHAT, MESSAGES, authz, metric_value
+from live import CHAT, MESSAGES, authz, make, metric_value
 
-from sidecar.control.keystore import KeySpec, KeyStore
+from sidecar.control.store import ControlStore
 from sidecar.schema.keys import KeyHasher
 
 QUICK = aiohttp.ClientTimeout(total=5)   # a hang fails the test instead of blocking it
@@ -35,18 +35,18 @@ def own_redis(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def keystore(url: str):
+async def control_plane(url: str):
+    """The control plane on a Redis of the test's own (not the shared one)."""
     client = aioredis.from_url(url)
     try:
-        yield KeyStore(client, KeyHasher(PEPPER))
+        yield ControlStore(client, KeyHasher(PEPPER))
     finally:
         await client.aclose()
 
 
-async def new_key(url: str, **spec) -> tuple[str, str]:
-    async with keystore(url) as store:
-        view, key = await store.create(KeySpec(**spec))
-        return view["id"], key
+async def new_key(url: str, **settings) -> tuple[str, str]:
+    async with control_plane(url) as plane:
+        return await make(plane, **settings)
 
 
 @pytest.fixture
@@ -167,5 +167,5 @@ async def test_script_flush_loads_the_script_again(own_redis, car_factory, http)
     assert statuses == [200] * 9 + [402] * 21   # reserved once per call, retry or not
     noscript = client.info("errorstats").get("errorstat_NOSCRIPT", {}).get("count", 0)
     assert noscript > noscript_before           # the NOSCRIPT path really ran
-    async with keystore(own_redis.url) as store:
-        assert (await store.get(key_id))["quota_used"] == 10
+    async with control_plane(own_redis.url) as plane:
+        assert (await plane.key(None, key_id))["quota_used"] == 10

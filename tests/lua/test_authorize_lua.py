@@ -1,7 +1,9 @@
 """Script tier: authorize.lua on a real redis-server, reached through the real code path.
 
-Records come from KeyStore.create, calls go through make_runner(...).run(AUTHORIZE, ...)
-with the same KEYS and ARGV that sidecar/dataplane/authorize.py builds. Every call passes an
+Records come from KeyStore.create (below the control plane on purpose: the subject is the
+script and the raw record, driven with fields the control plane cannot set), calls go
+through make_runner(...).run(AUTHORIZE, ...) with the same KEYS and ARGV that
+sidecar/dataplane/authorize.py builds. Every call passes an
 explicit `now` (ARGV[1]), so no assertion depends on the clock: the rate tests drive
 time across minute boundaries and to the millisecond a Retry-After names.
 """
@@ -12,15 +14,16 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import PEPPER
 from redis.crc import key_slot
 
-from sidecar.control.keystore import KeySpec
+from sidecar.control.keystore import KeySpec, KeyStore
 from sidecar.dataplane.decision import Code
 from sidecar.dataplane.request import classify
 from sidecar.redis.runner import make_runner
 from sidecar.schema import names
 from sidecar.schema.ips import ip_hex
-from sidecar.schema.keys import KeyType, new_reservation_id, shard_of
+from sidecar.schema.keys import KeyHasher, KeyType, new_reservation_id, shard_of
 from sidecar.schema.record import DAY_MS
 from sidecar.schema.scripts import AUTHORIZE, SETTLE
 
@@ -49,6 +52,12 @@ async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str
         keys += (names.reservation(key_hash, reservation),)
         args.append(reservation_ms)
     return await runner.run(AUTHORIZE, keys, args)
+
+
+@pytest.fixture
+async def store(aredis):
+    # The raw KeyStore, not the plane: these records carry what no operator call could set.
+    return KeyStore(aredis, KeyHasher(PEPPER))
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
-"""No plaintext key reaches Redis: only its keyed hash, as part of the record's name."""
+"""No plaintext key reaches Redis: only its keyed hash, as part of the record's name.
+
+The keys are made through the control plane, so its audit entries and events are searched
+too, and then used by the script."""
 
 from __future__ import annotations
 
 import time
 
-from sidecar.control.keystore import KeySpec
+from live import disable, hash_of, make
+
 from sidecar.dataplane.decision import Code
 from sidecar.dataplane.request import classify
 from sidecar.redis.runner import make_runner
@@ -40,25 +44,25 @@ async def everything_in(redis) -> list[bytes]:
     return out
 
 
-async def test_only_the_hmac_is_stored(store, redis_url):
-    specs = [
-        KeySpec(quota=5, models=["gpt-5.5"], ips=["10.0.0.0/8"], rpm=10),
-        KeySpec(type=KeyType.subscription, quota=1, account="acct-s", payg_fallback=True),
-        KeySpec(type=KeyType.org, unlimited=True, permission="restricted",
-                scopes=["chat.completions:write"], org="default", project="default"),
-        KeySpec(type=KeyType.admin, unlimited=True, org="default"),
+async def test_only_the_hmac_is_stored(plane, redis_url):
+    made = [
+        await make(plane, quota=5, models=["gpt-5.5"], allowed_ips=["10.0.0.0/8"], rpm=10),
+        await make(plane, type=KeyType.subscription, quota=1, account="acct-s",
+                   payg_fallback=True),
+        await make(plane, type=KeyType.org, unlimited=True, permission="restricted",
+                   scopes=["chat.completions:write"]),
+        await make(plane, type=KeyType.admin),
     ]
-    made = [await store.create(spec) for spec in specs]
-    await store.set_balance("acct-s", 10)
-    await store.set_quota(made[0][0]["id"], 9)
-    await store.set_status(made[3][0]["id"], False, "test")
+    await plane.set_account_balance(None, "acct-s", 10)
+    await plane.set_key_quota(None, made[0][0], set_to=9)
+    await disable(plane, made[3][0])
 
     runner = make_runner(redis_url, 2.0)
     try:
         endpoint = classify("POST", "/v1/chat/completions")
         codes = []
         for _, key in made:
-            key_hash = store.hasher(key)
+            key_hash = hash_of(key)
             for _ in range(2):   # the subscription key's second call is paid by the wallet
                 reply = await runner.run(
                     AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
@@ -69,11 +73,11 @@ async def test_only_the_hmac_is_stored(store, redis_url):
         await runner.close()
     assert codes == [Code.allow] * 6 + [Code.key_disabled] * 2
 
-    stored = await everything_in(store.redis)
-    names_stored = set(await store.redis.keys("*"))
+    stored = await everything_in(plane.redis)
+    names_stored = set(await plane.redis.keys("*"))
     for _, key in made:
         body = key[len(PREFIX_OF[key_type(key)]):]
         for item in stored:
             assert key.encode() not in item
             assert body[:16].encode() not in item and body[-16:].encode() not in item
-        assert names.record(store.hasher(key)).encode() in names_stored
+        assert names.record(hash_of(key)).encode() in names_stored
