@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     __package__ = "benchmarks"
 
 from sidecar.schema import names  # noqa: E402
-from sidecar.schema.keys import KeyHasher, shard_of  # noqa: E402
+from sidecar.schema.keys import TYPE_OF_CODE, KeyHasher, shard_of  # noqa: E402
 
 from .keyload import load_keys, write_key_file  # noqa: E402
 from .load import Load, run_wrk  # noqa: E402
@@ -238,7 +238,9 @@ class Bench:
             peer = self.procs.nginx(
                 f"peer-w{workers}", HERE / "nginx_lua" / "nginx.conf",
                 {"WORKERS": str(workers), "LUA_DIR": str(HERE / "nginx_lua"),
-                 "PEPPER": self.pepper, "SCRIPT": str(SCRIPT)},
+                 "PEPPER": self.pepper, "SCRIPT": str(SCRIPT),
+                 "KEY_TYPES": _lua_table({c: t.value for c, t in TYPE_OF_CODE.items()}),
+                 "POOL_PREFIX": names.POOL_PREFIX},
                 {"peer": free_port(), "redis": self.redis.port})
         stack = Stack(workers, car, peer)
         for name in self.targets(stack):
@@ -531,6 +533,11 @@ class Bench:
         if first:
             self.stop_stack(stack)
         return rows
+
+
+def _lua_table(mapping: dict[str, str]) -> str:
+    """A Lua table literal of identifier keys and string values, for the peer's config."""
+    return "{" + ", ".join(f'{k} = "{v}"' for k, v in mapping.items()) + "}"
 
 
 def _ratio(a: float, b: float) -> float | None:

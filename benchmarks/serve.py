@@ -18,13 +18,15 @@ from sidecar.cli.main import main
 from sidecar.dataplane.authorize import Authorizer
 from sidecar.dataplane.http_messages import Answer, Call
 from sidecar.runtime import server
+from sidecar.schema.contracts import AuthorizeReply
 from sidecar.schema.keys import KeyHasher
 
 
 class FixedRecordRunner:
     """The script's allow reply for a fixed record, without Redis."""
 
-    REPLY = [0, b"key_baseline", b"s", b"", b"", 600, 599, 0, 0, 100, 0, 0]
+    REPLY = list(AuthorizeReply(code=0, key_id=b"key_baseline", type=b"s", org=b"",
+                                project=b"", rpm=600, rpm_remaining=599, rpm_reset_ms=100))
 
     async def run(self, script, keys, args) -> list:
         return self.REPLY

@@ -99,7 +99,8 @@ local DENIALS = {
           "The authorization service is temporarily unavailable."},
 }
 local RENDERED = {}
-local KEY_TYPES = {s = "standard", b = "subscription", o = "org", a = "admin"}
+local KEY_TYPES   -- the record's type letter -> x-key-type: cfg.key_types (run.py fills
+                  -- it from sidecar/schema/keys.py's TYPE_CODE)
 local READ_METHODS = {GET = true, HEAD = true, OPTIONS = true}
 local ID_PARENTS = {models = true, files = true, batches = true, assistants = true,
                     threads = true, fine_tuning = true, jobs = true, vector_stores = true,
@@ -107,6 +108,7 @@ local ID_PARENTS = {models = true, files = true, batches = true, assistants = tr
 
 function M.init(opts)
   cfg = opts
+  KEY_TYPES = opts.key_types
   local secret = opts.pepper
   if #secret > 64 then secret = sha256_raw(secret) end
   secret = secret .. string.rep("\0", 64 - #secret)
@@ -289,7 +291,7 @@ function M.authorize()
   if ok then
     reply, err = evalsha(red, "k:{" .. shard .. "}:" .. key_hash, "w:{" .. shard .. "}",
                          math.floor(ngx.now() * 1000), cfg.cost, ip_hex(ip), ip, model,
-                         call[1], call[2], call[3])
+                         call[1], call[2], call[3], "0", cfg.pool_prefix)
   end
   if not reply then
     ngx.log(ngx.WARN, "redis unavailable: ", err)

@@ -3,9 +3,12 @@ all under the org's hash tag, so an entity and its indexes change in one MULTI/E
 
 from __future__ import annotations
 
-from ..schema import names, scripts
+from ..redis.runner import run_script
+from ..schema import names
+from ..schema.contracts import CreateUniqueArgs, CreateUniqueReply
 from ..schema.keys import new_id
 from ..schema.record import now_ms
+from ..schema.scripts import CREATE_UNIQUE
 from .checks import check_role, check_text
 from .errors import Conflict, NotFound
 from .input_limits import MAX_USER
@@ -13,7 +16,6 @@ from .policy import CLI, Actor, Resource, check
 from .views import decode, member_view, org_view, pairs, project_view, sa_view, text
 
 DEFAULT = "default"                 # built-in organization and project of `keys create`
-CREATE_UNIQUE = scripts.CREATE_UNIQUE.source
 
 
 class EntityOps:
@@ -101,9 +103,10 @@ class EntityOps:
         member_id = new_id("mem")
         rec = {"id": member_id, "org": org, "user": user, "nm": name, "role": role,
                "ca": str(now_ms()), "cb": actor.created_by}
-        held = text(await self._create_unique(
-            keys=[names.org_users(org), names.member(org, member_id), names.org_members(org)],
-            args=[user, member_id, *pairs(rec)]))
+        call = CreateUniqueArgs(names.org_users(org), names.member(org, member_id),
+                                names.org_members(org), user, member_id, tuple(pairs(rec)))
+        held = CreateUniqueReply.parse(await run_script(
+            self.redis, CREATE_UNIQUE, call.keys(), call.argv())).held
         if held != member_id:
             raise Conflict(f"user: {user!r} is already a member ({held})", "user")
         out = member_view(rec)

@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ..redis.runner import run_script
 from ..schema import names
+from ..schema.contracts import PoolQuotaArgs
 from ..schema.ips import network_entry
 from ..schema.keys import TYPE_CODE, TYPE_OF_CODE, KeyHasher, KeyType, mint, new_id, shard_of
 from ..schema.record import (
@@ -365,9 +367,9 @@ class KeyStore:
         for owner in _owners(new):
             await self.redis.sadd(names.owner_index(owner), new["id"])
         if pooled and not rec.get("qp"):  # the old key's remaining quota becomes the pool
-            await self.redis.eval(POOL_QUOTA.source, 2, names.record(key_hash),
-                                  names.wallet(shard_of(key_hash)),
-                                  names.pool_field(new["qp"]), new["qp"])
+            pool = PoolQuotaArgs(names.record(key_hash), names.wallet(shard_of(key_hash)),
+                                 names.pool_field(new["qp"]), new["qp"])
+            await run_script(self.redis, POOL_QUOTA, pool.keys(), pool.argv())
         old = {"rt": new["id"]}
         if grace_ms <= 0:
             old.update(st="d", dr="rotated")

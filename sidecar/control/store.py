@@ -17,7 +17,7 @@ from ..schema import names
 from ..schema.keys import KeyHasher
 from .audit import AuditLog
 from .checks import parse_when
-from .entities import CREATE_UNIQUE, DEFAULT, EntityOps
+from .entities import DEFAULT, EntityOps
 from .errors import Conflict, NotFound
 from .key_ops import KeyOps
 from .keystore import KeyStore
@@ -33,7 +33,6 @@ class ControlStore(EntityOps, KeyOps, SubscriptionOps, WebhookOps):
         self.redis = redis
         self.keys = KeyStore(redis, hasher)
         self.audit = AuditLog(redis)
-        self._create_unique = redis.register_script(CREATE_UNIQUE)
 
     # -- bootstrap -----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from ..redis.runner import ScriptRunner
 from ..runtime import metrics
 from ..runtime.config import Settings
 from ..schema import names
+from ..schema.contracts import AuthorizeArgs, AuthorizeReply
 from ..schema.ips import ip_hex
 from ..schema.keys import KeyHasher, key_type, new_reservation_id, shard_of
 from ..schema.scripts import AUTHORIZE
@@ -81,19 +82,17 @@ class Authorizer:
 
         key_hash = self.hasher(key)
         hexed = ip_hex(ip)
-        keys = (names.record(key_hash), names.wallet(shard_of(key_hash)))
+        reservation = new_reservation_id() if self.reservation_ms else ""
         # An IP header a trusted proxy filled with something else is no IP: keys with
         # an IP list are refused, and recent activity records no junk.
-        args = [int(time.time() * 1000), cost, hexed, ip if hexed else "", model,
-                endpoint.scope, endpoint.granting, 1 if endpoint.write else 0,
-                0 if certain else 1]
-        reservation = ""
-        if self.reservation_ms:
-            reservation = new_reservation_id()
-            keys += (names.reservation(key_hash, reservation),)
-            args.append(self.reservation_ms)
+        keys, args = AuthorizeArgs.pack(
+            names.record(key_hash), names.wallet(shard_of(key_hash)),
+            reservation and names.reservation(key_hash, reservation),
+            int(time.time() * 1000), cost, hexed, ip if hexed else "", model,
+            endpoint.scope, endpoint.granting, 1 if endpoint.write else 0,
+            0 if certain else 1, names.POOL_PREFIX, self.reservation_ms)
         try:
-            reply = await self.runner.run(AUTHORIZE, keys, args)
+            reply = AuthorizeReply.parse(await self.runner.run(AUTHORIZE, keys, args))
         except RedisUnavailable as exc:
             # Failure policy: Redis could not decide within redis_timeout_ms. Closed (the
             # default) answers 503, which proxies treat as an error, never as a business
@@ -106,7 +105,7 @@ class Authorizer:
                                     {REMOVE_HEADER: _STRIP_FROM_UPSTREAM}, b"")
             return self._deny(Code.unavailable, endpoint.anthropic, start)
 
-        code = reply[0]
+        code = reply.code
         if code == Code.allow:
             out = identity_headers(reply, reservation)
             out.update(limit_headers(reply))
@@ -127,7 +126,7 @@ class Authorizer:
         return self.model_costs.get(model, self.default_cost)
 
     def _deny(self, code: Code, anthropic: bool, start: float,
-              reply: list | None = None) -> Answer:
+              reply: AuthorizeReply | None = None) -> Answer:
         denial, headers, body = denial_answer(code, anthropic, reply)
         return self._answer(denial.status, denial.code, start, headers, body)
 

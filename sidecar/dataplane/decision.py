@@ -13,6 +13,7 @@ from enum import IntEnum
 
 import orjson
 
+from ..schema.contracts import AuthorizeReply
 from ..schema.keys import TYPE_OF_CODE
 
 
@@ -125,19 +126,20 @@ def rendered_denial(code: Code, anthropic: bool,
 
 
 def denial_answer(code: Code, anthropic: bool,
-                  reply: list | None = None) -> tuple[Denial, dict[str, str], bytes]:
+                  reply: AuthorizeReply | None = None
+                  ) -> tuple[Denial, dict[str, str], bytes]:
     """(denial, headers, body) of a denial. The JSON is copied into X-Auth-Error because
     NGINX drops auth bodies; 401 names its scheme; 503 says when to retry; a script reply
     adds x-ratelimit-* for the limits that apply, and Retry-After on a 429; it also names
     the key's type, for a message that says only what applies to it."""
-    key_type = _text(reply[2]) if reply is not None and len(reply) > 2 else ""
+    key_type = reply.type if reply is not None else ""
     denial, body, header = rendered_denial(code, anthropic, key_type)
     headers = {"X-Auth-Error": header}
     if denial.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="api"'
     elif code == Code.unavailable:   # an outage: the SDKs back off and retry
         headers["Retry-After"] = "1"
-    if reply is not None and len(reply) > 1:
+    if reply is not None and reply.limits_known:
         headers.update(limit_headers(reply))
         if code in (Code.rate_limited, Code.rate_limited_tokens):
             headers["Retry-After"] = retry_after(reply)
@@ -155,41 +157,36 @@ def duration(ms: int) -> str:
     return f"{minutes}m{rest}s"
 
 
-def limit_headers(reply: list) -> dict[str, str]:
+def limit_headers(reply: AuthorizeReply) -> dict[str, str]:
     """x-ratelimit-* from the script's reply, for the limits that apply to the key: the
     limit, what is left of it now, and how long until it is whole again."""
-    rpm, rpm_left, tpm, tpm_left, rpm_reset_ms, tpm_reset_ms = reply[5:11]
     headers: dict[str, str] = {}
-    if rpm:
-        headers["x-ratelimit-limit-requests"] = str(rpm)
-        headers["x-ratelimit-remaining-requests"] = str(rpm_left)
-        headers["x-ratelimit-reset-requests"] = duration(rpm_reset_ms)
-    if tpm:
-        headers["x-ratelimit-limit-tokens"] = str(tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(tpm_left)
-        headers["x-ratelimit-reset-tokens"] = duration(tpm_reset_ms)
+    if reply.rpm:
+        headers["x-ratelimit-limit-requests"] = str(reply.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(reply.rpm_remaining)
+        headers["x-ratelimit-reset-requests"] = duration(reply.rpm_reset_ms)
+    if reply.tpm:
+        headers["x-ratelimit-limit-tokens"] = str(reply.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(reply.tpm_remaining)
+        headers["x-ratelimit-reset-tokens"] = duration(reply.tpm_reset_ms)
     return headers
 
 
-def identity_headers(reply: list, reservation_id: str = "") -> dict[str, str]:
+def identity_headers(reply: AuthorizeReply, reservation_id: str = "") -> dict[str, str]:
     """Who the caller is, for the upstream, and the reservation its usage report settles
     (empty when /settle is off). Always all five, so a proxy that copies them overwrites
     anything a client forged (an empty value means 'not set')."""
     return {
-        "x-key-id": _text(reply[1]),
-        "x-key-type": KEY_TYPES.get(_text(reply[2]), ""),
-        "x-org-id": _text(reply[3]),
-        "x-project-id": _text(reply[4]),
+        "x-key-id": reply.key_id,
+        "x-key-type": KEY_TYPES.get(reply.type, ""),
+        "x-org-id": reply.org,
+        "x-project-id": reply.project,
         "x-reservation-id": reservation_id,
     }
 
 
-def retry_after(reply: list) -> str:
+def retry_after(reply: AuthorizeReply) -> str:
     """Seconds until the next call would be allowed (the script's wait for every limit
     that refuses it), rounded up: Retry-After takes whole seconds, and a client that
     waits that long is let through."""
-    return str(max(1, -(-int(reply[11]) // 1000)))
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
+    return str(max(1, -(-int(reply.retry_ms) // 1000)))

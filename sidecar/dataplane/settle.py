@@ -31,6 +31,7 @@ from ..redis.runner import ScriptRunner, control_client
 from ..runtime import metrics
 from ..runtime.config import Settings
 from ..schema import names
+from ..schema.contracts import SettleArgs, SettleReply
 from ..schema.keys import RESERVATION_ID, KeyHasher, key_type, shard_of
 from ..schema.record import MAX_QUOTA
 from ..schema.scripts import SETTLE
@@ -42,10 +43,6 @@ MAX_REPORT_BYTES = 16_384
 MAX_TOKENS = 10**9
 SETTLED_TTL_MS = 600_000        # a settled reservation answers 409, not 404, this long
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-# settle.lua's return codes
-_SCRIPT_UNKNOWN_KEY, _SCRIPT_SETTLED, _SCRIPT_NO_RESERVATION = 1, 2, 3
-
 
 class BadReport(ValueError):
     """The report is malformed; the message names the field."""
@@ -158,24 +155,24 @@ class Settler:
         if key_hash is None:
             return self._unknown()
         actual = actual_cost(report, self.token_costs)
-        reply = await self.runner.run(
-            SETTLE, (names.record(key_hash), names.wallet(shard_of(key_hash)),
-                     names.reservation(key_hash, report.reservation_id)),
-            [int(time.time() * 1000), "" if actual is None else actual, report.tokens,
-             SETTLED_TTL_MS])
+        args = SettleArgs(names.record(key_hash), names.wallet(shard_of(key_hash)),
+                          names.reservation(key_hash, report.reservation_id),
+                          int(time.time() * 1000), "" if actual is None else actual,
+                          report.tokens, SETTLED_TTL_MS, names.POOL_PREFIX)
+        reply = SettleReply.parse(await self.runner.run(SETTLE, args.keys(), args.argv()))
         rid = report.reservation_id
-        if reply[0] == _SCRIPT_UNKNOWN_KEY:
+        if reply.code == SettleReply.UNKNOWN_KEY:
             return self._unknown()
-        if reply[0] == _SCRIPT_NO_RESERVATION:
+        if reply.code == SettleReply.NO_RESERVATION:
             metrics.settlement("unknown_reservation")
             return _error(404, "unknown_reservation",
                           f"No reservation {rid} for this key: it was never made, has "
                           "expired (reservation_ttl_s), or belongs to another key.")
-        if reply[0] == _SCRIPT_SETTLED:
+        if reply.code == SettleReply.ALREADY_SETTLED:
             metrics.settlement("duplicate")
             return _error(409, "already_settled",
                           f"Reservation {rid} has already been settled; nothing changed.")
-        reserved, delta, from_wallet = (int(v) for v in reply[1:4])
+        reserved, delta, from_wallet = reply.reserved, reply.delta, reply.from_wallet
         metrics.settlement("refund" if delta < 0 else "charge" if delta > 0 else "exact")
         return _json(200, {"reservation_id": rid, "status": "settled", "reserved": reserved,
                            "actual": reserved + delta, "delta": delta,

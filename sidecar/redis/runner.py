@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import NoScriptError
 
 from ..runtime import metrics
 from ..schema.scripts import ALL, Script
@@ -199,6 +200,16 @@ def make_runner(url: str, timeout_s: float) -> ScriptRunner:
     if scheme == "redis+sentinel":
         return PipelineRunner(Pipeline(_sentinel_source(url, timeout_s), timeout_s, load))
     return PipelineRunner(Pipeline(RedisEndpoint.from_url(url), timeout_s, load))
+
+
+async def run_script(client, script: Script, keys: tuple, argv: tuple):
+    """A script call through a redis-py client (control plane, webhook worker), by the same
+    rule as the hot path: EVALSHA, and EVAL (which also caches it) when the server does not
+    have the script yet. RedisCluster routes it by its keys (one hash tag: one slot)."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *argv)
+    except NoScriptError:
+        return await client.eval(script.source, len(keys), *keys, *argv)
 
 
 def control_client(url: str, timeout_s: float, pool_size: int):

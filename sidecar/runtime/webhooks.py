@@ -35,7 +35,9 @@ from redis.exceptions import RedisError, ResponseError
 from ..control.events import add_dead_letter
 from ..control.views import text
 from ..control.webhooks import endpoints_of
+from ..redis.runner import run_script
 from ..schema import events, names
+from ..schema.contracts import RetireTagArgs
 from ..schema.scripts import RETIRE_TAG
 from ..schema.webhooks import WebhookEndpoint, headers, shown_url
 from . import logs, metrics
@@ -73,7 +75,6 @@ class Worker:
         self._groups: set[str] = set()
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
         self._orgs: dict[str, tuple[float, list[WebhookEndpoint]]] = {}
-        self._retire = redis.register_script(RETIRE_TAG.source)
         self._next_sweep = 0.0
         self._next_claim = 0.0
 
@@ -120,7 +121,8 @@ class Worker:
                     started = True
             idle = not entries and not any(t == tag for t, _ in self._inflight)
             if idle and await self.redis.xlen(names.events(tag)) == 0:
-                await self._retire(keys=[names.EVENTS_ACTIVE], args=[tag, repr(score)])
+                retire = RetireTagArgs(names.EVENTS_ACTIVE, tag, repr(score))
+                await run_script(self.redis, RETIRE_TAG, retire.keys(), retire.argv())
         return started
 
     async def _read(self, tag: str, claim: bool) -> list[tuple[str, dict[str, str]]]:

@@ -3,25 +3,29 @@
 -- Times are in milliseconds (rate limit state in microseconds, see below); quota and
 -- cost are integer units; rate limits are per minute, by GCRA.
 --
--- KEYS[1]  key record hash     k:{tag}:<hash>
--- KEYS[2]  wallet hash         w:{tag}        (PAYG balances, field = account id; and
---                                             quota pools, field = 'q:' .. pool id)
+-- KEYS[1]  record              key record hash k:{tag}:<hash>
+-- KEYS[2]  wallet              wallet hash w:{tag} (PAYG balances, field = account id;
+--                              and quota pools, field = ARGV[10] .. pool id)
 -- KEYS[3]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
---                                             on (without it, no reservation is kept)
+--                              on (without it, no reservation is kept)
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  cost                units this call reserves
--- ARGV[3]  client ip           32 hex digits (IPv4 mapped into IPv6), '' if unknown
--- ARGV[4]  client ip           printable, for recent activity
+-- ARGV[3]  ip_hex              client ip, 32 hex digits (IPv4 mapped into IPv6), ''
+--                              if unknown
+-- ARGV[4]  ip                  client ip, printable, for recent activity
 -- ARGV[5]  model               '' when the call names none
 -- ARGV[6]  scope               e.g. chat.completions:write
--- ARGV[7]  granting scope      a scope that also grants ARGV[6] ('' if none)
+-- ARGV[7]  granting            a scope that also grants ARGV[6] ('' if none)
 -- ARGV[8]  write               '1' for a write call
--- ARGV[9]  model uncertain     '1': sources disagree or the body could not be read
---                              whole (request.py read_model)
--- ARGV[10] reservation ttl     ms (only with KEYS[3])
+-- ARGV[9]  uncertain           '1': the model's sources disagree or the body could not
+--                              be read whole (request.py read_model)
+-- ARGV[10] pool_prefix         names.POOL_PREFIX: the wallet field of the record's
+--                              quota pool 'qp' is ARGV[10] .. qp (names.pool_field)
+-- ARGV[11] reservation_ttl     ms (only with KEYS[3])
 --
--- Returns {code, id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining,
+-- Returns {code, key_id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining,
 --          rpm_reset_ms, tpm_reset_ms, retry_ms}
+-- ({code} alone for codes 1..7: refused before the limits are read)
 -- reset: until the limit is whole again; retry (429 only): until the next call fits.
 -- code: 0 allow, 1 unknown key, 2 disabled, 3 expired, 4 admin key, 5 ip, 6 model,
 --       7 permission, 8 quota, 9 requests/min, 10 tokens/min.  Order = the contract's table.
@@ -118,7 +122,7 @@ end
 local cost, typ = tonumber(ARGV[2]), f[2]
 -- A rotated key and its successor share one quota pool in the wallet hash (same tag),
 -- so the grace window does not double the remaining quota.
-local pool = f[26] and ('q:' .. f[26])
+local pool = f[26] and (ARGV[10] .. f[26])
 local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f[10] or '0')
 local cq, cu = tonumber(f[15] or '0'), tonumber(f[16] or '0')
 local ce, cp = tonumber(f[17] or '0'), tonumber(f[18] or '0')
@@ -170,6 +174,6 @@ redis.call('HSET', KEYS[1], unpack(set))
 if KEYS[3] then
   local source = (typ ~= 'b' and (f[9] == '1' and 'u' or 'q'))
                  or (pay_wallet and 'w') or ('c' .. ce)
-  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. source, 'PX', ARGV[10])
+  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
 end
 return answer(0, 1)

@@ -29,9 +29,12 @@ def org_account(org_id: str, account: str) -> str:
     return f"{org_id}:{account}"
 
 
+POOL_PREFIX = "q:"   # authorize.lua and settle.lua get it in ARGV: the one spelling
+
+
 def pool_field(pool_id: str) -> str:
     """Wallet field of a shared quota pool. Account ids cannot contain ':' (keystore)."""
-    return "q:" + pool_id
+    return POOL_PREFIX + pool_id
 
 
 def reservation(key_hash: str, reservation_id: str) -> str:

@@ -1,11 +1,12 @@
 -- pool_quota.lua: move a key's remaining quota into a shared pool, atomically.
 -- Used by rotation: the old key and its successor then draw on one remaining quota.
 --
--- KEYS[1]  key record hash     k:{tag}:<hash>
--- KEYS[2]  wallet hash         w:{tag}   (same tag: one slot)
--- ARGV[1]  pool field          'q:' .. pool id
--- ARGV[2]  pool id             written to the record's 'qp'
--- Returns the units moved. Quota units are integers.
+-- KEYS[1]  record              key record hash k:{tag}:<hash>
+-- KEYS[2]  wallet              wallet hash w:{tag} (same tag: one slot)
+-- ARGV[1]  pool_field          the pool's wallet field, names.pool_field(pool id)
+-- ARGV[2]  pool_id             written to the record's 'qp'
+--
+-- Returns moved: the units moved. Quota units are integers.
 
 local remaining = redis.call('HGET', KEYS[1], 'qr') or '0'
 redis.call('HSET', KEYS[2], ARGV[1], remaining)

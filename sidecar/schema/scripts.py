@@ -1,4 +1,6 @@
-"""Lua scripts: package data, read once, called by SHA (EVALSHA) with an EVAL fallback."""
+"""Lua scripts: package data, read once, called by SHA (EVALSHA) with an EVAL fallback:
+the hot path through redis/runner.py's runners, everything else through
+runner.run_script. Their KEYS, ARGV and replies: contracts.py."""
 
 from __future__ import annotations
 
@@ -16,6 +18,6 @@ class Script:
 AUTHORIZE = Script("authorize")
 SETTLE = Script("settle")
 ALL = (AUTHORIZE, SETTLE)          # the hot path's scripts, loaded on every connection
-POOL_QUOTA = Script("pool_quota")  # control plane (rotation), sent with EVAL
-CREATE_UNIQUE = Script("create_unique")  # control plane (unique names), redis-py scripts
+POOL_QUOTA = Script("pool_quota")  # control plane (rotation)
+CREATE_UNIQUE = Script("create_unique")  # control plane (unique names)
 RETIRE_TAG = Script("retire_tag")  # webhook worker: drop an emptied event stream's tag

@@ -5,15 +5,16 @@
 -- counted against the key's tokens-per-minute limit as authorize.lua reads it: GCRA,
 -- the record field ta = the µs time at which the tokens reported so far have drained.
 --
--- KEYS[1]  key record hash     k:{tag}:<hash>
--- KEYS[2]  wallet hash         w:{tag}             (PAYG balances, field = account id;
---                                                  quota pools, field = 'q:' .. pool id)
+-- KEYS[1]  record              key record hash k:{tag}:<hash>
+-- KEYS[2]  wallet              wallet hash w:{tag} (PAYG balances, field = account id;
+--                              quota pools, field = ARGV[5] .. pool id)
 -- KEYS[3]  reservation         r:{tag}:<hash16>:<reservation id>  '<units> <source>' as
---                                                  authorize.lua wrote it, 's' once settled
+--                              authorize.lua wrote it, 's' once settled
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  actual              units the call really cost; '' = what it reserved
 -- ARGV[3]  tokens              prompt + completion tokens, for tokens per minute
--- ARGV[4]  settled ttl         ms a settled reservation still answers 'already settled'
+-- ARGV[4]  settled_ttl         ms a settled reservation still answers 'already settled'
+-- ARGV[5]  pool_prefix         names.POOL_PREFIX (see authorize.lua ARGV[10])
 --
 -- Returns {code, reserved, delta, from_wallet}
 -- code: 0 settled, 1 unknown (or deleted) key, 2 already settled, 3 no such reservation
@@ -89,7 +90,7 @@ if f[2] == 'b' then
   put('cu', cu)
 elseif f[3] ~= '1' and (delta > 0 or (refund > 0 and source == 'q')) then
   if f[14] then   -- a rotated key's shared quota pool (see authorize.lua)
-    redis.call('HINCRBY', KEYS[2], 'q:' .. f[14], -delta)
+    redis.call('HINCRBY', KEYS[2], ARGV[5] .. f[14], -delta)
   else
     redis.call('HINCRBY', KEYS[1], 'qr', -delta)
   end

@@ -22,6 +22,7 @@ from sidecar.dataplane.decision import Code
 from sidecar.dataplane.request import classify
 from sidecar.redis.runner import make_runner
 from sidecar.schema import names
+from sidecar.schema.contracts import AuthorizeArgs, SettleArgs
 from sidecar.schema.ips import ip_hex
 from sidecar.schema.keys import KeyHasher, KeyType, new_reservation_id, shard_of
 from sidecar.schema.record import DAY_MS
@@ -45,13 +46,12 @@ async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str
     key_hash = store.hasher(key)
     endpoint = classify(*route)
     hexed = ip_hex(ip)
-    keys = (names.record(key_hash), names.wallet(shard_of(key_hash)))
-    args = [now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,
-            1 if endpoint.write else 0, 0 if certain else 1]
-    if reservation:
-        keys += (names.reservation(key_hash, reservation),)
-        args.append(reservation_ms)
-    return await runner.run(AUTHORIZE, keys, args)
+    args = AuthorizeArgs(names.record(key_hash), names.wallet(shard_of(key_hash)),
+                         names.reservation(key_hash, reservation) if reservation else "",
+                         now, cost, hexed, ip if hexed else "", model, endpoint.scope,
+                         endpoint.granting, 1 if endpoint.write else 0, 0 if certain else 1,
+                         names.POOL_PREFIX, reservation_ms)
+    return await runner.run(AUTHORIZE, args.keys(), args.argv())
 
 
 @pytest.fixture
@@ -453,10 +453,9 @@ async def test_reported_tokens_count_against_tokens_per_minute(runner, call, sto
     async def settle(tokens: int, at: int) -> list:
         rid = new_reservation_id()
         assert (await call(key, now=at, reservation=rid))[0] == Code.allow
-        return await runner.run(SETTLE, (names.record(key_hash),
-                                         names.wallet(shard_of(key_hash)),
-                                         names.reservation(key_hash, rid)),
-                                [at, "", tokens, 60_000])
+        args = SettleArgs(names.record(key_hash), names.wallet(shard_of(key_hash)),
+                          names.reservation(key_hash, rid), at, "", tokens, 60_000)
+        return await runner.run(SETTLE, args.keys(), args.argv())
     assert (await settle(60, now))[0] == 0
     assert (await call(key, now=now))[7:9] == [100, 40]
     assert (await call(key, now=now + 6_000))[7:9] == [100, 50]     # 10 drained

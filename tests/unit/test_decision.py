@@ -32,6 +32,7 @@ from sidecar.dataplane.request import (
     original_call,
     read_model,
 )
+from sidecar.schema.contracts import AuthorizeReply
 from sidecar.schema.ips import ip_hex, network_entry
 from sidecar.schema.keys import PREFIX_OF, SHARD_HEX, KeyHasher, KeyType, key_type, mint, shard_of
 
@@ -67,14 +68,15 @@ LUA_CODES = {Code.invalid_api_key, Code.key_disabled, Code.key_expired,
              Code.rate_limited_tokens}
 
 
-def script_reply(code: Code) -> list | None:
+def script_reply(code: Code) -> AuthorizeReply | None:
     """What authorize.lua returns for a code: the short form before the key's limits are
     known (codes 1-7), the full form from the quota check on."""
     if code not in LUA_CODES:
         return None
     if code < Code.quota_exhausted:
-        return [int(code)]
-    return [int(code), b"key_1", b"s", b"", b"", 60, 0, 1000, 0, 60_000, 30_000, 12_345]
+        return AuthorizeReply.parse([int(code)])
+    return AuthorizeReply.parse([int(code), b"key_1", b"s", b"", b"", 60, 0, 1000, 0, 60_000,
+                                 30_000, 12_345])
 
 
 def test_script_codes_are_the_contract_order():
@@ -112,7 +114,8 @@ def test_anthropic_dialect(row):
 
 @pytest.mark.parametrize("letter", ["s", "o", "b"])
 def test_quota_denial_says_only_what_applies_to_the_key_type(letter):
-    reply = [int(Code.quota_exhausted), b"key_1", letter.encode(), b"", b"", 0, 0, 0, 0, 1, 0, 0]
+    reply = AuthorizeReply.parse([int(Code.quota_exhausted), b"key_1", letter.encode(), b"",
+                                  b"", 0, 0, 0, 0, 1, 0, 0])
     for dialect in (False, True):
         denial, headers, body = denial_answer(Code.quota_exhausted, dialect, reply)
         message = json.loads(body)["error"]["message"]
@@ -122,7 +125,7 @@ def test_quota_denial_says_only_what_applies_to_the_key_type(letter):
 
 
 def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
-                          reply: list | None) -> None:
+                          reply: AuthorizeReply | None) -> None:
     # NGINX drops the auth body: the header is the same JSON, on one line.
     copy = headers["X-Auth-Error"]
     assert "\n" not in copy and "\r" not in copy
@@ -137,7 +140,7 @@ def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
         assert headers["Retry-After"] == "1"
     else:
         assert "Retry-After" not in headers
-    if reply is not None and len(reply) > 1:                  # the quota check was reached
+    if reply is not None and reply.limits_known:                  # the quota check was reached
         assert headers["x-ratelimit-limit-requests"] == "60"
         assert headers["x-ratelimit-limit-tokens"] == "1000"
     else:
@@ -145,7 +148,8 @@ def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
 
 
 def test_allow_row_headers():
-    reply = [0, b"key_abc", b"o", b"org_1", b"prj_1", 60, 59, 0, 0, 1500, 0, 0]
+    reply = AuthorizeReply.parse([0, b"key_abc", b"o", b"org_1", b"prj_1", 60, 59, 0, 0, 1500,
+                                  0, 0])
     assert identity_headers(reply, "rsv_" + "a" * 32) == {
         "x-key-id": "key_abc", "x-key-type": "org", "x-org-id": "org_1",
         "x-project-id": "prj_1", "x-reservation-id": "rsv_" + "a" * 32}
@@ -156,7 +160,7 @@ def test_allow_row_headers():
 
 
 def test_allow_without_limits_still_overwrites_identity():
-    reply = [0, b"key_abc", b"s", b"", b"", 0, 0, 0, 0, 0, 0, 0]
+    reply = AuthorizeReply.parse([0, b"key_abc", b"s", b"", b"", 0, 0, 0, 0, 0, 0, 0])
     # Empty values, present: a proxy copying them replaces a client-forged x-org-id (and
     # x-reservation-id, empty when /settle is off).
     assert identity_headers(reply) == {"x-key-id": "key_abc", "x-key-type": "standard",
@@ -174,11 +178,12 @@ def test_reset_duration_format(ms, text):
 @pytest.mark.parametrize("ms,seconds", [(1, "1"), (999, "1"), (1000, "1"), (1001, "2"),
                                         (60_000, "60")])
 def test_retry_after_rounds_up_to_whole_seconds(ms, seconds):
-    assert retry_after([9, b"k", b"s", b"", b"", 1, 0, 0, 0, 60_000, 0, ms]) == seconds
+    reply = AuthorizeReply.parse([9, b"k", b"s", b"", b"", 1, 0, 0, 0, 60_000, 0, ms])
+    assert retry_after(reply) == seconds
 
 
 def test_each_limit_has_its_own_reset():
-    reply = [0, b"k", b"s", b"", b"", 30, 29, 1000, 400, 2000, 36_000, 0]
+    reply = AuthorizeReply.parse([0, b"k", b"s", b"", b"", 30, 29, 1000, 400, 2000, 36_000, 0])
     headers = limit_headers(reply)
     assert (headers["x-ratelimit-reset-requests"], headers["x-ratelimit-reset-tokens"]) == (
         "2s", "36s")
