@@ -19,6 +19,11 @@ DEFAULT = "default"                 # built-in organization and project of `keys
 
 
 class EntityOps:
+    async def _create_unique(self, call: CreateUniqueArgs) -> str:
+        """create_unique.lua: the id holding the name (call.new_id when created)."""
+        raw = await run_script(self.redis, CREATE_UNIQUE, call.keys(), call.argv())
+        return CreateUniqueReply.parse(raw).held
+
     # -- organizations -------------------------------------------------------------
 
     async def create_org(self, name: str, actor: Actor = CLI) -> dict:
@@ -105,8 +110,7 @@ class EntityOps:
                "ca": str(now_ms()), "cb": actor.created_by}
         call = CreateUniqueArgs(names.org_users(org), names.member(org, member_id),
                                 names.org_members(org), user, member_id, tuple(pairs(rec)))
-        held = CreateUniqueReply.parse(await run_script(
-            self.redis, CREATE_UNIQUE, call.keys(), call.argv())).held
+        held = await self._create_unique(call)
         if held != member_id:
             raise Conflict(f"user: {user!r} is already a member ({held})", "user")
         out = member_view(rec)

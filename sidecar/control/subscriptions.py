@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from ..schema import names
+from ..schema.contracts import CreateUniqueArgs
 from ..schema.keys import KeyType, new_id
 from ..schema.record import _iso, now_ms
 from .checks import check_text
@@ -42,9 +43,9 @@ class SubscriptionOps:
             raise from_key_error(exc) from None
         rec = {"id": sub_id, "org": org, "acct": account, "plan": plan, "key": key["id"],
                "ca": str(now_ms()), "cb": actor.created_by}
-        held = text(await self._create_unique(
-            keys=[names.org_subscriptions(org), names.subscription(org, sub_id)],
-            args=[account, sub_id, *pairs(rec)]))
+        held = await self._create_unique(CreateUniqueArgs(
+            names.org_subscriptions(org), names.subscription(org, sub_id), "", account,
+            sub_id, tuple(pairs(rec))))
         if held != sub_id:      # a concurrent twin won: take back the key just made
             await self.keys.delete(key["id"])
             raise Conflict(f"account: {account!r} already has a subscription", "account")
