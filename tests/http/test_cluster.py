@@ -177,3 +177,44 @@ async def test_a_stale_slot_map_follows_moved_and_recovers(cluster_url, plane):
         assert (await plane.key(None, key_id))["quota_used"] == 2
     finally:
         await runner.close()
+
+
+async def test_webhook_events_on_every_node_are_delivered_once(cluster_url, car, tmp_path):
+    """Events in streams of tags on all three nodes, from the control plane (keys
+    disabled) and as a script writes them (no ev:active: another slot), reach the
+    organization's endpoint once each, across two sidecars on the cluster."""
+    from redis.cluster import RedisCluster
+    from webhook_receiver import Receiver, drained
+
+    from sidecar.control.store import ControlStore
+    receiver = Receiver()
+    second = start_sidecar(tmp_path / "hooks", cluster_url)
+    client = control_client(cluster_url, 2.0, 8)
+    sync = RedisCluster.from_url(cluster_url.replace("+cluster", ""), decode_responses=True)
+    try:
+        control = ControlStore(client, KeyHasher(PEPPER))
+        org = (await control.create_org("hooks"))["id"]
+        receiver.secret = (await control.create_webhook(org, {"url": receiver.url}))["secret"]
+        project = await control.create_project(org, "p")
+        ids = [(await control.create_key(org, {"project_id": project["id"]}))[0]["id"]
+               for _ in range(6)]
+        for key_id in ids:
+            await control.set_key_status(org, key_id, False)
+        tags = ["000", "555", "aaa", "fff"]
+        assert len({sync.nodes_manager.get_node_from_slot(key_slot(
+            names.events(t).encode())).name for t in tags}) == 3
+        for tag in tags:
+            sync.xadd(names.events(tag), {"t": "quota.exhausted", "k": "key_" + tag,
+                                          "o": org, "l": "k", "th": "0", "r": "0"})
+        wait_for(lambda: len(receiver.calls) >= len(ids) + len(tags), 30, "every event")
+        wait_for(lambda: drained(sync), 30, "the streams to drain")
+        got = receiver.events()
+        assert len(got) == len(ids) + len(tags) and all(c["valid"] for c in receiver.calls)
+        assert sorted(e["data"]["key_id"] for e in got) == sorted(
+            ids + ["key_" + t for t in tags])
+        assert len({e["id"] for e in got}) == len(got)
+    finally:
+        sync.close()
+        await client.aclose()
+        receiver.close()
+        stop_process(second.proc)

@@ -10,75 +10,18 @@ signature the Standard Webhooks way, sidecar processes on one Redis, the CLI.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from admin_helpers import cli, cli_json, request
-from conftest import PEPPER, free_port, start_sidecar, stop_process, wait_for
+from conftest import PEPPER, start_sidecar, stop_process, wait_for
 from live import metric_value
+from webhook_receiver import SECRET, Receiver, drained, endpoints
 
 from sidecar.control.store import ControlStore
 from sidecar.schema import names
 from sidecar.schema.keys import KeyHasher
-
-SECRET = "whsec_" + base64.b64encode(b"receiver-secret-0123456789abcdef").decode()
-
-
-class Receiver:
-    """POSTs on 127.0.0.1, answered `status`; each kept with whether its signature is
-    right (computed here, independently of the sidecar's code)."""
-
-    def __init__(self, secret: str = SECRET, status: int = 200):
-        self.secret, self.status = secret, status
-        self.calls: list[dict] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - the http.server name
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                status = outer.status
-                with outer.lock:
-                    outer.calls.append({"headers": {k.lower(): v for k, v in
-                                                    self.headers.items()},
-                                        "body": body, "path": self.path,
-                                        "valid": outer.valid(self.headers, body),
-                                        "status": status})
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook?token=not-for-logs"
-
-    def valid(self, headers, body: bytes) -> bool:
-        key = base64.b64decode(self.secret.removeprefix("whsec_"))
-        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-        mac = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-        return any(hmac.compare_digest("v1," + mac, s)
-                   for s in headers["webhook-signature"].split())
-
-    def events(self) -> list[dict]:
-        with self.lock:
-            return [json.loads(c["body"]) for c in self.calls]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -86,21 +29,6 @@ def receiver():
     r = Receiver()
     yield r
     r.close()
-
-
-def endpoints(*receivers: Receiver, **extra) -> str:
-    return json.dumps([{"url": r.url, "secret": r.secret, **extra} for r in receivers])
-
-
-def drained(redis_server) -> bool:
-    """Every event stream empty and nothing pending: no delivery can still happen."""
-    client = redis_server.client()
-    for tag in names.ALL_TAGS:
-        stream = names.events(tag)
-        if client.exists(stream) and (client.xlen(stream) or any(
-                g["pending"] for g in client.xinfo_groups(stream))):
-            return False
-    return True
 
 
 async def make_key(aredis, org_name: str = "acme") -> tuple[ControlStore, str, dict]:
@@ -120,7 +48,7 @@ async def test_a_disabled_key_is_delivered_once_across_two_sidecars(
         control, org, key = await make_key(aredis)
         await control.set_key_status(org, key["id"], False)
         wait_for(lambda: receiver.calls, 15, "the webhook")
-        wait_for(lambda: drained(redis_server), 15, "the streams to drain")
+        wait_for(lambda: drained(redis_server.client()), 15, "the streams to drain")
         assert len(receiver.calls) == 1
         call = receiver.calls[0]
         assert call["valid"] and call["status"] == 200
@@ -137,7 +65,7 @@ async def test_a_disabled_key_is_delivered_once_across_two_sidecars(
         key2 = (await control.create_key(org, {"project_id": key["project_id"]}))[0]
         await control.set_key_status(org, key2["id"], False)
         wait_for(lambda: len(receiver.calls) == 2, 15, "the second webhook")
-        wait_for(lambda: drained(redis_server), 15, "the streams to drain")
+        wait_for(lambda: drained(redis_server.client()), 15, "the streams to drain")
         assert [e["data"]["key_id"] for e in receiver.events()] == [key["id"], key2["id"]]
         for car in cars:
             assert "not-for-logs" not in car.logs() and SECRET not in car.logs()
@@ -162,7 +90,7 @@ async def test_a_failing_receiver_gets_retries_then_a_dead_letter_and_a_replay(
         assert all(a["valid"] and a["status"] == 500 for a in attempts)
         event_id = attempts[0]["headers"]["webhook-id"]
         assert {a["headers"]["webhook-id"] for a in attempts} == {event_id}
-        wait_for(lambda: drained(redis_server), 15, "the stream to drain")
+        wait_for(lambda: drained(redis_server.client()), 15, "the stream to drain")
         assert len(receiver.calls) == len(attempts)   # no attempt after the dead letter
 
         letters = cli_json(redis_url, "webhooks", "dead-letters")
@@ -177,7 +105,7 @@ async def test_a_failing_receiver_gets_retries_then_a_dead_letter_and_a_replay(
         done = cli(redis_url, "webhooks", "replay", event_id)
         assert done.returncode == 0, done.stderr
         wait_for(lambda: receiver.calls[-1]["status"] == 200, 15, "the replay")
-        wait_for(lambda: drained(redis_server), 15, "the stream to drain")
+        wait_for(lambda: drained(redis_server.client()), 15, "the stream to drain")
         replayed = [c for c in receiver.calls if c["status"] == 200]
         assert len(replayed) == 1 and replayed[0]["valid"]
         assert replayed[0]["headers"]["webhook-id"] == event_id
@@ -223,7 +151,7 @@ async def test_nothing_happening_sends_nothing(tmp_path, redis_server, redis_url
         # Then one thing happens: once the streams are drained it is all that came.
         await control.set_key_status(org, key["id"], False)
         wait_for(lambda: receiver.calls, 15, "the webhook")
-        wait_for(lambda: drained(redis_server), 15, "the streams to drain")
+        wait_for(lambda: drained(redis_server.client()), 15, "the streams to drain")
         assert [e["type"] for e in receiver.events()] == ["key.disabled"]
     finally:
         stop_process(car.proc)
@@ -269,7 +197,7 @@ async def test_an_organizations_endpoint_gets_its_events_signed_with_its_secret(
         assert request(car.admin_port, "POST", f"/admin/v1/keys/{key['id']}/disable",
                        {}, admin).status == 200
         wait_for(lambda: receiver.calls, 15, "the webhook")
-        wait_for(lambda: drained(redis_server), 15, "the streams to drain")
+        wait_for(lambda: drained(redis_server.client()), 15, "the streams to drain")
         assert len(receiver.calls) == 1 and receiver.calls[0]["valid"]
         assert receiver.events()[0]["data"]["key_id"] == key["id"]
         assert theirs.calls == []
@@ -278,4 +206,28 @@ async def test_an_organizations_endpoint_gets_its_events_signed_with_its_secret(
         assert request(car.admin_port, "GET", hooks, key=admin).body["data"] == []
     finally:
         theirs.close()
+        stop_process(car.proc)
+
+
+async def test_an_entry_written_as_a_script_writes_it_is_found_and_delivered(
+        tmp_path, redis_server, redis_url, aredis, receiver):
+    """The scripts' contract (schema/events.py): flat fields in the key's tag stream, no
+    id, no ev:active (as on Redis Cluster); the worker's sweep finds it."""
+    car = start_sidecar(tmp_path / "car", redis_url, webhooks=endpoints(receiver))
+    try:
+        client = redis_server.client()
+        entry = client.xadd(names.events("abc"), {"t": "quota.low", "k": "key_1",
+                                                  "o": "org_1", "l": "k", "th": "0.2",
+                                                  "r": "19", "lim": "100"})
+        client.xadd(names.events("abd"), {"t": "not.an.event", "k": "key_2"})
+        assert not client.exists(names.EVENTS_ACTIVE)
+        wait_for(lambda: receiver.calls, 20, "the swept event")
+        wait_for(lambda: drained(client), 15, "the streams to drain")
+        assert len(receiver.calls) == 1 and receiver.calls[0]["valid"]
+        event = receiver.events()[0]
+        assert event["id"] == f"evt_abc_{entry}"
+        assert (event["type"], event["data"]["threshold"], event["data"]["remaining"],
+                event["data"]["limit"], event["data"]["level"]) == (
+            "quota.low", 0.2, 19, 100, "key")
+    finally:
         stop_process(car.proc)
