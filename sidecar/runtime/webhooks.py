@@ -44,6 +44,7 @@ from . import logs, metrics
 from .config import Settings
 
 POLL_S = 0.2             # pause between reads when there was nothing to do
+ERROR_PAUSE_S = 1.0      # ... and after a failed pass (Redis down: no busy loop)
 SWEEP_S = 5.0            # how often some worker of the deployment sweeps every tag
 BATCH = 50               # entries read per stream and call
 MAX_INFLIGHT = 64        # entries delivered at once by one worker
@@ -88,14 +89,15 @@ class Worker:
             logs.event("webhooks_started", consumer=self.consumer,
                        endpoints=[shown_url(e.url) for e in self.settings.webhooks])
             while not stop.is_set():
+                pause = POLL_S
                 try:
                     busy = await self.tick()
-                except (RedisError, OSError) as exc:
-                    logs.event("webhooks_redis_error", error=str(exc) or type(exc).__name__)
-                    busy = False
+                except Exception as exc:  # noqa: BLE001 - the worker outlives any one pass
+                    _failed(exc)
+                    busy, pause = False, ERROR_PAUSE_S
                 if not busy:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), POLL_S)
+                        await asyncio.wait_for(stop.wait(), pause)
             tasks = list(self._inflight.values())
             for task in tasks:          # left pending: another worker, or this one after
                 task.cancel()           # a restart, takes them over (XAUTOCLAIM)
@@ -193,8 +195,8 @@ class Worker:
                 await asyncio.gather(*(self.deliver(event, t, deadline) for t in targets))
             await self.redis.xack(stream, names.EVENT_GROUP, entry_id)
             await self.redis.xdel(stream, entry_id)
-        except (RedisError, OSError) as exc:   # left pending: taken over later
-            logs.event("webhooks_redis_error", error=str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - left pending: taken over later
+            _failed(exc)
         finally:
             keep.cancel()
 
@@ -267,6 +269,14 @@ class Worker:
             return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return type(exc).__name__
+
+
+def _failed(exc: Exception) -> None:
+    """One line; a Redis error's text names no secret, anything else only its type."""
+    if isinstance(exc, RedisError | OSError):
+        logs.event("webhooks_redis_error", error=str(exc) or type(exc).__name__)
+    else:
+        logs.event("webhooks_error", error=type(exc).__name__)
 
 
 def _fields(raw: dict) -> dict[str, str]:

@@ -231,3 +231,27 @@ async def test_an_entry_written_as_a_script_writes_it_is_found_and_delivered(
             "quota.low", 0.2, 19, 100, "key")
     finally:
         stop_process(car.proc)
+
+
+async def test_the_worker_outlives_a_redis_outage(tmp_path, receiver):
+    import redis.asyncio as aioredis
+    from conftest import start_redis
+    server = start_redis(tmp_path / "redis")
+    car = start_sidecar(tmp_path / "car", server.url, webhooks=endpoints(receiver))
+    try:
+        port = server.port
+        stop_process(server.proc)
+        wait_for(lambda: "webhooks_redis_error" in car.logs(), 15, "the outage seen")
+        server = start_redis(tmp_path / "redis", port=port)
+        client = aioredis.from_url(server.url)
+        try:
+            control, org, key = await make_key(client)
+            await control.set_key_status(org, key["id"], False)
+        finally:
+            await client.aclose()
+        wait_for(lambda: receiver.calls, 15, "the webhook after the outage")
+        assert receiver.events()[0]["data"]["key_id"] == key["id"]
+        assert car.proc.poll() is None
+    finally:
+        stop_process(car.proc)
+        stop_process(server.proc)
