@@ -255,3 +255,27 @@ async def test_the_worker_outlives_a_redis_outage(tmp_path, receiver):
     finally:
         stop_process(car.proc)
         stop_process(server.proc)
+
+
+def test_cli_manages_an_organizations_endpoints(redis_url):
+    cli_json(redis_url, "orgs", "create", "acme")
+    added = cli(redis_url, "webhooks", "add", "https://hooks.example/a?t=1", "--org", "acme",
+                "--events", "quota.low,key.disabled")
+    assert added.returncode == 0, added.stderr
+    secret = added.stdout.split()[-1]
+    assert secret.startswith("whsec_") and "shown once" in added.stdout
+    listed = cli_json(redis_url, "webhooks", "endpoints", "--org", "acme")
+    assert [(w["url"], w["events"]) for w in listed] == [
+        ("https://hooks.example/a?t=1", ["quota.low", "key.disabled"])]
+    assert secret not in json.dumps(listed)
+    for bad, field in ((("ftp://hooks.example/",), "url"),
+                       (("https://u:p@hooks.example/",), "url"),
+                       (("https://hooks.example/b", "--events", "nope"), "events"),
+                       (("https://hooks.example/b", "--secret", "whsec_x"), "secret")):
+        done = cli(redis_url, "webhooks", "add", *bad, "--org", "acme")
+        assert done.returncode == 2 and done.stderr.startswith(f"sidecar: error: {field}")
+        assert done.stderr.count("\n") == 1 and "u:p" not in done.stderr
+    removed = cli(redis_url, "webhooks", "remove", listed[0]["id"], "--org", "acme")
+    assert removed.returncode == 0 and "Deleted" in removed.stdout
+    again = cli(redis_url, "webhooks", "remove", listed[0]["id"], "--org", "acme")
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
