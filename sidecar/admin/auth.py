@@ -11,7 +11,7 @@ from ..control.policy import Actor, Grant
 from ..control.store import ControlStore
 from ..schema import names
 from ..schema.keys import KeyHasher, KeyType, key_type
-from ..schema.record import now_ms, permission_of
+from ..schema.record import FIELD, KeyRecord, now_ms
 from .http import ApiError
 
 
@@ -32,15 +32,15 @@ async def authenticate(authorization: str | None, store: ControlStore,
                        "the admin API accepts organization admin keys (sk-admin_) only")
     key_hash = hasher(token)
     raw = await store.redis.hgetall(names.record(key_hash))
-    rec = {_s(k): _s(v) for k, v in raw.items()}
-    if not rec or rec.get("t") != "a" or not rec.get("org"):
+    rec = KeyRecord.from_hash(raw)
+    if not raw or rec.type is not KeyType.admin or not rec.org:
         raise ApiError(401, "invalid_api_key", "unknown or deleted admin key")
-    if rec.get("st") != "a":
+    if not rec.active:
         raise ApiError(401, "key_disabled", "this admin key is disabled")
     now = now_ms()
-    if 0 < int(rec.get("ex") or 0) <= now:
+    if rec.expired(now):
         raise ApiError(401, "key_expired", "this admin key has expired")
-    org, member_id, role = rec["org"], rec.get("mem") or None, None
+    org, member_id, role = rec.org, rec.member or None, None
     if member_id:
         role = await store.redis.hget(names.member(org, member_id), "role")
         if role is None:   # the cascade disables it too; this covers a race with it
@@ -52,12 +52,11 @@ async def authenticate(authorization: str | None, store: ControlStore,
     except NotFound:
         raise ApiError(401, "invalid_api_key", "this admin key's organization is gone") from None
     pipe = store.redis.pipeline(transaction=False)
-    pipe.hset(names.record(key_hash), "la", str(now))
-    pipe.hincrby(names.record(key_hash), "n", 1)
+    pipe.hset(names.record(key_hash), mapping=KeyRecord.fields(last_used_ms=now))
+    pipe.hincrby(names.record(key_hash), FIELD["requests"], 1)
     await pipe.execute()
-    scopes = frozenset(s for s in rec.get("sc", "").split(",") if s)
-    return Actor(kind="admin_key", id=rec["id"], org=org, member=member_id, role=role,
-                 grant=Grant(permission_of(rec), scopes))
+    return Actor(kind="admin_key", id=rec.id, org=org, member=member_id, role=role,
+                 grant=Grant(rec.permission, frozenset(rec.scopes)))
 
 
 def _s(value) -> str:

@@ -9,17 +9,28 @@ from ..schema.contracts import CreateUniqueArgs, CreateUniqueReply
 from ..schema.keys import new_id
 from ..schema.record import now_ms
 from ..schema.scripts import CREATE_UNIQUE
+from .audit import AuditLog
 from .checks import check_role, check_text
 from .errors import Conflict, NotFound
 from .input_limits import MAX_USER
+from .key_resources import KeyResources
+from .keystore import KeyStore
 from .policy import CLI, Actor, Resource, check
 from .views import decode, member_view, org_view, pairs, project_view, sa_view, text
 
 DEFAULT = "default"                 # built-in organization and project of `keys create`
 
 
-class EntityOps:
-    async def _create_unique(self, call: CreateUniqueArgs) -> str:
+class Entities:
+    """Organizations, members, projects, service accounts; removals cascade to keys."""
+
+    def __init__(self, redis, audit: AuditLog, keystore: KeyStore, resources: KeyResources):
+        self.redis = redis
+        self.audit = audit
+        self.keystore = keystore
+        self.resources = resources
+
+    async def create_unique(self, call: CreateUniqueArgs) -> str:
         """create_unique.lua: the id holding the name (call.new_id when created)."""
         raw = await run_script(self.redis, CREATE_UNIQUE, call.keys(), call.argv())
         return CreateUniqueReply.parse(raw).held
@@ -70,7 +81,7 @@ class EntityOps:
     async def org(self, org_id: str) -> dict:
         if org_id == DEFAULT:
             await self.ensure_default()
-        return org_view(await self._entity(names.org(org_id), "organization", org_id, "org"))
+        return org_view(await self.entity(names.org(org_id), "organization", org_id, "org"))
 
     async def list_orgs(self) -> list[dict]:
         ids = sorted(text(i) for i in await self.redis.hkeys(names.ORG_INDEX))
@@ -108,9 +119,9 @@ class EntityOps:
         member_id = new_id("mem")
         rec = {"id": member_id, "org": org, "user": user, "nm": name, "role": role,
                "ca": str(now_ms()), "cb": actor.created_by}
-        call = CreateUniqueArgs(names.org_users(org), names.member(org, member_id),
-                                names.org_members(org), user, member_id, tuple(pairs(rec)))
-        held = await self._create_unique(call)
+        held = await self.create_unique(CreateUniqueArgs(
+            names.org_users(org), names.member(org, member_id), names.org_members(org), user,
+            member_id, tuple(pairs(rec))))
         if held != member_id:
             raise Conflict(f"user: {user!r} is already a member ({held})", "user")
         out = member_view(rec)
@@ -118,7 +129,7 @@ class EntityOps:
         return out
 
     async def member(self, org: str, member_id: str) -> dict:
-        return member_view(await self._entity(names.member(org, member_id), "member",
+        return member_view(await self.entity(names.member(org, member_id), "member",
                                                member_id, "member_id"))
 
     async def list_members(self, org: str, role: str | None = None) -> list[dict]:
@@ -157,10 +168,10 @@ class EntityOps:
         before = await self.member(org, member_id)
         check(actor, "member.remove", Resource(
             "member", org, id=member_id, member=member_id, member_role=before["role"],
-            touches=await self.cascade_keys("mem:" + member_id)))
+            touches=await self.resources.cascade("mem:" + member_id)))
         if before["role"] == "owner":
             await self._keep_an_owner(org, member_id, "member_id")
-        disabled = await self.keys.disable_owned("mem:" + member_id, "member_removed")
+        disabled = await self.keystore.disable_owned("mem:" + member_id, "member_removed")
         async with self.redis.pipeline(transaction=True) as tx:
             tx.delete(names.member(org, member_id))
             tx.srem(names.org_members(org), member_id)
@@ -197,7 +208,7 @@ class EntityOps:
     async def project(self, org: str, project_id: str) -> dict:
         if org == DEFAULT and project_id == DEFAULT:
             await self.ensure_default()
-        return project_view(await self._entity(names.project(org, project_id), "project",
+        return project_view(await self.entity(names.project(org, project_id), "project",
                                                 project_id, "project_id"))
 
     async def list_projects(self, org: str) -> list[dict]:
@@ -225,11 +236,11 @@ class EntityOps:
                            "project_id")
         accounts = await self.list_service_accounts(org, project_id)
         check(actor, "project.delete", Resource("project", org, id=project_id, touches=(
-            await self.cascade_keys("prj:" + project_id,
+            await self.resources.cascade("prj:" + project_id,
                                     *("sa:" + sa["id"] for sa in accounts)))))
-        disabled = await self.keys.disable_owned("prj:" + project_id, "project_deleted")
+        disabled = await self.keystore.disable_owned("prj:" + project_id, "project_deleted")
         for sa in accounts:   # their keys are scoped to the project too; belt and braces
-            disabled += await self.keys.disable_owned("sa:" + sa["id"], "project_deleted")
+            disabled += await self.keystore.disable_owned("sa:" + sa["id"], "project_deleted")
         async with self.redis.pipeline(transaction=True) as tx:
             for sa in accounts:
                 tx.delete(names.service_account(org, sa["id"]))
@@ -263,7 +274,7 @@ class EntityOps:
         return out
 
     async def service_account(self, org: str, sa_id: str) -> dict:
-        return sa_view(await self._entity(names.service_account(org, sa_id),
+        return sa_view(await self.entity(names.service_account(org, sa_id),
                                            "service account", sa_id, "service_account_id"))
 
     async def list_service_accounts(self, org: str,
@@ -288,8 +299,8 @@ class EntityOps:
     async def delete_service_account(self, org: str, sa_id: str, actor: Actor = CLI) -> dict:
         before = await self.service_account(org, sa_id)
         check(actor, "service_account.delete", Resource(
-            "service_account", org, id=sa_id, touches=await self.cascade_keys("sa:" + sa_id)))
-        disabled = await self.keys.disable_owned("sa:" + sa_id, "service_account_deleted")
+            "service_account", org, id=sa_id, touches=await self.resources.cascade("sa:" + sa_id)))
+        disabled = await self.keystore.disable_owned("sa:" + sa_id, "service_account_deleted")
         async with self.redis.pipeline(transaction=True) as tx:
             tx.delete(names.service_account(org, sa_id))
             tx.srem(names.org_service_accounts(org), sa_id)
@@ -301,7 +312,7 @@ class EntityOps:
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _entity(self, key: str, what: str, entity_id: str, param: str) -> dict:
+    async def entity(self, key: str, what: str, entity_id: str, param: str) -> dict:
         raw = await self.redis.hgetall(key)
         if not raw:
             raise NotFound(f"no {what} with id {entity_id!r}", param)

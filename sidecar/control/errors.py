@@ -3,7 +3,7 @@ can answer a 4xx JSON error naming it and the CLI one line."""
 
 from __future__ import annotations
 
-from .keystore import InvalidKeySpec, KeyConflict, KeyError_
+from .key_spec import InvalidKeySpec, KeyConflict, KeyError_
 
 
 class ControlError(Exception):

@@ -17,6 +17,7 @@ import orjson
 
 from ..schema import events, names
 from ..schema.keys import shard_of
+from ..schema.record import KeyRecord
 from .views import text
 
 DEAD_MAXLEN = 10_000            # dead letters kept (approximate trim)
@@ -31,10 +32,10 @@ async def emit(redis, tag: str, fields: dict[str, str]) -> str:
     return text(entry)
 
 
-async def key_disabled(redis, key_hash: str, rec: dict[str, str], reason: str) -> str:
+async def key_disabled(redis, key_hash: str, rec: KeyRecord, reason: str) -> str:
     """key.disabled for a key that was active until now (rec: its record before)."""
-    fields = events.entry("key.disabled", key_id=rec.get("id"), org=rec.get("org"),
-                          project=rec.get("prj"), reason=reason or None)
+    fields = events.entry("key.disabled", key_id=rec.id or None, org=rec.org or None,
+                          project=rec.project or None, reason=reason or None)
     await emit(redis, shard_of(key_hash), fields)
     return fields["id"]
 

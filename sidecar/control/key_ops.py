@@ -9,20 +9,35 @@ import hashlib
 import orjson
 
 from ..schema import names
-from ..schema.keys import TYPE_OF_CODE, KeyType
-from ..schema.record import CASCADE_REASONS, permission_of
+from ..schema.keys import KeyType
+from ..schema.record import ALL, KeyRecord
+from .audit import AuditLog
 from .checks import check_scopes_mode, check_text, refuse
+from .entities import Entities
 from .errors import Conflict, Conflicting, Invalid, NotFound, from_key_error
-from .keystore import InvalidKeySpec, KeyError_, KeySpec
-from .keystore import view as key_view
+from .input_limits import MAX_GRACE_S
+from .key_resources import KeyResources
+from .key_rotation import KeyRotation
+from .key_spec import InvalidKeySpec, KeyError_, KeySpec
+from .key_view import view as key_view
+from .keystore import KeyStore
 from .policy import CLI, Actor, Grant, Resource, check, check_admin_scopes
-from .views import text
 
 IDEMPOTENCY_TTL_S = 86_400
-MAX_GRACE_S = 30 * 86_400
 
 
 class KeyOps:
+    """Keys of an organization (and the operator's standalone keys), with the rules."""
+
+    def __init__(self, redis, audit: AuditLog, keystore: KeyStore, entities: Entities,
+                 resources: KeyResources):
+        self.redis = redis
+        self.audit = audit
+        self.keystore = keystore
+        self.rotation = KeyRotation(keystore)
+        self.entities = entities
+        self.resources = resources
+
     # -- keys --------------------------------------------------------------------------
 
     async def create_key(self, org: str, req: dict, actor: Actor = CLI) -> tuple[dict, str]:
@@ -32,7 +47,7 @@ class KeyOps:
         service_account_id, quota, unlimited, models, allowed_ips, expires_at, rpm, tpm,
         permission, scopes, account.
         """
-        await self.org(org)
+        await self.entities.org(org)
         typ = req.get("type", "org")
         if typ == "subscription":
             raise Conflicting("type: subscription keys come with their plan: create a "
@@ -49,9 +64,9 @@ class KeyOps:
         grant = Grant(spec.permission, frozenset(spec.scopes)) if typ == "admin" else None
         check(actor, "key.create", Resource(
             "key", org, member=spec.member or None, key_type=typ, grant=grant,
-            member_role=await self._role(org, spec.member)))
+            member_role=await self.resources.role(org, spec.member)))
         try:
-            out, plaintext = await self.keys.create(spec)
+            out, plaintext = await self.keystore.create(spec)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
         await self._recheck_owner(org, out)
@@ -73,7 +88,7 @@ class KeyOps:
         spec.payg_fallback = bool(req.get("payg_fallback"))
         check(actor, "key.create", Resource("key", None, key_type=typ))
         try:
-            return await self.keys.create(spec)
+            return await self.keystore.create(spec)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
 
@@ -86,7 +101,7 @@ class KeyOps:
         if not member_id:
             raise Invalid("member_id: an admin key is tied to the member it is made for",
                           "member_id")
-        spec.member = (await self.member(org, member_id))["id"]
+        spec.member = (await self.entities.member(org, member_id))["id"]
 
     async def _org_key_owner(self, org: str, req: dict, actor: Actor, spec: KeySpec) -> None:
         """Project, user or service-account key: check the owner and who may create it."""
@@ -98,22 +113,22 @@ class KeyOps:
                     "member or service account owner")
             if not req.get("project_id"):
                 raise Invalid("project_id: a project key needs its project", "project_id")
-            spec.project = (await self.project(org, req["project_id"]))["id"]
+            spec.project = (await self.entities.project(org, req["project_id"]))["id"]
         elif owner == "user":
             refuse(req, ("service_account_id",), "a user key is owned by a member")
             member_id = req.get("member_id") or actor.member
             if not member_id:
                 raise Invalid("member_id: a user key needs the member who owns it",
                               "member_id")
-            spec.member = (await self.member(org, member_id))["id"]
+            spec.member = (await self.entities.member(org, member_id))["id"]
             if req.get("project_id"):
-                spec.project = (await self.project(org, req["project_id"]))["id"]
+                spec.project = (await self.entities.project(org, req["project_id"]))["id"]
         else:
             refuse(req, ("member_id",), "a service-account key is owned by the account")
             if not req.get("service_account_id"):
                 raise Invalid("service_account_id: a service-account key needs its account",
                               "service_account_id")
-            sa = await self.service_account(org, req["service_account_id"])
+            sa = await self.entities.service_account(org, req["service_account_id"])
             if req.get("project_id") and req["project_id"] != sa["project_id"]:
                 raise Conflicting(f"project_id: service account {sa['id']} belongs to "
                                   f"project {sa['project_id']}", "project_id")
@@ -126,15 +141,15 @@ class KeyOps:
                   ("project_id", names.project, "project_deleted"))
         for field, name_of, reason in checks:
             if key.get(field) and not await self.redis.exists(name_of(org, key[field])):
-                await self.keys.set_status(key["id"], False, reason)
+                await self.keystore.set_status(key["id"], False, reason)
 
-    async def org_key(self, org: str | None, key_id: str) -> dict[str, str]:
+    async def org_key(self, org: str | None, key_id: str) -> KeyRecord:
         """A key's record, only if it belongs to the organization (None: any key)."""
         try:
-            _, rec = await self.keys.record(key_id)
+            _, rec = await self.keystore.load(key_id)
         except KeyError_:
             raise NotFound(f"no key with id {key_id!r}", "key_id") from None
-        if org is not None and rec.get("org") != org:
+        if org is not None and rec.org != org:
             raise NotFound(f"no key with id {key_id!r}", "key_id")
         return rec
 
@@ -146,15 +161,16 @@ class KeyOps:
                         project_id: str | None = None, member_id: str | None = None,
                         service_account_id: str | None = None, limit: int = 100,
                         cursor: int = 0) -> tuple[list[dict], int]:
-        await self.org(org)
+        await self.entities.org(org)
         index = "org:" + org
         if service_account_id:
-            index = "sa:" + (await self.service_account(org, service_account_id))["id"]
+            sa = await self.entities.service_account(org, service_account_id)
+            index = "sa:" + sa["id"]
         elif member_id:
-            index = "mem:" + (await self.member(org, member_id))["id"]
+            index = "mem:" + (await self.entities.member(org, member_id))["id"]
         elif project_id:
-            index = "prj:" + (await self.project(org, project_id))["id"]
-        views, cursor = await self.keys.list(type_, status, owner=index, cursor=cursor,
+            index = "prj:" + (await self.entities.project(org, project_id))["id"]
+        views, cursor = await self.keystore.list(type_, status, owner=index, cursor=cursor,
                                              limit=limit)
         views = [v for v in views if v["org_id"] == org and (
             owner is None or v["owner"] == owner) and (
@@ -166,7 +182,7 @@ class KeyOps:
         """Every key, in any organization or none: the operator's `sidecar keys list`."""
         views, cursor = [], 0
         while True:
-            page, cursor = await self.keys.list(type_, status, cursor=cursor, limit=500)
+            page, cursor = await self.keystore.list(type_, status, cursor=cursor, limit=500)
             views.extend(page)
             if not cursor:
                 return views
@@ -174,23 +190,22 @@ class KeyOps:
     async def edit_key(self, org: str | None, key_id: str, changes: dict,
                        actor: Actor = CLI) -> dict:
         rec = await self.org_key(org, key_id)
-        admin = rec.get("t") == "a"
+        admin = rec.type is KeyType.admin
         if admin:
             refuse(changes, ("models", "allowed_ips", "rpm", "tpm"),
                     "admin keys carry no data-plane settings")
-        permission = changes.get("permission", permission_of(rec))
+        permission = changes.get("permission", rec.permission)
         if "scopes" in changes:
             check_scopes_mode(permission, changes["scopes"])
         grant = None
         if admin and ("permission" in changes or "scopes" in changes):
-            scopes = changes.get("scopes", [] if "permission" in changes else
-                                 [s for s in rec.get("sc", "").split(",") if s])
+            scopes = changes.get("scopes", [] if "permission" in changes else rec.scopes)
             grant = Grant(permission, frozenset(scopes))
             check_admin_scopes(grant)
-        check(actor, "key.update", await self.key_resource(rec, grant))
+        check(actor, "key.update", await self.resources.resource(rec, grant))
         edits = {("ips" if k == "allowed_ips" else k): v for k, v in changes.items()}
         try:
-            before, after = await self.keys.edit(key_id, edits)
+            before, after = await self.keystore.edit(key_id, edits)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
         await self._audit_key(rec, actor, "key.updated", "key",
@@ -201,11 +216,11 @@ class KeyOps:
                              actor: Actor = CLI) -> dict:
         rec = await self.org_key(org, key_id)
         check(actor, "key.enable" if active else "key.disable",
-              await self.key_resource(rec, _grant(rec)))
+              await self.resources.resource(rec, _grant(rec)))
         before = await self.key(org, key_id)
         reason = "disabled by " + actor.created_by
         try:
-            after = await self.keys.set_status(key_id, active, reason)
+            after = await self.keystore.set_status(key_id, active, reason)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
         await self._audit_key(rec, actor,
@@ -215,9 +230,9 @@ class KeyOps:
 
     async def delete_key(self, org: str | None, key_id: str, actor: Actor = CLI) -> dict:
         rec = await self.org_key(org, key_id)
-        check(actor, "key.delete", await self.key_resource(rec))
+        check(actor, "key.delete", await self.resources.resource(rec))
         before = await self.key(org, key_id)
-        await self.keys.delete(key_id)
+        await self.keystore.delete(key_id)
         await self._audit_key(rec, actor, "key.deleted", "key",
                                 key_id, before, None)
         return {"id": key_id, "object": "key", "deleted": True}
@@ -232,17 +247,17 @@ class KeyOps:
             raise Conflicting("quota: give exactly one of set, add, unlimited",
                               given[-1] if given else "set")
         rec = await self.org_key(org, key_id)
-        check(actor, "key.quota", await self.key_resource(rec))
-        if rec.get("t") == "a":
+        check(actor, "key.quota", await self.resources.resource(rec))
+        if rec.type is KeyType.admin:
             raise Conflicting("quota: admin keys have no quota", "set")
         before = await self.key(org, key_id)
         try:
             if unlimited:
-                after = await self.keys.set_quota(key_id, None)
+                after = await self.keystore.set_quota(key_id, None)
             elif add is not None:
-                after = await self.keys.set_quota(key_id, add, add=True)
+                after = await self.keystore.set_quota(key_id, add, add=True)
             else:
-                after = await self.keys.set_quota(key_id, set_to)
+                after = await self.keystore.set_quota(key_id, set_to)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
         await self._audit_key(rec, actor, "key.quota_changed",
@@ -262,8 +277,8 @@ class KeyOps:
             raise Invalid(f"grace_seconds: must be between 0 and {MAX_GRACE_S}",
                           "grace_seconds")
         rec = await self.org_key(org, key_id)
-        check(actor, "key.rotate", await self.key_resource(rec, _grant(rec)))
-        scope = org or rec.get("org") or "-"
+        check(actor, "key.rotate", await self.resources.resource(rec, _grant(rec)))
+        scope = org or rec.org or "-"
         slot = None
         if idempotency_key is not None:
             check_text(idempotency_key, "idempotency_key", required=True)
@@ -274,8 +289,8 @@ class KeyOps:
                 return {**await self.key(org, replay), "key": None, "replayed": True,
                         "old_key": await self.key(org, key_id)}
         try:
-            new, plaintext, old = await self.keys.rotate(key_id, grace_s * 1000,
-                                                         actor.created_by)
+            new, plaintext, old = await self.rotation.rotate(key_id, grace_s * 1000,
+                                                             actor.created_by)
         except BaseException as exc:
             if slot:
                 await self.redis.delete(slot)
@@ -285,48 +300,19 @@ class KeyOps:
         if slot:
             await self.redis.set(slot, orjson.dumps({"key_id": key_id, "new_id": new["id"]}),
                                  ex=IDEMPOTENCY_TTL_S)
-        if rec.get("sub") and rec.get("org"):
-            await self.redis.hset(names.subscription(rec["org"], rec["sub"]), "key", new["id"])
+        if rec.subscription and rec.org:
+            await self.redis.hset(names.subscription(rec.org, rec.subscription), "key",
+                                  new["id"])
         await self._audit_key(rec, actor, "key.rotated", "key", key_id,
                                 {"key": key_view(rec)},
                                 {"key": old, "new_key": new, "grace_seconds": grace_s})
         return {**new, "key": plaintext, "replayed": False, "old_key": old}
 
-    # -- what the authority model needs to know --------------------------------------
-
-    async def _role(self, org: str | None, member_id: str | None) -> str | None:
-        """A member's role now (None: no such member, e.g. removed)."""
-        if not org or not member_id:
-            return None
-        role = await self.redis.hget(names.member(org, member_id), "role")
-        return text(role) if role is not None else None
-
-    async def key_resource(self, rec: dict[str, str], grant: Grant | None = None) -> Resource:
-        """A key as the policy sees it: its org, type, owning member and their role."""
-        typ = TYPE_OF_CODE.get(rec.get("t", "s"), KeyType.standard).value
-        org, member = rec.get("org") or None, rec.get("mem") or None
-        return Resource("key", org, id=rec.get("id"), member=member, key_type=typ,
-                        member_role=await self._role(org, member), grant=grant)
-
-    async def cascade_keys(self, *owners: str) -> tuple[Resource, ...]:
-        """The keys a cascade over these owner indexes ('prj:<id>', ...) would disable."""
-        found: dict[str, Resource] = {}
-        for owner in owners:
-            for key_id in sorted(text(i) for i in
-                                 await self.redis.smembers(names.owner_index(owner))):
-                try:
-                    _, rec = await self.keys.record(key_id)
-                except KeyError_:
-                    continue
-                if key_id not in found and rec.get("dr") not in CASCADE_REASONS:
-                    found[key_id] = await self.key_resource(rec)
-        return tuple(found.values())
-
-    async def _audit_key(self, rec: dict[str, str], actor: Actor, action: str, *args) -> None:
+    async def _audit_key(self, rec: KeyRecord, actor: Actor, action: str, *args) -> None:
         """Into the key's organization's log; keys outside any organization (plain
         `sidecar keys create` standard and subscription keys) have no organization log."""
-        if rec.get("org"):
-            await self.audit.record(rec["org"], actor, action, *args)
+        if rec.org:
+            await self.audit.record(rec.org, actor, action, *args)
 
     async def _claim(self, slot: str, key_id: str) -> str | None:
         """Take the idempotency slot, or return the new key id a finished twin made."""
@@ -350,7 +336,7 @@ class KeyOps:
 
 def _spec(typ: str, req: dict, org: str, actor: Actor) -> KeySpec:
     """A new key's settings from a request (the API's names), checked for the mode."""
-    permission, scopes = req.get("permission", "all"), list(req.get("scopes") or [])
+    permission, scopes = req.get("permission", ALL), list(req.get("scopes") or [])
     check_scopes_mode(permission, scopes)
     if req.get("quota") is not None and req.get("unlimited"):
         raise Conflicting("unlimited: give quota or unlimited, not both", "unlimited")
@@ -362,9 +348,8 @@ def _spec(typ: str, req: dict, org: str, actor: Actor) -> KeySpec:
                    created_by=actor.created_by)
 
 
-def _grant(rec: dict[str, str]) -> Grant | None:
+def _grant(rec: KeyRecord) -> Grant | None:
     """An admin key's grant as stored (None for other keys)."""
-    if rec.get("t") != "a":
+    if rec.type is not KeyType.admin:
         return None
-    return Grant(permission_of(rec),
-                 frozenset(s for s in rec.get("sc", "").split(",") if s))
+    return Grant(rec.permission, frozenset(rec.scopes))

@@ -1,8 +1,14 @@
 """ControlStore: organizations and what they hold, on Redis, with the page's rules.
 
-Entities are plain hashes plus per-organization index sets, all under the org's hash tag
-(see names.py). Keys stay in KeyStore; this module adds who may do what to them, the
-cascades and rotation.
+It is assembled from small services, each owning one part and given what it needs:
+  keystore       key records (keystore.py; wallets.py for the PAYG balances)
+  entities       organizations, members, projects, service accounts (entities.py)
+  keys           who may do what to which key; rotation (key_ops.py, key_rotation.py)
+  subscriptions  plans, their keys, an organization's billing accounts (subscriptions.py)
+  webhooks       an organization's webhook endpoints (webhooks.py)
+  audit          the per-organization log (audit.py)
+The admin API and the CLI call the operations by the names below, whichever service
+serves them.
 
 Write order, so that a failure never leaves something half-made:
 - every check (fields, ids, rules) runs before the first write;
@@ -17,22 +23,94 @@ from ..schema import names
 from ..schema.keys import KeyHasher
 from .audit import AuditLog
 from .checks import parse_when
-from .entities import DEFAULT, EntityOps
+from .entities import DEFAULT, Entities
 from .errors import Conflict, NotFound
 from .key_ops import KeyOps
+from .key_resources import KeyResources
 from .keystore import KeyStore
-from .subscriptions import SubscriptionOps
+from .subscriptions import Subscriptions
 from .views import text
-from .webhooks import WebhookOps
+from .webhooks import Webhooks
 
 __all__ = ["ControlStore", "parse_when"]
 
 
-class ControlStore(EntityOps, KeyOps, SubscriptionOps, WebhookOps):
+class _Op:
+    """A ControlStore operation that one of its services serves (same name, same call)."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, store, owner=None):
+        if store is None:        # on the class: the descriptor itself
+            return self
+        return getattr(getattr(store, self.service), self.name)
+
+
+class ControlStore:
     def __init__(self, redis, hasher: KeyHasher):
         self.redis = redis
-        self.keys = KeyStore(redis, hasher)
         self.audit = AuditLog(redis)
+        self.keystore = KeyStore(redis, hasher)
+        resources = KeyResources(redis, self.keystore)
+        self.entities = Entities(redis, self.audit, self.keystore, resources)
+        self.keys = KeyOps(redis, self.audit, self.keystore, self.entities, resources)
+        self.subscriptions = Subscriptions(redis, self.audit, self.keystore, self.entities)
+        self.webhooks = Webhooks(redis, self.audit, self.entities)
+
+    # -- organizations, members, projects, service accounts ------------------------------
+    create_org = _Op("entities")
+    ensure_default = _Op("entities")
+    resolve_org = _Op("entities")
+    org = _Op("entities")
+    list_orgs = _Op("entities")
+    update_org = _Op("entities")
+    add_member = _Op("entities")
+    member = _Op("entities")
+    list_members = _Op("entities")
+    update_member = _Op("entities")
+    remove_member = _Op("entities")
+    create_project = _Op("entities")
+    project = _Op("entities")
+    list_projects = _Op("entities")
+    update_project = _Op("entities")
+    delete_project = _Op("entities")
+    create_service_account = _Op("entities")
+    service_account = _Op("entities")
+    list_service_accounts = _Op("entities")
+    update_service_account = _Op("entities")
+    delete_service_account = _Op("entities")
+
+    # -- keys ------------------------------------------------------------------------------
+    create_key = _Op("keys")
+    create_standalone_key = _Op("keys")
+    key = _Op("keys")
+    list_keys = _Op("keys")
+    all_keys = _Op("keys")
+    edit_key = _Op("keys")
+    set_key_status = _Op("keys")
+    delete_key = _Op("keys")
+    set_key_quota = _Op("keys")
+    rotate_key = _Op("keys")
+
+    # -- subscriptions and billing accounts ------------------------------------------------
+    create_subscription = _Op("subscriptions")
+    subscription = _Op("subscriptions")
+    list_subscriptions = _Op("subscriptions")
+    update_subscription = _Op("subscriptions")
+    cancel_subscription = _Op("subscriptions")
+    account = _Op("subscriptions")
+    set_account_balance = _Op("subscriptions")
+
+    # -- webhook endpoints -----------------------------------------------------------------
+    create_webhook = _Op("webhooks")
+    webhook = _Op("webhooks")
+    list_webhooks = _Op("webhooks")
+    delete_webhook = _Op("webhooks")
+    webhook_endpoints = _Op("webhooks")
 
     # -- bootstrap -----------------------------------------------------------------------
 

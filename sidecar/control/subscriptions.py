@@ -9,20 +9,31 @@ from ..schema import names
 from ..schema.contracts import CreateUniqueArgs
 from ..schema.keys import KeyType, new_id
 from ..schema.record import _iso, now_ms
+from .audit import AuditLog
 from .checks import check_text
+from .entities import Entities
 from .errors import Conflict, Invalid, NotFound, from_key_error
-from .keystore import InvalidKeySpec, KeyError_, KeySpec
+from .key_spec import InvalidKeySpec, KeyError_, KeySpec
+from .keystore import KeyStore
 from .policy import CLI, Actor, Resource, check
 from .views import cycle_view, pairs, text
 
 
-class SubscriptionOps:
+class Subscriptions:
+    """Plans and their keys, and the billing accounts (wallets) of an organization."""
+
+    def __init__(self, redis, audit: AuditLog, keystore: KeyStore, entities: Entities):
+        self.redis = redis
+        self.audit = audit
+        self.keystore = keystore
+        self.entities = entities
+
     # -- subscriptions -----------------------------------------------------------------
 
     async def create_subscription(self, org: str, req: dict,
                                   actor: Actor = CLI) -> tuple[dict, str]:
         """A plan with a cycle quota and its auto-created sk-sub- key (plaintext once)."""
-        await self.org(org)
+        await self.entities.org(org)
         account = req.get("account", "")
         check_text(account, "account", required=True)
         plan = req.get("plan", "")
@@ -38,16 +49,16 @@ class SubscriptionOps:
         if spec.quota is None:
             raise Invalid("cycle_quota: required", "cycle_quota")
         try:
-            key, plaintext = await self.keys.create(spec)
+            key, plaintext = await self.keystore.create(spec)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
         rec = {"id": sub_id, "org": org, "acct": account, "plan": plan, "key": key["id"],
                "ca": str(now_ms()), "cb": actor.created_by}
-        held = await self._create_unique(CreateUniqueArgs(
+        held = await self.entities.create_unique(CreateUniqueArgs(
             names.org_subscriptions(org), names.subscription(org, sub_id), "", account,
             sub_id, tuple(pairs(rec))))
         if held != sub_id:      # a concurrent twin won: take back the key just made
-            await self.keys.delete(key["id"])
+            await self.keystore.delete(key["id"])
             raise Conflict(f"account: {account!r} already has a subscription", "account")
         out = await self.subscription(org, sub_id)
         await self.audit.record(org, actor, "subscription.created", "subscription", sub_id,
@@ -55,16 +66,17 @@ class SubscriptionOps:
         return out, plaintext
 
     async def subscription(self, org: str, sub_id: str) -> dict:
-        rec = await self._entity(names.subscription(org, sub_id), "subscription", sub_id,
-                                 "subscription_id")
+        rec = await self.entities.entity(names.subscription(org, sub_id), "subscription",
+                                         sub_id, "subscription_id")
         try:
-            key = await self.keys.get(rec["key"])
+            key = await self.keystore.get(rec["key"])
         except KeyError_:
             key = None
         return {"object": "subscription", "id": rec["id"], "org_id": rec["org"],
                 "account": rec["acct"], "plan": rec["plan"], "key_id": rec["key"],
                 "status": key["status"] if key else "deleted",
-                **cycle_view(key), "payg_balance": await self.keys.balance(rec["acct"], rec["org"]),
+                **cycle_view(key),
+                "payg_balance": await self.keystore.wallets.balance(rec["acct"], rec["org"]),
                 "created_at": _iso(rec.get("ca")), "created_by": rec.get("cb") or None}
 
     # -- billing accounts (PAYG wallets) of an organization: the operator's -------------
@@ -72,9 +84,9 @@ class SubscriptionOps:
     async def account(self, org: str | None, account: str) -> dict:
         """org None: a standalone account, the wallet of keys outside any organization."""
         if org is not None:
-            await self.org(org)
+            await self.entities.org(org)
         try:
-            balance = await self.keys.balance(account, org)
+            balance = await self.keystore.wallets.balance(account, org)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
         return {"object": "account", "account": account, "org_id": org, "balance": balance}
@@ -83,7 +95,7 @@ class SubscriptionOps:
                                   actor: Actor = CLI) -> dict:
         before = await self.account(org, account)
         try:
-            await self.keys.set_balance(account, units, org=org)
+            await self.keystore.wallets.set_balance(account, units, org=org)
         except InvalidKeySpec as exc:
             raise from_key_error(exc) from None
         after = await self.account(org, account)
@@ -93,7 +105,7 @@ class SubscriptionOps:
         return after
 
     async def list_subscriptions(self, org: str) -> list[dict]:
-        await self.org(org)
+        await self.entities.org(org)
         ids = sorted(text(i) for i in await self.redis.hvals(names.org_subscriptions(org)))
         out = []
         for sub_id in ids:
@@ -111,10 +123,10 @@ class SubscriptionOps:
             check_text(changes["plan"], "plan", required=True)
         try:
             if changes.get("cycle_quota") is not None:
-                await self.keys.set_quota(before["key_id"], changes["cycle_quota"])
+                await self.keystore.set_quota(before["key_id"], changes["cycle_quota"])
             if changes.get("payg_fallback") is not None:
-                await self.keys.update(before["key_id"],
-                                       {"pg": "1" if changes["payg_fallback"] else "0"})
+                await self.keystore.update(before["key_id"],
+                                           payg_fallback=bool(changes["payg_fallback"]))
         except (InvalidKeySpec, KeyError_) as exc:
             raise from_key_error(exc) from None
         if "plan" in changes:
@@ -128,7 +140,7 @@ class SubscriptionOps:
         before = await self.subscription(org, sub_id)
         check(actor, "subscription.cancel", Resource("subscription", org, id=sub_id))
         with contextlib.suppress(KeyError_):
-            await self.keys.set_status(before["key_id"], False, "subscription_cancelled")
+            await self.keystore.set_status(before["key_id"], False, "subscription_cancelled")
         async with self.redis.pipeline(transaction=True) as tx:
             tx.delete(names.subscription(org, sub_id))
             tx.hdel(names.org_subscriptions(org), before["account"])

@@ -20,7 +20,9 @@ from ..schema.webhooks import (
     new_secret,
     shown_url,
 )
+from .audit import AuditLog
 from .checks import check_text
+from .entities import Entities
 from .errors import Conflict, Invalid, NotFound
 from .policy import CLI, Actor, Resource, check
 from .views import text
@@ -45,11 +47,18 @@ def endpoints_of(raw: dict) -> list[WebhookEndpoint]:
     return sorted(out, key=lambda e: e.ref)
 
 
-class WebhookOps:
+class Webhooks:
+    """An organization's webhook endpoints."""
+
+    def __init__(self, redis, audit: AuditLog, entities: Entities):
+        self.redis = redis
+        self.audit = audit
+        self.entities = entities
+
     async def create_webhook(self, org: str, req: dict, actor: Actor = CLI) -> dict:
         """A new endpoint; the answer carries its secret, this once."""
         check(actor, "webhook.create", Resource("webhook", org))
-        await self.org(org)
+        await self.entities.org(org)
         try:
             url = check_url(req.get("url"))
             secret = check_secret(req["secret"]) if req.get("secret") is not None else (

@@ -9,6 +9,7 @@ is kept in memory for every key. The authorize script reads and writes the same 
   ex  expires ms (0 = never)
   ul  unlimited 1/0     qr  quota remaining     qu  quota used (units)
   ips allowed nets 'hex/bits,...'               m   models ',a,b,'
+  qp  the rotation's shared quota pool (a wallet field) that holds qr instead
   pm  permission a/r/ro sc  scopes ',s1,s2,'
   rpm, tpm              limits per minute; ra / ta: their GCRA state, the µs time at
                         which the requests / reported tokens so far have drained
@@ -24,7 +25,11 @@ is kept in memory for every key. The authorize script reads and writes the same 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+
+from .keys import TYPE_CODE, TYPE_OF_CODE, KeyType
 
 MAX_QUOTA = 10**12        # Lua numbers are doubles: stay well inside exact integers
 ALL, RESTRICTED, READ_ONLY = "all", "restricted", "read-only"   # the permission words
@@ -52,3 +57,141 @@ def _iso(ms: str | int | None) -> str | None:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+ACTIVE, DISABLED = "a", "d"     # status codes (st)
+
+
+def _f(name: str, kind: str = "s", default=None):
+    """A KeyRecord attribute stored as hash field `name`; kind says how (see _decode)."""
+    if default is None:
+        default = {"s": "", "l": [], "c": []}.get(kind)
+    meta = {"field": name, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class KeyRecord:
+    """A key record by readable names; the short hash fields are only in this class.
+
+    Absent fields read as "", [] or None (and are not written back); `extra` keeps the
+    fields the control plane does not name (the scripts' limiter state, ...), so a
+    record read and written again loses nothing.
+    """
+
+    id: str = _f("id")
+    type: KeyType = _f("t", "t", KeyType.standard)
+    active: bool = _f("st", "st", False)
+    disabled_reason: str = _f("dr")
+    name: str = _f("nm")
+    created_ms: int | None = _f("ca", "i")
+    created_by: str = _f("cb")
+    expires_ms: int | None = _f("ex", "i")            # 0: never
+    unlimited: bool | None = _f("ul", "b")
+    quota_remaining: int | None = _f("qr", "i")
+    quota_used: int | None = _f("qu", "i")
+    quota_pool: str = _f("qp")
+    networks: list[str] = _f("ips", "c")               # 'hex/bits' (schema/ips.py)
+    models: list[str] = _f("m", "l")
+    permission: str = _f("pm", "p", ALL)
+    scopes: list[str] = _f("sc", "l")
+    rpm: int | None = _f("rpm", "i")
+    tpm: int | None = _f("tpm", "i")
+    cycle_quota: int | None = _f("cq", "i")
+    cycle_used: int | None = _f("cu", "i")
+    cycle_end_ms: int | None = _f("ce", "i")
+    cycle_ms: int | None = _f("cp", "i")
+    payg_fallback: bool | None = _f("pg", "b")
+    wallet: str = _f("ow")
+    payg_used: int | None = _f("pu", "i")
+    org: str = _f("org")
+    project: str = _f("prj")
+    member: str = _f("mem")
+    service_account: str = _f("sa")
+    subscription: str = _f("sub")
+    rotated_to: str = _f("rt")
+    rotated_from: str = _f("rf")
+    last_used_ms: int | None = _f("la", "i")
+    last_ip: str = _f("lip")
+    last_model: str = _f("lm")
+    requests: int | None = _f("n", "i")
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, raw: Mapping) -> KeyRecord:
+        """From HGETALL's reply (str or bytes)."""
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        named = {}
+        for f in _NAMED:
+            value = data.pop(f.metadata["field"], None)
+            if value is not None:
+                named[f.name] = _decode(f.metadata["kind"], value)
+        return cls(**named, extra=data)
+
+    def to_hash(self) -> dict[str, str]:
+        """The hash to HSET: every named field that is set, and the extra ones."""
+        out = dict(self.extra)
+        for f in _NAMED:
+            value = getattr(self, f.name)
+            if value is not None and value != "" and value != []:
+                out[f.metadata["field"]] = _encode(f.metadata["kind"], value)
+        return out
+
+    @staticmethod
+    def fields(**changes) -> dict[str, str]:
+        """The hash fields of a partial write, by attribute: fields(active=False, ...)."""
+        return {FIELD[name]: _encode(_KIND[name], value) for name, value in changes.items()}
+
+    def expired(self, now: int) -> bool:
+        return 0 < (self.expires_ms or 0) <= now
+
+    def owners(self) -> list[str]:
+        """Index entries a key belongs to: member, service account, project, account, org."""
+        return [prefix + value for prefix, value in (
+            ("mem:", self.member), ("sa:", self.service_account), ("prj:", self.project),
+            ("acct:", self.wallet), ("org:", self.org)) if value]
+
+
+_NAMED = [f for f in fields(KeyRecord) if "field" in f.metadata]
+FIELD = {f.name: f.metadata["field"] for f in _NAMED}      # attribute -> hash field
+_KIND = {f.name: f.metadata["kind"] for f in _NAMED}
+
+
+def _decode(kind: str, value: str):
+    if kind == "i":
+        return int(value) if value else None
+    if kind == "b":
+        return value == "1"
+    if kind == "l":
+        return [v for v in value.split(",") if v]
+    if kind == "c":
+        return value.split(",") if value else []
+    if kind == "t":
+        return TYPE_OF_CODE.get(value, KeyType.standard)
+    if kind == "st":
+        return value == ACTIVE
+    if kind == "p":
+        return PERMISSION_NAMES.get(value, ALL)
+    return value
+
+
+def _encode(kind: str, value) -> str:
+    if kind == "b":
+        return "1" if value else "0"
+    if kind == "l":
+        return "," + ",".join(value) + "," if value else ""
+    if kind == "c":
+        return ",".join(value)
+    if kind == "t":
+        return TYPE_CODE[value]
+    if kind == "st":
+        return ACTIVE if value else DISABLED
+    if kind == "p":
+        return PERMISSIONS[value]
+    return str(value)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

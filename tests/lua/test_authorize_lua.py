@@ -17,7 +17,8 @@ import pytest
 from conftest import PEPPER
 from redis.crc import key_slot
 
-from sidecar.control.keystore import KeySpec, KeyStore
+from sidecar.control.key_spec import KeySpec
+from sidecar.control.keystore import KeyStore
 from sidecar.dataplane.decision import Code
 from sidecar.dataplane.request import classify
 from sidecar.redis.runner import make_runner
