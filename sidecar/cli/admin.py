@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..schema.record import ALL, PERMISSIONS
 from .output import control
 from .parsing import _csv, _when, command, group, org_option
 
@@ -20,8 +21,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                    "create an admin key tied to a member")
     made.add_argument("--member", required=True, help="member id the key is tied to")
     made.add_argument("--name", default="")
-    made.add_argument("--permission", default="all", choices=["all", "restricted",
-                                                              "read-only"])
+    made.add_argument("--permission", default=ALL, choices=list(PERMISSIONS))
     made.add_argument("--scopes", type=_csv, default=[], help="e.g. keys:read,audit:read")
     made.add_argument("--expires", type=_when)
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..schema.keys import KeyType
+from ..schema.record import ALL
+from ..schema.record import PERMISSIONS as _CODES
 from .output import control, plain
 from .parsing import (
     UsageError,
@@ -24,8 +27,8 @@ from .parsing import (
     group,
 )
 
-TYPES = ["standard", "subscription", "org", "admin"]
-PERMISSIONS = ["all", "restricted", "read-only"]
+TYPES = [t.value for t in KeyType]
+PERMISSIONS = list(_CODES)              # the words, in the record's order
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
@@ -64,7 +67,7 @@ def _add_create(create: argparse.ArgumentParser) -> None:
     create.add_argument("--expires", type=_when, help="ISO-8601 expiry")
     create.add_argument("--rpm", type=_non_negative, default=0, help="requests per minute")
     create.add_argument("--tpm", type=_non_negative, default=0, help="tokens per minute")
-    create.add_argument("--permission", default="all", choices=PERMISSIONS)
+    create.add_argument("--permission", default=ALL, choices=PERMISSIONS)
     create.add_argument("--scopes", type=_csv, default=[],
                         help="for restricted keys, e.g. chat.completions:write,models:read")
     create.add_argument("--project", help="org keys: owning project (default: default)")
