@@ -80,6 +80,7 @@ def setup_admin_api(app: web.Application, settings) -> None:
                                 settings.redis_pool_size)
         app["control_hasher"] = KeyHasher(settings.key_pepper)
         app["control_store"] = ControlStore(client, app["control_hasher"])
+        app["control_store"].webhooks.webhook_networks = settings.webhook_networks()
 
     async def stop(app: web.Application) -> None:
         store = app.get("control_store")

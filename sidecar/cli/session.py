@@ -28,7 +28,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                             settings.redis_pool_size)
     try:
         try:
-            result = await args.run(args, ControlStore(client, KeyHasher(settings.key_pepper)))
+            store = ControlStore(client, KeyHasher(settings.key_pepper))
+            store.webhooks.webhook_networks = settings.webhook_networks()
+            result = await args.run(args, store)
         except (InvalidKeySpec, KeyError_) as exc:   # a key store error passed through
             raise from_key_error(exc) from None
     except ControlError as exc:

@@ -13,8 +13,10 @@ from ..schema.keys import new_id
 from ..schema.record import _iso, now_ms
 from ..schema.webhooks import (
     InvalidEndpoint,
+    Networks,
     WebhookEndpoint,
     check_events,
+    check_reachable,
     check_secret,
     check_url,
     new_secret,
@@ -50,6 +52,11 @@ def endpoints_of(raw: dict) -> list[WebhookEndpoint]:
 class Webhooks:
     """An organization's webhook endpoints."""
 
+    # The non-public networks endpoints may reach (settings.webhook_networks()), set by
+    # whoever knows the settings (admin API, CLI); None: unknown here, so only the
+    # delivery checks (it always does, after DNS).
+    webhook_networks: Networks | None = None
+
     def __init__(self, redis, audit: AuditLog, entities: Entities):
         self.redis = redis
         self.audit = audit
@@ -61,6 +68,8 @@ class Webhooks:
         await self.entities.org(org)
         try:
             url = check_url(req.get("url"))
+            if self.webhook_networks is not None:
+                check_reachable(url, self.webhook_networks)
             secret = check_secret(req["secret"]) if req.get("secret") is not None else (
                 new_secret())
             events = check_events(req.get("events"))

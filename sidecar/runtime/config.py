@@ -73,6 +73,9 @@ class Settings:
     webhook_retry_window_s: float = 86_400.0   # retries end this long after the event
     webhook_backoff_s: float = 1.0         # first retry delay; doubles, with jitter
     webhook_backoff_max_s: float = 600.0   # longest delay between two attempts
+    # Non-public networks an organization's endpoints may reach (its admins choose the
+    # URLs): none by default. The endpoints of `webhooks:` above may reach anything.
+    webhook_allowed_networks: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never print the pepper or Redis credentials
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -85,6 +88,10 @@ class Settings:
     @property
     def embedded_redis(self) -> bool:
         return self.redis_url is None
+
+    def webhook_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False)
+                     for n in self.webhook_allowed_networks)
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
@@ -287,6 +294,12 @@ def validate(s: Settings) -> Settings:  # noqa: C901 — a flat list, one check 
         raise ConfigError("reservation_ttl_s: must be between 1 and 604800 (a week)")
     if any(c < 0 for c in s.token_costs.values()):
         raise ConfigError("token_costs: units per 1000 tokens must not be negative")
+    for net in s.webhook_allowed_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"webhook_allowed_networks: {net!r} is not an IP or "
+                              "CIDR") from None
     if not 0 < s.webhook_timeout_s <= 300:
         raise ConfigError("webhook_timeout_s: must be between 0 and 300 (exclusive of 0)")
     if not 0 <= s.webhook_retry_window_s <= 30 * 86_400:

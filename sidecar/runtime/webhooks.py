@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import random
 import secrets
@@ -30,6 +31,7 @@ import socket
 import time
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 from redis.exceptions import RedisError, ResponseError
 
 from ..control.events import add_dead_letter
@@ -39,7 +41,15 @@ from ..redis.runner import run_script
 from ..schema import events, names
 from ..schema.contracts import RetireTagArgs
 from ..schema.scripts import RETIRE_TAG
-from ..schema.webhooks import WebhookEndpoint, headers, shown_url
+from ..schema.webhooks import (
+    InvalidEndpoint,
+    Networks,
+    WebhookEndpoint,
+    blocked_address,
+    check_reachable,
+    headers,
+    shown_url,
+)
 from . import logs, metrics
 from .config import Settings
 
@@ -73,6 +83,8 @@ class Worker:
                                      f"{secrets.token_hex(3)}")
         self.rand = random.Random()
         self.http: aiohttp.ClientSession | None = None
+        self.http_org: aiohttp.ClientSession | None = None
+        self.networks = settings.webhook_networks()
         self._groups: set[str] = set()
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
         self._orgs: dict[str, tuple[float, list[WebhookEndpoint]]] = {}
@@ -81,11 +93,19 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------
 
+    def _session(self, resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=MAX_INFLIGHT, ttl_dns_cache=60,
+                                         resolver=resolver)
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                     headers={"user-agent": "llm-key-sidecar-webhooks/1"})
+
     async def run(self, stop: asyncio.Event) -> None:
-        connector = aiohttp.TCPConnector(limit=MAX_INFLIGHT, ttl_dns_cache=60)
-        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                         headers={"user-agent": "llm-key-sidecar-webhooks/1"}
-                                         ) as self.http:
+        async with contextlib.AsyncExitStack() as sessions:
+            # Configured endpoints reach anything; an organization's only what
+            # blocked_address allows, whatever its name resolves to.
+            self.http = await sessions.enter_async_context(self._session())
+            self.http_org = await sessions.enter_async_context(
+                self._session(_GuardedResolver(self.networks)))
             logs.event("webhooks_started", consumer=self.consumer,
                        endpoints=[shown_url(e.url) for e in self.settings.webhooks])
             while not stop.is_set():
@@ -255,11 +275,17 @@ class Worker:
 
     async def attempt(self, endpoint: WebhookEndpoint, event_id: str, body: bytes) -> str | None:
         """One POST; None when answered 2xx, else what went wrong (no URL, no secret)."""
-        assert self.http is not None
+        session = self.http if endpoint.org is None else self.http_org
+        assert session is not None
+        if endpoint.org is not None:
+            try:     # an IP or localhost in the URL: no resolver asked, so check here
+                check_reachable(endpoint.url, self.networks)
+            except InvalidEndpoint:
+                return "refused: not a public address (see webhook_allowed_networks)"
         sent = headers(endpoint.secret, event_id, int(time.time()), body)
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s)
         try:
-            async with self.http.post(endpoint.url, data=body, headers=sent, timeout=timeout,
+            async with session.post(endpoint.url, data=body, headers=sent, timeout=timeout,
                                       allow_redirects=False) as reply:
                 await reply.content.read(4096)
                 return None if 200 <= reply.status < 300 else f"HTTP {reply.status}"
@@ -269,6 +295,27 @@ class Worker:
             return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return type(exc).__name__
+
+
+class _GuardedResolver(AbstractResolver):
+    """Resolves as usual, then keeps only the addresses an organization's endpoint may
+    reach (checked on the very addresses connected to: no DNS rebinding past it)."""
+
+    def __init__(self, allowed: Networks):
+        self._inner = aiohttp.ThreadedResolver()
+        self._allowed = allowed
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = [r for r in await self._inner.resolve(host, port, family)
+                 if not blocked_address(r["host"], self._allowed)]
+        if not found:
+            raise OSError(errno.EACCES, "refused: no public address "
+                                        "(see webhook_allowed_networks)")
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def _failed(exc: Exception) -> None:

@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -86,6 +87,41 @@ def check_url(url: object, field: str = "url") -> str:
         raise InvalidEndpoint(field, "has no host")
     if parts.fragment:
         raise InvalidEndpoint(field, "must not have a #fragment")
+    return url
+
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def blocked_address(address: str, allowed: Networks = ()) -> bool:
+    """Whether an organization's endpoint may not be reached at this address: anything
+    but a public (global) one, unless the operator allowed its network. An organization
+    admin must not make the sidecar POST into its own network (loopback, the admin
+    listener, cloud metadata at 169.254.169.254, private ranges)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in allowed):
+        return False
+    return not ip.is_global or ip.is_multicast
+
+
+def check_reachable(url: str, allowed: Networks = (), field: str = "url") -> str:
+    """At configuration: an organization's URL naming a host it may not reach by its
+    address (an IP, localhost) is refused now; names are checked again when resolved."""
+    host = urlsplit(url).hostname or ""
+    literal = host.strip("[]")
+    try:
+        ipaddress.ip_address(literal.split("%", 1)[0])
+    except ValueError:
+        literal = "127.0.0.1" if host == "localhost" or host.endswith(".localhost") else ""
+    if literal and blocked_address(literal, allowed):
+        raise InvalidEndpoint(field, "must reach a public address (loopback, private, "
+                                     "link-local and reserved ones are refused unless "
+                                     "webhook_allowed_networks names them)")
     return url
 
 

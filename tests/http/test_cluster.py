@@ -66,7 +66,8 @@ def cluster_url(cluster) -> str:
 
 @pytest.fixture(scope="module")
 def car(cluster_url, tmp_path_factory):
-    sidecar = start_sidecar(tmp_path_factory.mktemp("car"), cluster_url)
+    sidecar = start_sidecar(tmp_path_factory.mktemp("car"), cluster_url,
+                            webhook_allowed_networks="127.0.0.0/8")   # the test receiver
     yield sidecar
     stop_process(sidecar.proc)
 
@@ -188,7 +189,8 @@ async def test_webhook_events_on_every_node_are_delivered_once(cluster_url, car,
 
     from sidecar.control.store import ControlStore
     receiver = Receiver()
-    second = start_sidecar(tmp_path / "hooks", cluster_url)
+    second = start_sidecar(tmp_path / "hooks", cluster_url,
+                           webhook_allowed_networks="127.0.0.0/8")
     client = control_client(cluster_url, 2.0, 8)
     sync = RedisCluster.from_url(cluster_url.replace("+cluster", ""), decode_responses=True)
     try:

@@ -159,7 +159,8 @@ async def test_nothing_happening_sends_nothing(tmp_path, redis_server, redis_url
 
 async def test_an_organizations_endpoint_gets_its_events_signed_with_its_secret(
         tmp_path, redis_server, redis_url, aredis, receiver):
-    car = start_sidecar(tmp_path / "car", redis_url)          # no global endpoint
+    car = start_sidecar(tmp_path / "car", redis_url,           # no global endpoint; the
+                        webhook_allowed_networks="127.0.0.0/8")  # receiver is on loopback
     theirs = Receiver()
     try:
         boot = cli_json(redis_url, "admin", "bootstrap", "--org", "acme", "--user",
@@ -177,7 +178,10 @@ async def test_an_organizations_endpoint_gets_its_events_signed_with_its_secret(
         assert "secret" not in listed[0]
         for bad in ({"url": "ftp://example.com/x"}, {"url": "https://u:p@example.com/"},
                     {"url": receiver.url, "secret": "not-a-secret"},
-                    {"url": receiver.url, "events": ["quota.gone"]}, {"url": 5}):
+                    {"url": receiver.url, "events": ["quota.gone"]}, {"url": 5},
+                    {"url": "http://169.254.169.254/latest/meta-data/"},
+                    {"url": "http://10.1.2.3:8081/admin/v1/keys"},
+                    {"url": "http://[::ffff:10.1.2.3]/"}):
             answer = request(car.admin_port, "POST", hooks, bad, admin)
             assert answer.status == 400 and answer.body["error"]["param"] in (
                 "url", "secret", "events[0]"), (bad, answer.body)
@@ -279,3 +283,26 @@ def test_cli_manages_an_organizations_endpoints(redis_url):
     assert removed.returncode == 0 and "Deleted" in removed.stdout
     again = cli(redis_url, "webhooks", "remove", listed[0]["id"], "--org", "acme")
     assert again.returncode == 1 and again.stderr.count("\n") == 1
+
+
+async def test_an_organizations_endpoint_never_reaches_a_private_address(
+        tmp_path, redis_server, redis_url, aredis, receiver):
+    """Made past the configuration check (the control plane alone, which cannot know the
+    settings): the delivery refuses loopback by name and by address, and sends nothing."""
+    car = start_sidecar(tmp_path / "car", redis_url, webhook_retry_window_s=0.5,
+                        webhook_backoff_s=0.1, webhook_backoff_max_s=0.2)
+    try:
+        control, org, key = await make_key(aredis)
+        for url in (f"http://localhost:{receiver.port}/hook",
+                    f"http://127.0.0.1:{receiver.port}/hook"):
+            await control.create_webhook(org, {"url": url})
+        await control.set_key_status(org, key["id"], False)
+        client = redis_server.client()
+        wait_for(lambda: client.xlen(names.DEAD_LETTERS) == 2, 15, "two dead letters")
+        letters = cli_json(redis_url, "webhooks", "dead-letters")
+        assert sorted(d["url"] for d in letters) == sorted([
+            f"http://localhost:{receiver.port}/hook", f"http://127.0.0.1:{receiver.port}/hook"])
+        assert all("refused" in d["last_error"] for d in letters), letters
+        assert receiver.calls == []
+    finally:
+        stop_process(car.proc)

@@ -10,7 +10,9 @@ from sidecar.runtime.webhooks import backoff_delay
 from sidecar.schema import events
 from sidecar.schema.webhooks import (
     InvalidEndpoint,
+    blocked_address,
     check_events,
+    check_reachable,
     check_secret,
     check_url,
     endpoint_ref,
@@ -138,3 +140,21 @@ def test_webhooks_settings_are_checked_at_start_without_echoing_a_secret():
         assert str(err.value).startswith(field + ":") and secret not in str(err.value)
     with pytest.raises(ConfigError, match="webhook_backoff_s"):
         load_settings(env={"SIDECAR_WEBHOOK_BACKOFF_S": "0"})
+
+
+def test_an_organizations_endpoint_reaches_public_addresses_only():
+    import ipaddress
+    for address in ("127.0.0.1", "10.0.0.5", "172.16.1.1", "192.168.1.1", "169.254.169.254",
+                    "100.64.0.1", "0.0.0.0", "::1", "fe80::1%eth0", "fc00::1",
+                    "::ffff:127.0.0.1", "224.0.0.1", "not-an-ip"):
+        assert blocked_address(address), address
+    for address in ("93.184.215.14", "2606:4700::1111", "::ffff:8.8.8.8"):
+        assert not blocked_address(address), address
+    lab = (ipaddress.ip_network("10.20.0.0/16"),)
+    assert not blocked_address("10.20.3.4", lab) and blocked_address("10.21.0.1", lab)
+    for url in ("http://127.0.0.1:8081/", "http://localhost/x", "http://a.localhost/",
+                "https://[::1]/", "http://169.254.169.254/latest"):
+        with pytest.raises(InvalidEndpoint):
+            check_reachable(url)
+    assert check_reachable("https://hooks.example.com/x")   # names: checked when resolved
+    assert check_reachable("http://10.20.0.9/", lab)
