@@ -1,7 +1,9 @@
 """The key record's vocabulary: its fields, permission words, limits and times.
 
 A record is one Redis hash `k:{tag}:<hmac>`. Field names are short on purpose: a record
-is kept in memory for every key. The authorize script reads and writes the same fields:
+is kept in memory for every key. The control plane reads and writes records only through
+KeyRecord (below: readable names, one map for each code); the scripts, and the data plane
+that calls them, use the same fields by their short names:
 
   id  key id            t   type s/b/o/a        st  status a(ctive)/d(isabled)
   dr  why it is disabled (CASCADE_REASONS cannot be undone by enabling)
@@ -63,7 +65,9 @@ ACTIVE, DISABLED = "a", "d"     # status codes (st)
 
 
 def _f(name: str, kind: str = "s", default=None):
-    """A KeyRecord attribute stored as hash field `name`; kind says how (see _decode)."""
+    """A KeyRecord attribute stored as hash field `name`; kind says how: s text,
+    i integer, b flag 1/0, l set ',a,b,', c list 'a,b', t type code, st status a/d,
+    p permission code."""
     if default is None:
         default = {"s": "", "l": [], "c": []}.get(kind)
     meta = {"field": name, "kind": kind}
