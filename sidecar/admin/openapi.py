@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from ..control.input_limits import DEFAULT_PAGE
 from .routing import PREFIX, Route
 from .schemas import ID, REQUIRED_TEXT, RESPONSES
 
@@ -28,7 +29,7 @@ _TAGS = {"organization": "The organization the admin key belongs to",
          "audit": "Who changed what, newest first",
          "webhooks": "Endpoints that receive the organization's events, signed "
                      "(Standard Webhooks)"}
-_QUERY = {"limit": "Page size (default 100)",
+_QUERY = {"limit": f"Page size (default {DEFAULT_PAGE})",
           "cursor": "The `next_cursor` of the previous page",
           "since": "Only entries at or after this time (RFC 3339)",
           "until": "Only entries at or before this time (RFC 3339)"}

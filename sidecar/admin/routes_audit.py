@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..control.input_limits import DEFAULT_PAGE
 from ..control.store import parse_when
 from . import schemas as s
 from .routing import AdminCall, Route
@@ -18,7 +19,7 @@ async def list_audit(c: AdminCall):
         c.org, action=q.get("action"), actor_id=q.get("actor_id"),
         resource_type=q.get("resource_type"), resource_id=q.get("resource_id"),
         since_ms=_ms(q.get("since"), "since"), until_ms=_ms(q.get("until"), "until"),
-        limit=q.get("limit") or 100, cursor=q.get("cursor"))
+        limit=q.get("limit") or DEFAULT_PAGE, cursor=q.get("cursor"))
     return 200, {"object": "list", "data": events, "next_cursor": cursor}
 
 

@@ -4,6 +4,7 @@ only, once."""
 
 from __future__ import annotations
 
+from ..control.input_limits import DEFAULT_PAGE
 from ..control.store import parse_when
 from . import schemas as s
 from .http import ApiError
@@ -23,7 +24,7 @@ async def list_keys(c: AdminCall):
     views, nxt = await c.store.list_keys(
         c.org, type_=q.get("type"), status=q.get("status"), owner=q.get("owner"),
         project_id=q.get("project_id"), member_id=q.get("member_id"),
-        service_account_id=q.get("service_account_id"), limit=q.get("limit") or 100,
+        service_account_id=q.get("service_account_id"), limit=q.get("limit") or DEFAULT_PAGE,
         cursor=int(q.get("cursor") or 0))
     return 200, {"object": "list", "data": views, "next_cursor": str(nxt) if nxt else None}
 

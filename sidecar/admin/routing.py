@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..control import policy
+from ..control.input_limits import DEFAULT_PAGE
 from ..control.policy import Actor
 from ..control.store import ControlStore
 from . import schemas
@@ -62,7 +63,7 @@ class Route:
 def page(items: list, query: dict) -> dict:
     """Offset pagination over a full list: {"object": "list", "data", "next_cursor"}."""
     start = int(query.get("cursor") or 0)
-    limit = query.get("limit") or 100
+    limit = query.get("limit") or DEFAULT_PAGE
     end = start + limit
     return {"object": "list", "data": items[start:end],
             "next_cursor": str(end) if end < len(items) else None}

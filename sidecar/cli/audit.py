@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..control.input_limits import DEFAULT_PAGE
 from .output import control
 from .parsing import _positive_int, _when, command, group, org_option
 
@@ -18,7 +19,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     events.add_argument("--resource-id")
     events.add_argument("--since", type=_when)
     events.add_argument("--until", type=_when)
-    events.add_argument("--limit", type=_positive_int, default=100)
+    events.add_argument("--limit", type=_positive_int, default=DEFAULT_PAGE)
 
 
 def _ms(when) -> int | None:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import orjson
 
 from ..schema import names
+from .input_limits import DEFAULT_PAGE
 from .policy import Actor
 
 MAXLEN = 100_000            # entries kept per organization (approximate trim)
@@ -36,7 +37,7 @@ class AuditLog:
     async def query(self, org: str, *, action: str | None = None,
                     actor_id: str | None = None, resource_type: str | None = None,
                     resource_id: str | None = None, since_ms: int | None = None,
-                    until_ms: int | None = None, limit: int = 100,
+                    until_ms: int | None = None, limit: int = DEFAULT_PAGE,
                     cursor: str | None = None) -> tuple[list[dict], str | None]:
         """Matching events, newest first, and the cursor to continue from (None = done)."""
         if cursor is not None and _before_first(cursor):

@@ -15,7 +15,7 @@ from .audit import AuditLog
 from .checks import check_scopes_mode, check_text, refuse
 from .entities import Entities
 from .errors import Conflict, Conflicting, Invalid, NotFound, from_key_error
-from .input_limits import MAX_GRACE_S
+from .input_limits import DEFAULT_PAGE, MAX_GRACE_S, MAX_PAGE
 from .key_resources import KeyResources
 from .key_rotation import KeyRotation
 from .key_spec import InvalidKeySpec, KeyError_, KeySpec
@@ -159,7 +159,7 @@ class KeyOps:
     async def list_keys(self, org: str, *, type_: str | None = None,
                         status: str | None = None, owner: str | None = None,
                         project_id: str | None = None, member_id: str | None = None,
-                        service_account_id: str | None = None, limit: int = 100,
+                        service_account_id: str | None = None, limit: int = DEFAULT_PAGE,
                         cursor: int = 0) -> tuple[list[dict], int]:
         await self.entities.org(org)
         index = "org:" + org
@@ -182,7 +182,7 @@ class KeyOps:
         """Every key, in any organization or none: the operator's `sidecar keys list`."""
         views, cursor = [], 0
         while True:
-            page, cursor = await self.keystore.list(type_, status, cursor=cursor, limit=500)
+            page, cursor = await self.keystore.list(type_, status, cursor=cursor, limit=MAX_PAGE)
             views.extend(page)
             if not cursor:
                 return views

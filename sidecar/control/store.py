@@ -25,6 +25,7 @@ from .audit import AuditLog
 from .checks import parse_when
 from .entities import DEFAULT, Entities
 from .errors import Conflict, NotFound
+from .input_limits import MAX_PAGE
 from .key_ops import KeyOps
 from .key_resources import KeyResources
 from .keystore import KeyStore
@@ -129,7 +130,7 @@ class ControlStore:
         cursor = 0
         while True:
             found, cursor = await self.list_keys(org_id, type_="admin", status="active",
-                                                 limit=500, cursor=cursor)
+                                                 limit=MAX_PAGE, cursor=cursor)
             if found:
                 return {"organization": await self.org(org_id), "changed": False,
                         "admin_key": found[0]}
