@@ -32,7 +32,6 @@ from ..dataplane.routes import data_plane
 from . import fdlimit, logs
 from .config import ConfigError, Refused, Settings, parse_hostport
 from .embedded import EmbeddedRedis
-from .webhooks import run_worker
 
 
 def require_grpc(settings: Settings) -> None:
@@ -59,6 +58,7 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain. redis_url must be set."""
     from ..redis.runner import make_runner
     from .admin_app import admin_app
+    from .webhooks import run_worker  # here: metrics must not load before the env is set
 
     loop = asyncio.get_running_loop()
     stop = stop or _stop_on_signals()

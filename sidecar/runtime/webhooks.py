@@ -212,6 +212,9 @@ class Worker:
                 deadline = (events.entry_ms(entry_id) / 1000
                             + self.settings.webhook_retry_window_s)
                 targets = await self.targets(event)
+                if event.target and not targets:
+                    logs.event("webhook_replay_dropped", event_id=event.id,
+                               endpoint=event.target, reason="no such endpoint now")
                 await asyncio.gather(*(self.deliver(event, t, deadline) for t in targets))
             await self.redis.xack(stream, names.EVENT_GROUP, entry_id)
             await self.redis.xdel(stream, entry_id)

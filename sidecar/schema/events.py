@@ -15,6 +15,10 @@ stream of the key's shard tag, with flat string fields (short names, as in recor
 A Lua script writes, e.g.:
   redis.call('XADD', KEYS[n], 'MAXLEN', '~', 100000, '*', 't', 'quota.low',
              'k', rec_id, 'o', org, 'p', prj, 'l', 'k', 'th', '0.2', 'r', remaining)
+Who writes what: the authorize and settle scripts the threshold crossings (quota.*,
+budget.*) and key.expired (they are the ones who see a call cross or an expired key);
+the control plane key.disabled (control/events.key_disabled: by hand, cascades, a
+cancelled subscription; a rotation's old key is rotated, not disabled).
 Unknown fields are ignored and a missing optional one is null in the JSON, so writers
 can add fields later without breaking the worker. Pure: no I/O.
 """

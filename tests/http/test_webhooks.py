@@ -306,3 +306,21 @@ async def test_an_organizations_endpoint_never_reaches_a_private_address(
         assert receiver.calls == []
     finally:
         stop_process(car.proc)
+
+
+async def test_serve_with_workers_delivers_once_and_counts_it(tmp_path, redis_server,
+                                                              redis_url, aredis, receiver):
+    """--workers 2: the supervisor runs the one delivery worker; /metrics aggregates."""
+    from live import start_workers
+    car = start_workers(tmp_path / "car", redis_url, 2, webhooks=endpoints(receiver))
+    try:
+        control, org, key = await make_key(aredis)
+        await control.set_key_status(org, key["id"], False)
+        wait_for(lambda: receiver.calls, 15, "the webhook")
+        wait_for(lambda: drained(redis_server.client()), 15, "the streams to drain")
+        assert len(receiver.calls) == 1 and receiver.calls[0]["valid"]
+        shown = urllib.request.urlopen(car.admin_url + "/metrics", timeout=5).read().decode()
+        assert metric_value(shown, "sidecar_webhook_deliveries_total",
+                            {"outcome": "delivered"}) == 1
+    finally:
+        stop_process(car.proc)
