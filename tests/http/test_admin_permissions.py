@@ -56,9 +56,13 @@ ENDPOINTS = [
     ("PATCH", "/subscriptions/{subscription_id}", "subscriptions:write", {}, 400),
     ("DELETE", "/subscriptions/{subscription_id}", "subscriptions:write", "none", 404),
     ("GET", "/audit_logs", "audit:read", None, 200),
+    ("GET", "/webhooks", "orgs:read", None, 200),
+    ("POST", "/webhooks", "orgs:write", {}, 400),
+    ("GET", "/webhooks/{webhook_id}", "orgs:read", None, 200),
+    ("DELETE", "/webhooks/{webhook_id}", "orgs:write", "none", 404),
 ]
 UNKNOWN = {"member_id": "mem_none", "project_id": "prj_none", "service_account_id": "sa_none",
-           "key_id": "key_none", "subscription_id": "sub_none"}
+           "key_id": "key_none", "subscription_id": "sub_none", "webhook_id": "wh_none"}
 
 
 def allowed(mode: str, scope: str) -> bool:
@@ -84,6 +88,8 @@ def world(tmp_path_factory):
             "key_id": plane.ok("POST", "/keys", {"project_id": prj["id"]})["id"],
             "subscription_id": plane.ok("POST", "/subscriptions", {
                 "account": "a", "plan": "p", "cycle_quota": 1})["id"],
+            "webhook_id": plane.ok("POST", "/webhooks", {
+                "url": "https://hooks.example.com/perms"})["id"],
         }
         keys = {}
         for mode in MODES:

@@ -203,7 +203,9 @@ def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenan
            "service_account_id": plane.ok("POST", "/service_accounts", {
                "project_id": prj["id"], "name": "secret-bot"})["id"],
            "subscription_id": plane.ok("POST", "/subscriptions", {
-               "account": "secret-acct", "plan": "p", "cycle_quota": 5})["id"]}
+               "account": "secret-acct", "plan": "p", "cycle_quota": 5})["id"],
+           "webhook_id": plane.ok("POST", "/webhooks", {
+               "url": "https://hooks.example.com/secret-hook"})["id"]}
     a_key_made = plane.ok("POST", "/keys", {"project_id": prj["id"], "unlimited": True,
                                             "name": "secret-key"})
     ids["key_id"] = a_key_made["id"]
@@ -224,7 +226,8 @@ def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenan
             for secret in ("secret", plane.org, "alice"):
                 assert secret not in text, (method, path, reply.body)
             tried += 1
-    assert tried == 20          # members 3, projects 3, service accounts 3, keys 8, subs 3
+    assert tried == 22          # members 3, projects 3, service accounts 3, keys 8, subs 3,
+    #                             webhooks 2
     # Ids of A in B's request bodies and filters: not found either.
     for body in ({"project_id": prj["id"]}, {"service_account_id": ids["service_account_id"]},
                  {"owner": "user", "member_id": ids["member_id"]}):
@@ -238,4 +241,5 @@ def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenan
     assert plane.authz(a_key_made["key"]).status == 200
     assert plane.ok("GET", f"/members/{ids['member_id']}")["role"] == "member"
     assert plane.ok("GET", f"/projects/{prj['id']}")["name"] == "secret-project"
+    assert plane.ok("GET", f"/webhooks/{ids['webhook_id']}")["url"].endswith("secret-hook")
     assert plane.ok("GET", f"/subscriptions/{ids['subscription_id']}")["plan"] == "p"
