@@ -72,7 +72,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rand: random.Random) ->
 def claim_idle_s(settings: Settings) -> float:
     """How long an entry may sit unacknowledged and untouched before another worker
     takes it over: well past one attempt, and refreshed while retrying."""
-    return max(30.0, 4 * settings.webhook_timeout_s)
+    return 4 * settings.webhook_timeout_s + 1.0
 
 
 class Worker:

@@ -324,3 +324,26 @@ async def test_serve_with_workers_delivers_once_and_counts_it(tmp_path, redis_se
                             {"outcome": "delivered"}) == 1
     finally:
         stop_process(car.proc)
+
+
+async def test_an_event_a_dead_sidecar_took_is_taken_over(tmp_path, redis_server, redis_url,
+                                                          aredis, receiver):
+    """A consumer of the group reads an event and dies before delivering it: after the
+    claim time (4 x webhook_timeout_s + 1 s) a live sidecar takes it (XAUTOCLAIM)."""
+    client = redis_server.client()
+    control, org, key = await make_key(aredis)
+    await control.set_key_status(org, key["id"], False)
+    (tag,) = [t for t, _ in client.zrange(names.EVENTS_ACTIVE, 0, -1, withscores=True)]
+    stream = names.events(tag)
+    client.xgroup_create(stream, names.EVENT_GROUP, id="0")
+    taken = client.xreadgroup(names.EVENT_GROUP, "dead-sidecar", {stream: ">"})
+    assert len(taken[0][1]) == 1                       # pending on the dead consumer
+    car = start_sidecar(tmp_path / "car", redis_url, webhooks=endpoints(receiver),
+                        webhook_timeout_s=0.5)
+    try:
+        wait_for(lambda: receiver.calls, 20, "the taken-over event")
+        wait_for(lambda: drained(client), 15, "the stream to drain")
+        assert len(receiver.calls) == 1 and receiver.calls[0]["valid"]
+        assert receiver.events()[0]["data"]["key_id"] == key["id"]
+    finally:
+        stop_process(car.proc)
