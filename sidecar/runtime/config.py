@@ -294,6 +294,13 @@ def validate(s: Settings) -> Settings:  # noqa: C901 — a flat list, one check 
         raise ConfigError("reservation_ttl_s: must be between 1 and 604800 (a week)")
     if any(c < 0 for c in s.token_costs.values()):
         raise ConfigError("token_costs: units per 1000 tokens must not be negative")
+    _validate_webhooks(s)
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level: one of debug, info, warning, error")
+    return s
+
+
+def _validate_webhooks(s: Settings) -> None:
     for net in s.webhook_allowed_networks:
         try:
             ipaddress.ip_network(net, strict=False)
@@ -307,9 +314,6 @@ def validate(s: Settings) -> Settings:  # noqa: C901 — a flat list, one check 
     if not 0 < s.webhook_backoff_s <= s.webhook_backoff_max_s:
         raise ConfigError("webhook_backoff_s: must be positive and at most "
                           "webhook_backoff_max_s")
-    if s.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log_level: one of debug, info, warning, error")
-    return s
 
 
 def with_overrides(s: Settings, **changes: Any) -> Settings:
