@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 
 from sidecar.schema import names  # noqa: E402
 from sidecar.schema.keys import TYPE_OF_CODE, KeyHasher, shard_of  # noqa: E402
+from sidecar.schema.scripts import AUTHORIZE  # noqa: E402
 
 from .keyload import load_keys, write_key_file  # noqa: E402
 from .load import Load, run_wrk  # noqa: E402
@@ -60,7 +61,6 @@ from .stats import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
-SCRIPT = HERE.parent / "sidecar" / "schema" / "authorize.lua"
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
 SECTIONS = ("peer", "profile", "edge", "workers", "script")
@@ -194,6 +194,9 @@ class Bench:
         seconds = time.perf_counter() - started
         after = int(client.info("memory")["used_memory"])
         self.key_file = write_key_file(self.keys, self.tmp / "keys.txt")
+        # The peer runs the very script the sidecar sends: authorize.lua with its prelude.
+        self.script = self.tmp / "authorize.lua"
+        self.script.write_bytes(AUTHORIZE.source)
         self.log(f"loaded {len(self.keys):,} keys in {seconds:.1f} s")
         return {"count": len(self.keys), "load_seconds": round(seconds, 2),
                 "used_memory_before": before, "used_memory_after_load": after,
@@ -238,7 +241,7 @@ class Bench:
             peer = self.procs.nginx(
                 f"peer-w{workers}", HERE / "nginx_lua" / "nginx.conf",
                 {"WORKERS": str(workers), "LUA_DIR": str(HERE / "nginx_lua"),
-                 "PEPPER": self.pepper, "SCRIPT": str(SCRIPT),
+                 "PEPPER": self.pepper, "SCRIPT": str(self.script),
                  "KEY_TYPES": _lua_table({c: t.value for c, t in TYPE_OF_CODE.items()}),
                  "POOL_PREFIX": names.POOL_PREFIX},
                 {"peer": free_port(), "redis": self.redis.port})
@@ -429,16 +432,20 @@ class Bench:
         client = self.redis.client()
         hasher = KeyHasher(self.pepper)
         key_hash = hasher(self.keys[0])
-        argv = [names.record(key_hash), names.wallet(shard_of(key_hash)),
-                str(int(time.time() * 1000)), "1", "00000000000000000000ffff7f000001",
-                "127.0.0.1", "gpt-4o-mini", "chat.completions:write", "", "1"]
+        shard = shard_of(key_hash)
+        now = int(time.time() * 1000)
+        argv = [names.record(key_hash), names.wallet(shard), names.budgets(shard),
+                names.leases(shard), str(now), "1", "00000000000000000000ffff7f000001",
+                "127.0.0.1", "gpt-4o-mini", "chat.completions:write", "", "1", "0", "0",
+                "0", str(now // 86_400_000), "0", "c"]
         out = {}
-        for name, source in (("empty_script", "return 1"), ("authorize", SCRIPT.read_text())):
+        for name, source in (("empty_script", "return 1"),
+                             ("authorize", AUTHORIZE.source.decode())):
             sha = client.script_load(source)
             client.config_resetstat()
             done = subprocess.run(
                 [binary, "-p", str(self.redis.port), "-n", str(calls), "-P", "20", "-q",
-                 "EVALSHA", sha, "2", *argv], capture_output=True, text=True, timeout=120)
+                 "EVALSHA", sha, "4", *argv], capture_output=True, text=True, timeout=120)
             stats = client.info("commandstats").get("cmdstat_evalsha", {})
             rps = done.stdout.strip().rsplit(": ", 1)[-1].split(" ", 1)[0]
             out[name] = {"usec_per_call": stats.get("usec_per_call"),

@@ -100,10 +100,10 @@ class Plane:
         return cli(self.redis.url, *args)
 
 
-def start_plane(tmp: Path, org_name: str = "acme") -> Plane:
+def start_plane(tmp: Path, org_name: str = "acme", **settings: str) -> Plane:
     server = start_redis(tmp / "redis")
     try:
-        car = start_sidecar(tmp / "sidecar", server.url)
+        car = start_sidecar(tmp / "sidecar", server.url, **settings)
     except BaseException:
         stop_process(server.proc)
         raise

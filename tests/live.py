@@ -18,7 +18,17 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from conftest import PEPPER, ROOT, Sidecar, sidecar_env, start_sidecar, stop_process, wait_for
+from aiohttp import web
+from conftest import (
+    PEPPER,
+    ROOT,
+    Sidecar,
+    free_port,
+    sidecar_env,
+    start_sidecar,
+    stop_process,
+    wait_for,
+)
 
 from sidecar.schema import names
 from sidecar.schema.keys import KeyHasher, KeyType
@@ -364,3 +374,46 @@ def start_workers(tmp: Path, redis_url: str, workers: int, **settings) -> Sideca
         stop_process(car.proc)
         raise
     return car
+
+
+# -- the official SDKs against a sidecar ---------------------------------------------
+
+RELAYED_HEADERS = ("content-type", "x-auth-error", "retry-after", "www-authenticate")
+
+
+async def sdk_gateway(car) -> tuple[web.AppRunner, str]:
+    """A tiny gateway for the official SDKs: asks the sidecar, then relays its denial
+    (status, JSON, Retry-After, x-ratelimit-*) or fakes the completion."""
+    session = aiohttp.ClientSession()
+
+    async def handle(request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "x-api-key", "content-type")}
+        async with session.request(request.method, car.url + "/authz" + request.path_qs,
+                                   headers=headers, data=await request.read(),
+                                   timeout=CLIENT_TIMEOUT) as auth:
+            body = await auth.read()
+            if auth.status != 200:
+                relayed = {k: v for k, v in auth.headers.items()
+                           if k.lower() in RELAYED_HEADERS or k.lower().startswith("x-ratelimit")}
+                return web.Response(status=auth.status, body=body, headers=relayed)
+        model = orjson.loads(await request.read()).get("model", "")
+        if request.path.startswith("/v1/messages"):
+            return web.json_response({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}})
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    app.on_cleanup.append(lambda _: session.close())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"

@@ -244,11 +244,11 @@ local function limit_headers(reply, out)
   return out
 end
 
-local function evalsha(red, keys1, keys2, ...)
-  local reply, err = red:evalsha(SCRIPT_SHA, 2, keys1, keys2, ...)
+local function evalsha(red, ...)   -- the 4 KEYS, then ARGV
+  local reply, err = red:evalsha(SCRIPT_SHA, 4, ...)
   if not reply and err and err:find("NOSCRIPT", 1, true) then
     red:script("load", SCRIPT_SRC)
-    reply, err = red:evalsha(SCRIPT_SHA, 2, keys1, keys2, ...)
+    reply, err = red:evalsha(SCRIPT_SHA, 4, ...)
   end
   return reply, err
 end
@@ -289,9 +289,14 @@ function M.authorize()
   local ok, err = red:connect(cfg.redis_host, cfg.redis_port)
   local reply
   if ok then
-    reply, err = evalsha(red, "k:{" .. shard .. "}:" .. key_hash, "w:{" .. shard .. "}",
-                         math.floor(ngx.now() * 1000), cfg.cost, ip_hex(ip), ip, model,
-                         call[1], call[2], call[3], "0", cfg.pool_prefix)
+    -- KEYS and ARGV as sidecar/dataplane/authorize.py sends them (no /settle, no price:
+    -- the benchmark's keys have no budget).
+    local now = math.floor(ngx.now() * 1000)
+    local tag = "{" .. shard .. "}"
+    reply, err = evalsha(red, "k:" .. tag .. ":" .. key_hash, "w:" .. tag, "b:" .. tag,
+                         "l:" .. tag, now, cfg.cost, ip_hex(ip), ip, model,
+                         call[1], call[2], call[3], "0", cfg.pool_prefix, 0, -1,
+                         math.floor(now / 86400000), 0, "c")
   end
   if not reply then
     ngx.log(ngx.WARN, "redis unavailable: ", err)

@@ -33,9 +33,16 @@ _ID = re.compile(schemas.ID_PATTERN.strip("^$"))
 
 
 def routes() -> list[Route]:
-    from . import routes_audit, routes_keys, routes_org, routes_subscriptions, routes_webhooks
-    return [*routes_org.ROUTES, *routes_keys.ROUTES, *routes_subscriptions.ROUTES,
-            *routes_audit.ROUTES, *routes_webhooks.ROUTES]
+    from . import (
+        routes_audit,
+        routes_keys,
+        routes_limits,
+        routes_org,
+        routes_subscriptions,
+        routes_webhooks,
+    )
+    return [*routes_org.ROUTES, *routes_keys.ROUTES, *routes_limits.ROUTES,
+            *routes_subscriptions.ROUTES, *routes_audit.ROUTES, *routes_webhooks.ROUTES]
 
 
 def endpoint(route: Route, app: web.Application) -> Callable:
@@ -79,7 +86,8 @@ def setup_admin_api(app: web.Application, settings) -> None:
         client = control_client(settings.redis_url, settings.redis_timeout_ms / 1000 * 8,
                                 settings.redis_pool_size)
         app["control_hasher"] = KeyHasher(settings.key_pepper)
-        app["control_store"] = ControlStore(client, app["control_hasher"])
+        app["control_store"] = ControlStore(client, app["control_hasher"],
+                                            settings.budget_timezone)
         app["control_store"].webhooks.webhook_networks = settings.webhook_networks()
 
     async def stop(app: web.Application) -> None:

@@ -21,6 +21,7 @@ _ERRORS = {"400": "invalid request: unknown field, wrong type, bad value, confli
            "413": "body larger than 64 KiB",
            "503": "Redis did not answer"}
 _TAGS = {"organization": "The organization the admin key belongs to",
+         "limits": "Budgets in money and concurrency limits, at every level",
          "members": "People of the organization and their roles",
          "projects": "Projects: the owners of keys and service accounts",
          "service_accounts": "Non-person identities of a project",

@@ -29,6 +29,7 @@ from ..control.input_limits import (
 from ..control.policy import ROLES
 from ..schema.events import TYPES as EVENT_TYPES
 from ..schema.keys import KeyType
+from ..schema.limits import MAX_CONCURRENCY, OBSERVABLE, PERIODS
 from ..schema.record import PERMISSIONS
 from ..schema.webhooks import MAX_URL
 
@@ -81,6 +82,16 @@ MEMBER_UPDATE = obj({"name": NAME, "role": {"type": "string", "enum": list(ROLES
 PROJECT_CREATE = obj({"name": REQUIRED_NAME}, ("name",))
 SA_CREATE = obj({"project_id": ID, "name": REQUIRED_NAME}, ("project_id", "name"))
 NAME_UPDATE = obj({"name": REQUIRED_NAME}, ("name",))
+AMOUNT = {"type": "string", "pattern": "^[0-9]{1,10}(\\.[0-9]{1,6})?$", "maxLength": 17,
+          "description": "decimal amount in the deployment's currency, e.g. \"5.00\""}
+LIMIT_FIELDS = {
+    "budget": {**AMOUNT, "type": ["string", "null"]},
+    "budget_period": {"type": "string", "enum": list(PERIODS)},
+    "max_concurrency": {"type": "integer", "minimum": 0, "maximum": MAX_CONCURRENCY},
+    "observe": {"type": "array", "maxItems": len(OBSERVABLE), "uniqueItems": True,
+                "items": {"type": "string", "enum": list(OBSERVABLE)}},
+}
+LIMITS = obj(LIMIT_FIELDS, min_properties=1)
 KEY_CREATE = obj({
     "type": {"type": "string", "enum": ["standard", "org", "admin"], "default": "org"},
     "name": NAME,
@@ -88,11 +99,12 @@ KEY_CREATE = obj({
     "project_id": ID, "member_id": ID, "service_account_id": ID,
     "quota": UNITS, "unlimited": {"type": "boolean"},
     "models": MODELS, "allowed_ips": IPS, "expires_at": WHEN,
-    "rpm": UNITS, "tpm": UNITS, "permission": PERMISSION, "scopes": SCOPES,
-    "account": ACCOUNT,
+    "rpm": UNITS, "tpm": UNITS, "rpd": UNITS, "tpd": UNITS, "permission": PERMISSION,
+    "scopes": SCOPES, "account": ACCOUNT, **LIMIT_FIELDS,
 })
 KEY_EDIT = obj({"name": NAME, "permission": PERMISSION, "scopes": SCOPES, "models": MODELS,
-                "allowed_ips": IPS, "rpm": UNITS, "tpm": UNITS, "expires_at": WHEN},
+                "allowed_ips": IPS, "rpm": UNITS, "tpm": UNITS, "rpd": UNITS, "tpd": UNITS,
+                "expires_at": WHEN},
                min_properties=1)
 KEY_QUOTA = obj({"set": UNITS,
                  "add": {"type": "integer", "minimum": -MAX_QUOTA, "maximum": MAX_QUOTA},
@@ -167,7 +179,8 @@ RESPONSES = {
         "disabled_reason": _SN, "unlimited": _B, "quota_remaining": _IN, "quota_used": _I,
         "expires_at": _SN, "expired": _B, "models": _STRS, "allowed_ips": _STRS,
         "permission": PERMISSION,
-        "scopes": _STRS, "rpm": _I, "tpm": _I, "account": _SN, "org_id": _SN,
+        "scopes": _STRS, "rpm": _I, "tpm": _I, "rpd": _I, "tpd": _I, "account": _SN,
+        "org_id": _SN,
         "project_id": _SN, "member_id": _SN, "service_account_id": _SN,
         "owner": {"type": ["string", "null"], "enum": [*OWNERS, None]},
         "subscription_id": _SN, "rotated_to": _SN, "rotated_from": _SN,
@@ -188,6 +201,11 @@ RESPONSES = {
         "before": {}, "after": {}}},
     "WebhookEndpoint": _entity("webhook_endpoint", org_id=_S, url=_S, events=_STRS,
                                description=_S),
+    "Limits": {"type": "object", "required": ["budget", "spent", "reserved", "in_flight"],
+               "properties": {"budget": _SN, "budget_period": _S, "spent": _S,
+                              "reserved": _S, "remaining": _SN,
+                              "max_concurrency": _IN, "in_flight": _I,
+                              "observe": _STRS}},
     "Deleted": {"type": "object", "required": ["id", "deleted"],
                 "properties": {"id": _S, "deleted": {"const": True},
                                "disabled_keys": _STRS}},

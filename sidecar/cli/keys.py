@@ -15,6 +15,7 @@ import argparse
 from ..schema.keys import KeyType
 from ..schema.record import ALL
 from ..schema.record import PERMISSIONS as _CODES
+from .limits import add_limit_arguments, limit_request, register_for
 from .output import control, plain
 from .parsing import (
     UsageError,
@@ -53,6 +54,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     rot.add_argument("--idempotency-key", help="repeat-safe: the same value returns the "
                                                "same new key id and mints nothing")
     _add_edit(command(keys, "edit", _edit, control, [common], "change a key's settings"))
+    register_for(keys, "key", [common])
 
 
 def _add_create(create: argparse.ArgumentParser) -> None:
@@ -67,6 +69,9 @@ def _add_create(create: argparse.ArgumentParser) -> None:
     create.add_argument("--expires", type=_when, help="ISO-8601 expiry")
     create.add_argument("--rpm", type=_non_negative, default=0, help="requests per minute")
     create.add_argument("--tpm", type=_non_negative, default=0, help="tokens per minute")
+    create.add_argument("--rpd", type=_non_negative, default=0, help="requests per day")
+    create.add_argument("--tpd", type=_non_negative, default=0, help="tokens per day")
+    add_limit_arguments(create)
     create.add_argument("--permission", default=ALL, choices=PERMISSIONS)
     create.add_argument("--scopes", type=_csv, default=[],
                         help="for restricted keys, e.g. chat.completions:write,models:read")
@@ -94,6 +99,8 @@ def _add_edit(edit: argparse.ArgumentParser) -> None:
     edit.add_argument("--ips", type=_csv, help="'' clears the IP restriction")
     edit.add_argument("--rpm", type=_non_negative)
     edit.add_argument("--tpm", type=_non_negative)
+    edit.add_argument("--rpd", type=_non_negative)
+    edit.add_argument("--tpd", type=_non_negative)
     edit.add_argument("--expires", help="ISO-8601, or 'never'")
     edit.set_defaults(check=_check_edit)
 
@@ -133,6 +140,7 @@ def _request(args: argparse.Namespace) -> dict:
     req = {"type": args.type, "name": args.name, "quota": args.quota,
            "unlimited": args.unlimited, "models": args.models, "allowed_ips": args.ips,
            "expires_at": args.expires, "rpm": args.rpm, "tpm": args.tpm,
+           "rpd": args.rpd or None, "tpd": args.tpd or None, **limit_request(args),
            "permission": args.permission, "scopes": args.scopes, "project_id": args.project,
            "member_id": args.member, "service_account_id": args.service_account,
            "account": args.account}
@@ -164,7 +172,8 @@ async def _list(args: argparse.Namespace, store) -> list:
 
 
 async def _show(args: argparse.Namespace, store) -> dict:
-    return await store.key(None, args.id)
+    return {**await store.key(None, args.id),
+            "limits": await store.limits.of_key(None, args.id)}
 
 
 async def _set_status(args: argparse.Namespace, store) -> dict:
@@ -201,6 +210,7 @@ def _edited(args: argparse.Namespace) -> dict:
     return {name: getattr(args, attr) for name, attr in (
         ("name", "name"), ("permission", "permission"), ("scopes", "scopes"),
         ("models", "models"), ("allowed_ips", "ips"), ("rpm", "rpm"), ("tpm", "tpm"),
+        ("rpd", "rpd"), ("tpd", "tpd"),
         ("expires_at", "expires")) if getattr(args, attr) is not None}
 
 

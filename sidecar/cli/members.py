@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .limits import register_for
 from .output import control
 from .parsing import command, group, org_option
 
@@ -27,6 +28,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     upd.add_argument("--name")
     command(members, "remove", _remove, control, parents, "remove a member (disables "
             "their user keys and admin keys)").add_argument("id")
+    register_for(members, "member", parents)
 
 
 async def _add(args: argparse.Namespace, store) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .limits import register_for
 from .output import control
 from .parsing import command, group
 
@@ -17,6 +18,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     rename = command(orgs, "rename", _rename, control, [common], "rename an organization")
     rename.add_argument("org")
     rename.add_argument("name")
+    register_for(orgs, "organization", [common])
 
 
 async def _create(args: argparse.Namespace, store) -> dict:
@@ -28,7 +30,8 @@ async def _list(args: argparse.Namespace, store) -> list:
 
 
 async def _show(args: argparse.Namespace, store) -> dict:
-    return await store.org(await store.resolve_org(args.org))
+    org = await store.resolve_org(args.org)
+    return {**await store.org(org), "limits": await store.limits.of_org(org)}
 
 
 async def _rename(args: argparse.Namespace, store) -> dict:

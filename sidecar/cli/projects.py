@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .limits import register_for
 from .output import control
 from .parsing import command, group, org_option
 
@@ -20,6 +21,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     rename.add_argument("name")
     command(projects, "delete", _delete, control, parents, "delete a project (disables its "
             "keys, deletes its service accounts)").add_argument("id")
+    register_for(projects, "project", parents)
 
 
 async def _create(args: argparse.Namespace, store) -> dict:
@@ -31,7 +33,9 @@ async def _list(args: argparse.Namespace, store) -> list:
 
 
 async def _show(args: argparse.Namespace, store) -> dict:
-    return await store.project(await store.resolve_org(args.org), args.id)
+    org = await store.resolve_org(args.org)
+    return {**await store.project(org, args.id),
+            "limits": await store.limits.of_project(org, args.id)}
 
 
 async def _rename(args: argparse.Namespace, store) -> dict:

@@ -28,7 +28,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                             settings.redis_pool_size)
     try:
         try:
-            store = ControlStore(client, KeyHasher(settings.key_pepper))
+            store = ControlStore(client, KeyHasher(settings.key_pepper),
+                                 settings.budget_timezone)
             store.webhooks.webhook_networks = settings.webhook_networks()
             result = await args.run(args, store)
         except (InvalidKeySpec, KeyError_) as exc:   # a key store error passed through

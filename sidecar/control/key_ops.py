@@ -12,6 +12,7 @@ from ..schema import names
 from ..schema.keys import KeyType
 from ..schema.record import ALL, KeyRecord
 from .audit import AuditLog
+from .budgets import initial_limits
 from .checks import check_scopes_mode, check_text, refuse
 from .entities import Entities
 from .errors import Conflict, Conflicting, Invalid, NotFound, from_key_error
@@ -94,7 +95,8 @@ class KeyOps:
 
     async def _admin_key_owner(self, org: str, req: dict, actor: Actor, spec: KeySpec) -> None:
         refuse(req, ("owner", "project_id", "service_account_id", "quota", "unlimited",
-                      "models", "allowed_ips", "rpm", "tpm", "account"),
+                      "models", "allowed_ips", "rpm", "tpm", "rpd", "tpd", "account",
+                      "budget", "budget_period", "max_concurrency", "observe"),
                 "admin keys only administer; they carry no data-plane settings")
         check_admin_scopes(Grant(spec.permission, frozenset(spec.scopes)))
         member_id = req.get("member_id") or actor.member
@@ -192,7 +194,7 @@ class KeyOps:
         rec = await self.org_key(org, key_id)
         admin = rec.type is KeyType.admin
         if admin:
-            refuse(changes, ("models", "allowed_ips", "rpm", "tpm"),
+            refuse(changes, ("models", "allowed_ips", "rpm", "tpm", "rpd", "tpd"),
                     "admin keys carry no data-plane settings")
         permission = changes.get("permission", rec.permission)
         if "scopes" in changes:
@@ -344,8 +346,9 @@ def _spec(typ: str, req: dict, org: str, actor: Actor) -> KeySpec:
                    unlimited=bool(req.get("unlimited")), models=req.get("models") or [],
                    ips=req.get("allowed_ips") or [], expires_at=req.get("expires_at"),
                    rpm=req.get("rpm") or 0, tpm=req.get("tpm") or 0,
+                   rpd=req.get("rpd") or 0, tpd=req.get("tpd") or 0,
                    permission=permission, scopes=scopes, org=org,
-                   created_by=actor.created_by)
+                   created_by=actor.created_by, limits=initial_limits(req))
 
 
 def _grant(rec: KeyRecord) -> Grant | None:

@@ -3,10 +3,13 @@ grace window, the two sharing one remaining quota meanwhile (redis-py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..redis.runner import run_script
 from ..schema import names
 from ..schema.contracts import PoolQuotaArgs
 from ..schema.keys import KeyType, mint, new_id, shard_of
+from ..schema.limits import Limits
 from ..schema.record import ROTATION_COPIED, KeyRecord, now_ms
 from ..schema.scripts import POOL_QUOTA
 from .key_spec import KeyConflict
@@ -34,6 +37,9 @@ class KeyRotation:
         new = KeyRecord.from_hash({f: stored[f] for f in ROTATION_COPIED if stored.get(f)})
         new.id, new.active, new.created_ms, new.created_by = new_id("key"), True, now, created_by
         new.quota_used, new.rotated_from = 0, key_id
+        own = Limits.unpack(old.limits)
+        if own:   # the budget goes on (what was spent counts); the old key keeps its calls
+            new.limits = replace(own, reserved=0, in_flight=0).pack()
         # The successor shares the old key's hash tag, so both records and their shared
         # quota pool (in the tag's wallet hash) sit in one slot: during the grace window
         # the two keys draw on one remaining quota, not two copies of it.

@@ -19,7 +19,8 @@ from .input_limits import ACCOUNT_CHARS, MAX_ACCOUNT, MAX_CYCLE_DAYS, MAX_MODEL_
 # Editable settings: KeyStore.edit argument -> the KeyRecord attributes it rewrites.
 EDITABLE = {"name": ("name",), "permission": ("permission", "scopes"),
             "scopes": ("scopes",), "models": ("models",), "ips": ("networks",),
-            "rpm": ("rpm",), "tpm": ("tpm",), "expires_at": ("expires_ms",)}
+            "rpm": ("rpm",), "tpm": ("tpm",), "rpd": ("rpd",), "tpd": ("tpd",),
+            "expires_at": ("expires_ms",)}
 
 
 class KeyError_(LookupError):
@@ -50,6 +51,9 @@ class KeySpec:
     expires_at: datetime | None = None
     rpm: int = 0
     tpm: int = 0
+    rpd: int = 0
+    tpd: int = 0
+    limits: str = ""                  # the key's own budget and concurrency, packed
     permission: str = ALL
     scopes: list[str] = field(default_factory=list)
     account: str | None = None        # owner of the PAYG wallet (standard/subscription)
@@ -74,6 +78,7 @@ def validate_spec(spec: KeySpec, now: datetime | None = None) -> KeyRecord:
         unlimited=spec.unlimited, quota_remaining=quota, quota_used=0,
         permission=spec.permission, networks=nets, models=list(spec.models),
         scopes=list(spec.scopes), rpm=spec.rpm or None, tpm=spec.tpm or None,
+        rpd=spec.rpd or None, tpd=spec.tpd or None, limits=spec.limits,
         wallet=wallet_field(spec.org, spec.account), org=spec.org, project=spec.project,
         member=spec.member, service_account=spec.service_account,
         subscription=spec.subscription)
@@ -92,7 +97,8 @@ def _check_spec(  # noqa: C901 — a flat list, one check per field of the spec
         raise InvalidKeySpec("quota", f"must be between 0 and {MAX_QUOTA}")
     if spec.quota is not None and spec.unlimited:
         raise InvalidKeySpec("quota", "give --quota or --unlimited, not both")
-    for name, value in (("rpm", spec.rpm), ("tpm", spec.tpm)):
+    for name, value in (("rpm", spec.rpm), ("tpm", spec.tpm), ("rpd", spec.rpd),
+                        ("tpd", spec.tpd)):
         if not 0 <= value <= MAX_QUOTA:
             raise InvalidKeySpec(name, "must be a non-negative integer")
     if spec.expires_at is not None:

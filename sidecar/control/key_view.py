@@ -27,6 +27,8 @@ def view(rec: KeyRecord, now: int | None = None) -> dict:
         "scopes": rec.scopes,
         "rpm": rec.rpm or 0,
         "tpm": rec.tpm or 0,
+        "rpd": rec.rpd or 0,
+        "tpd": rec.tpd or 0,
         "account": account_name(rec),
         "org_id": rec.org or None,
         "project_id": rec.project or None,

@@ -27,7 +27,15 @@ class KeyStore:
     async def create(self, spec: KeySpec) -> tuple[dict, str]:
         """Store a new key; returns (view, plaintext). The plaintext is not kept."""
         rec = validate_spec(spec)
-        shard = self.hasher.account_tag(rec.wallet) if rec.wallet else None
+        # An organization's keys are minted on its tag (its accounts' wallets are there
+        # too), so one script call reaches the budgets above the key (names.budgets).
+        if rec.org:
+            shard = self.hasher.org_tag(rec.org)
+            rec.levels = " ".join(names.level_field(level, entity) for level, entity in (
+                ("project", rec.project), ("organization", rec.org),
+                ("member", rec.member)) if entity)
+        else:
+            shard = self.hasher.account_tag(rec.wallet) if rec.wallet else None
         plaintext, key_hash = mint(spec.type, self.hasher, shard)
         rec.id = new_id("key")
         await self.write_new(key_hash, rec)
@@ -125,7 +133,7 @@ class KeyStore:
         merged = {"name": before["name"], "permission": before["permission"],
                   "scopes": before["scopes"], "models": before["models"],
                   "ips": before["allowed_ips"], "rpm": before["rpm"], "tpm": before["tpm"],
-                  "expires_at": None}
+                  "rpd": before["rpd"], "tpd": before["tpd"], "expires_at": None}
         if "permission" in changes and changes["permission"] != RESTRICTED \
                 and "scopes" not in changes:
             merged["scopes"] = []   # scopes mean something only to a restricted key

@@ -60,7 +60,9 @@ ACTIONS: dict[str, str] = {
     "service_account.delete": "service_accounts:write",
     "key.read": "keys:read", "key.create": "keys:write", "key.update": "keys:write",
     "key.enable": "keys:write", "key.disable": "keys:write", "key.delete": "keys:write",
-    "key.quota": "keys:write", "key.rotate": "keys:write",
+    "key.quota": "keys:write", "key.rotate": "keys:write", "key.limits": "keys:write",
+    "organization.limits": "orgs:write", "project.limits": "projects:write",
+    "member.limits": "members:write",
     "subscription.read": "subscriptions:read", "subscription.create": "subscriptions:write",
     "subscription.update": "subscriptions:write",
     "subscription.cancel": "subscriptions:write",
@@ -81,13 +83,18 @@ _WHAT = {"organization.update": "renaming the organization",
          "subscription.update": "changing a subscription",
          "subscription.cancel": "cancelling a subscription",
          "webhook.create": "adding a webhook endpoint",
-         "webhook.delete": "deleting a webhook endpoint"}
+         "webhook.delete": "deleting a webhook endpoint",
+         "organization.limits": "changing the organization's budget or limits",
+         "project.limits": "changing a project's budget or limits",
+         "member.limits": "changing a member's budget or limits"}
 _KEY_VERB = {"key.update": "change", "key.enable": "enable", "key.disable": "disable",
              "key.delete": "delete", "key.quota": "change the quota of",
-             "key.rotate": "rotate", "key.create": "create"}
+             "key.rotate": "rotate", "key.create": "create",
+             "key.limits": "change the budget or limits of"}
 _KEY_DOING = {"key.update": "changing", "key.enable": "enabling", "key.disable": "disabling",
               "key.delete": "deleting", "key.quota": "changing the quota of",
-              "key.rotate": "rotating", "key.create": "creating"}
+              "key.rotate": "rotating", "key.create": "creating",
+              "key.limits": "changing the budget or limits of"}
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,7 @@ def decide(actor: Actor, action: str, resource: Resource) -> Decision:
                      "`sidecar admin create-key --member`", "key")
     if action.startswith("key."):
         return _key_rule(actor, action, resource)
-    if action.startswith("member."):
+    if action.startswith("member.") and action != "member.limits":
         return _member_rule(actor, action, resource)
     manage = _manage(actor, _WHAT[action], _PARAM.get(resource.kind) if resource.id else None)
     return _cascade(actor, resource) if manage else manage

@@ -22,6 +22,7 @@ from __future__ import annotations
 from ..schema import names
 from ..schema.keys import KeyHasher
 from .audit import AuditLog
+from .budgets import Budgets
 from .checks import parse_when
 from .entities import DEFAULT, Entities
 from .errors import Conflict, NotFound
@@ -29,6 +30,7 @@ from .input_limits import MAX_PAGE
 from .key_ops import KeyOps
 from .key_resources import KeyResources
 from .keystore import KeyStore
+from .limit_rules import LimitRules
 from .subscriptions import Subscriptions
 from .views import text
 from .webhooks import Webhooks
@@ -52,7 +54,7 @@ class _Op:
 
 
 class ControlStore:
-    def __init__(self, redis, hasher: KeyHasher):
+    def __init__(self, redis, hasher: KeyHasher, budget_timezone: str = "UTC"):
         self.redis = redis
         self.audit = AuditLog(redis)
         self.keystore = KeyStore(redis, hasher)
@@ -61,6 +63,7 @@ class ControlStore:
         self.keys = KeyOps(redis, self.audit, self.keystore, self.entities, resources)
         self.subscriptions = Subscriptions(redis, self.audit, self.keystore, self.entities)
         self.webhooks = Webhooks(redis, self.audit, self.entities)
+        self.limits = LimitRules(self, Budgets(redis, hasher, budget_timezone))
 
     # -- organizations, members, projects, service accounts ------------------------------
     create_org = _Op("entities")

@@ -14,15 +14,17 @@ import time
 from ..redis.pipeline import RedisUnavailable
 from ..redis.runner import ScriptRunner
 from ..runtime import metrics
-from ..runtime.config import Settings
+from ..runtime.config import Settings, price_list
 from ..schema import names
 from ..schema.contracts import AuthorizeArgs, AuthorizeReply
 from ..schema.ips import ip_hex
 from ..schema.keys import KeyHasher, key_type, new_reservation_id, shard_of
+from ..schema.limits import Calendar
 from ..schema.scripts import AUTHORIZE
-from .decision import Code, denial_answer, identity_headers, limit_headers
+from .decision import Code, denial_answer, identity_headers, limit_headers, observed_denials
 from .http_messages import Answer, Call, error_answer
 from .request import ClientIp, bearer_or_api_key, body_is_whole, classify, original_call, read_model
+from .spend import Estimator
 
 log = logging.getLogger("sidecar.authorize")
 _JSON = "application/json"
@@ -45,6 +47,11 @@ class Authorizer:
         # With /settle on, each allowed call records its reservation for the report.
         self.reservation_ms = settings.reservation_ttl_s * 1000 \
             if settings.settlement_token else 0
+        self.estimator = Estimator(price_list(settings), settings.default_max_output_tokens,
+                                   settings.prompt_bytes_per_token)
+        self.calendar = Calendar(settings.budget_timezone)
+        self.expiry = "c" if settings.expired_reservation == "charge" else "r"
+        self.concurrency_retry = str(settings.concurrency_retry_after_s)
 
     async def __call__(self, call: Call) -> Answer:
         """An authorize call on the HTTP edge: the original method, path and client IP by
@@ -83,14 +90,18 @@ class Authorizer:
         key_hash = self.hasher(key)
         hexed = ip_hex(ip)
         reservation = new_reservation_id() if self.reservation_ms else ""
+        shard = shard_of(key_hash)
+        now = int(time.time() * 1000)
+        day, month = self.calendar.numbers(now)
         # An IP header a trusted proxy filled with something else is no IP: keys with
         # an IP list are refused, and recent activity records no junk.
         keys, args = AuthorizeArgs.pack(
-            names.record(key_hash), names.wallet(shard_of(key_hash)),
-            reservation and names.reservation(key_hash, reservation),
-            int(time.time() * 1000), cost, hexed, ip if hexed else "", model,
-            endpoint.scope, endpoint.granting, 1 if endpoint.write else 0,
-            0 if certain else 1, names.POOL_PREFIX, self.reservation_ms)
+            names.record(key_hash), names.wallet(shard), names.budgets(shard),
+            names.leases(shard), reservation and names.reservation(key_hash, reservation),
+            now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,
+            1 if endpoint.write else 0, 0 if certain else 1, names.POOL_PREFIX,
+            self.reservation_ms, self.estimator.worst_case(model, call.body, headers, trusted),
+            day, month, self.expiry)
         try:
             reply = AuthorizeReply.parse(await self.runner.run(AUTHORIZE, keys, args))
         except RedisUnavailable as exc:
@@ -106,12 +117,18 @@ class Authorizer:
             return self._deny(Code.unavailable, endpoint.anthropic, start)
 
         code = reply.code
+        if reply.observed:
+            for observed in observed_denials(reply.observed):
+                metrics.shadow_denial(observed)
         if code == Code.allow:
             out = identity_headers(reply, reservation)
             out.update(limit_headers(reply))
             out[REMOVE_HEADER] = _STRIP_FROM_UPSTREAM
             return self._answer(200, "ok", start, out, b"")
-        return self._deny(Code(code), endpoint.anthropic, start, reply)
+        answer = self._deny(Code(code), endpoint.anthropic, start, reply)
+        if code == Code.concurrency_limited:
+            answer.headers["Retry-After"] = self.concurrency_retry
+        return answer
 
     def _cost(self, model: str, headers, trusted: bool) -> int | None:
         if self.cost_header and trusted:

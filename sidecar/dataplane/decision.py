@@ -15,6 +15,7 @@ import orjson
 
 from ..schema.contracts import AuthorizeReply
 from ..schema.keys import TYPE_OF_CODE
+from ..schema.names import level_of
 
 
 class Code(IntEnum):
@@ -31,6 +32,11 @@ class Code(IntEnum):
     quota_exhausted = 8
     rate_limited = 9            # requests per minute
     rate_limited_tokens = 10    # tokens per minute
+    budget_exhausted = 11       # a level's budget (money) cannot cover the worst case
+    concurrency_limited = 12    # a level's calls in flight are at its limit
+    model_not_priced = 13       # a budget applies, and the model has no price
+    rate_limited_day = 14       # requests per day
+    rate_limited_tokens_day = 15  # tokens per day
     missing_api_key = 20
     malformed_api_key = 21      # answered as invalid_api_key, counted apart
     unavailable = 30            # Redis cannot answer: fail closed
@@ -79,10 +85,30 @@ DENIALS: dict[Code, Denial] = {
     Code.rate_limited_tokens: Denial(429, "rate_limited", "rate_limit_error",
                                      "rate_limit_error",
                                      "Rate limit reached for tokens per minute."),
+    Code.rate_limited_day: Denial(429, "rate_limited", "rate_limit_error", "rate_limit_error",
+                                  "Rate limit reached for requests per day."),
+    Code.rate_limited_tokens_day: Denial(429, "rate_limited", "rate_limit_error",
+                                         "rate_limit_error",
+                                         "Rate limit reached for tokens per day."),
+    Code.budget_exhausted: Denial(402, "budget_exhausted", "insufficient_quota",
+                                  "billing_error",
+                                  "What is left of the {level}'s budget cannot cover this "
+                                  "request's worst-case cost. Raise the budget, wait for "
+                                  "its next period, or ask for fewer output tokens."),
+    Code.concurrency_limited: Denial(429, "concurrency_limited", "rate_limit_error",
+                                     "rate_limit_error",
+                                     "Too many requests of this {level} are in flight; "
+                                     "retry when one has finished."),
+    Code.model_not_priced: Denial(400, "model_not_priced", "invalid_request_error",
+                                  "invalid_request_error",
+                                  "A budget applies to this key, and the requested model "
+                                  "has no price in this deployment."),
     Code.unavailable: Denial(503, "service_unavailable", "server_error", "api_error",
                              "The authorization service is temporarily unavailable."),
 }
 
+RATE_CODES = frozenset({Code.rate_limited, Code.rate_limited_tokens, Code.rate_limited_day,
+                        Code.rate_limited_tokens_day})
 # The record's one-letter type code -> the x-key-type header value (schema/keys.py map).
 KEY_TYPES = {code: typ.value for code, typ in TYPE_OF_CODE.items()}
 
@@ -97,31 +123,41 @@ BY_KEY_TYPE: dict[tuple[Code, str], Denial] = {
 }
 
 
-def error_body(denial: Denial, anthropic: bool) -> bytes:
+# Denials that name the level they come from (key, project, organization, member):
+# the JSON's `param`, and the message's {level}.
+BY_LEVEL = frozenset({Code.budget_exhausted, Code.concurrency_limited})
+LEVEL_WORDS = {"key": "key", "project": "project", "organization": "organization",
+               "member": "member"}
+
+
+def error_body(denial: Denial, anthropic: bool, level: str | None = None) -> bytes:
     """The JSON error in the dialect the client's SDK parses."""
+    message = denial.message.replace("{level}", level or "key")
     if anthropic:
         return orjson.dumps({"type": "error",
-                             "error": {"type": denial.anthropic_type,
-                                       "message": denial.message}})
-    return orjson.dumps({"error": {"message": denial.message, "type": denial.openai_type,
-                                   "param": None, "code": denial.code}})
+                             "error": {"type": denial.anthropic_type, "message": message}})
+    return orjson.dumps({"error": {"message": message, "type": denial.openai_type,
+                                   "param": level, "code": denial.code}})
 
 
 # Bodies and header values are the same for every denial of a kind: build them once.
-_RENDERED: dict[tuple[Code, bool, str], tuple[Denial, bytes, str]] = {}
+_RENDERED: dict[tuple[Code, bool, str, str | None], tuple[Denial, bytes, str]] = {}
 
 
-def rendered_denial(code: Code, anthropic: bool,
-                    key_type: str = "") -> tuple[Denial, bytes, str]:
+def rendered_denial(code: Code, anthropic: bool, key_type: str = "",
+                    level: str | None = None) -> tuple[Denial, bytes, str]:
     """(denial, body, X-Auth-Error header value) for a denial code; `key_type` is the
-    script's type letter, for the denials worded per key type."""
+    script's type letter, for the denials worded per key type; `level` the level a
+    budget or concurrency denial comes from."""
     if (code, key_type) not in BY_KEY_TYPE:
         key_type = ""                    # the one wording for every other type
-    cached = _RENDERED.get((code, anthropic, key_type))
+    level = LEVEL_WORDS.get(level or "", "key") if code in BY_LEVEL else None
+    cached = _RENDERED.get((code, anthropic, key_type, level))
     if cached is None:
         denial = BY_KEY_TYPE.get((code, key_type)) or DENIALS[code]
-        body = error_body(denial, anthropic)
-        cached = _RENDERED[(code, anthropic, key_type)] = (denial, body, body.decode())
+        body = error_body(denial, anthropic, level)
+        cached = _RENDERED[(code, anthropic, key_type, level)] = (denial, body,
+                                                                  body.decode())
     return cached
 
 
@@ -133,7 +169,8 @@ def denial_answer(code: Code, anthropic: bool,
     adds x-ratelimit-* for the limits that apply, and Retry-After on a 429; it also names
     the key's type, for a message that says only what applies to it."""
     key_type = reply.type if reply is not None else ""
-    denial, body, header = rendered_denial(code, anthropic, key_type)
+    level = level_of(reply.level) if reply is not None and reply.level else None
+    denial, body, header = rendered_denial(code, anthropic, key_type, level)
     headers = {"X-Auth-Error": header}
     if denial.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="api"'
@@ -141,7 +178,7 @@ def denial_answer(code: Code, anthropic: bool,
         headers["Retry-After"] = "1"
     if reply is not None and reply.limits_known:
         headers.update(limit_headers(reply))
-        if code in (Code.rate_limited, Code.rate_limited_tokens):
+        if code in RATE_CODES:
             headers["Retry-After"] = retry_after(reply)
     return denial, headers, body
 
@@ -190,3 +227,15 @@ def retry_after(reply: AuthorizeReply) -> str:
     that refuses it), rounded up: Retry-After takes whole seconds, and a client that
     waits that long is let through."""
     return str(max(1, -(-int(reply.retry_ms) // 1000)))
+
+
+def observed_denials(observed: str) -> list[str]:
+    """The contract codes of the denials observe-only limits would have made, from the
+    script's ',<code>,...'."""
+    found = []
+    for part in observed.split(","):
+        if part.isdigit() and int(part) in Code._value2member_map_:
+            denial = DENIALS.get(Code(int(part)))
+            if denial:
+                found.append(denial.code)
+    return found

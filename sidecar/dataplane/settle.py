@@ -29,13 +29,17 @@ from redis.exceptions import RedisError
 from ..redis.pipeline import RedisUnavailable
 from ..redis.runner import ScriptRunner, control_client
 from ..runtime import metrics
-from ..runtime.config import Settings
+from ..runtime.config import Settings, price_list
 from ..schema import names
 from ..schema.contracts import SettleArgs, SettleReply
 from ..schema.keys import RESERVATION_ID, KeyHasher, key_type, shard_of
+from ..schema.limits import Calendar
+from ..schema.money import PriceList, Usage, format_amount
+from ..schema.money import cost as money_cost
 from ..schema.record import MAX_QUOTA
 from ..schema.scripts import SETTLE
 from .http_messages import Answer, Call, json_answer
+from .spend import usage_of
 
 log = logging.getLogger("sidecar.settle")
 
@@ -56,6 +60,16 @@ class Report:
     model: str
     tokens: int              # prompt + completion
     cost: int | None         # units the call really cost, when the gateway knows
+    usage: Usage | None = None   # the tokens by kind, for the money it cost
+
+
+def actual_money(report: Report, prices: PriceList) -> int | None:
+    """Micro-units the call really cost: its usage at the model's price; None (what it
+    reserved is charged) when the report gives no usage or the model has no price."""
+    price = prices.of(report.model) if prices and report.model else None
+    if price is None or report.usage is None:
+        return None
+    return money_cost(price, report.usage)
 
 
 def parse_report(body: bytes) -> Report:
@@ -83,16 +97,18 @@ def parse_report(body: bytes) -> Report:
     model = doc.get("model", "")
     if not isinstance(model, str) or len(model) > 256:
         raise BadReport("model: a string of at most 256 characters")
-    tokens = 0
-    for name in ("prompt_tokens", "completion_tokens"):
-        value = doc.get(name, 0)
-        if not _whole(value, MAX_TOKENS):
-            raise BadReport(f"{name}: a whole number between 0 and {MAX_TOKENS}")
-        tokens += value
+    usage = doc.get("usage")      # the upstream's own usage object, as it answered
+    if usage is not None and not isinstance(usage, dict):
+        raise BadReport("usage: an object (the upstream's usage)")
+    try:
+        tokens = usage_of(usage if usage is not None else doc)
+    except ValueError as exc:
+        raise BadReport(("usage." if usage is not None else "") + str(exc)) from None
     cost = doc.get("cost")
     if cost is not None and not _whole(cost, MAX_QUOTA):
         raise BadReport(f"cost: whole quota units between 0 and {MAX_QUOTA}")
-    return Report(reservation_id, key, key_id, model, tokens, cost)
+    return Report(reservation_id, key, key_id, model,
+                  tokens.input + tokens.output if tokens else 0, cost, tokens)
 
 
 def actual_cost(report: Report, token_costs: dict[str, int]) -> int | None:
@@ -117,6 +133,9 @@ class Settler:
         self.runner = runner
         self.hasher = hasher
         self.token_costs = settings.token_costs
+        self.prices = price_list(settings)
+        self.calendar = Calendar(settings.budget_timezone)
+        self.expiry = "c" if settings.expired_reservation == "charge" else "r"
         self._token = ("Bearer " + settings.settlement_token).encode()
         self._redis_url = settings.redis_url
         self._timeout = settings.redis_timeout_ms / 1000
@@ -155,10 +174,16 @@ class Settler:
         if key_hash is None:
             return self._unknown()
         actual = actual_cost(report, self.token_costs)
-        args = SettleArgs(names.record(key_hash), names.wallet(shard_of(key_hash)),
-                          names.reservation(key_hash, report.reservation_id),
-                          int(time.time() * 1000), "" if actual is None else actual,
-                          report.tokens, SETTLED_TTL_MS, names.POOL_PREFIX)
+        money = actual_money(report, self.prices)
+        shard = shard_of(key_hash)
+        now = int(time.time() * 1000)
+        day, month = self.calendar.numbers(now)
+        args = SettleArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
+                          names.leases(shard),
+                          names.reservation(key_hash, report.reservation_id), now,
+                          "" if actual is None else actual, report.tokens, SETTLED_TTL_MS,
+                          names.POOL_PREFIX, "" if money is None else money, day, month,
+                          self.expiry)
         reply = SettleReply.parse(await self.runner.run(SETTLE, args.keys(), args.argv()))
         rid = report.reservation_id
         if reply.code == SettleReply.UNKNOWN_KEY:
@@ -173,10 +198,14 @@ class Settler:
             return _error(409, "already_settled",
                           f"Reservation {rid} has already been settled; nothing changed.")
         reserved, delta, from_wallet = reply.reserved, reply.delta, reply.from_wallet
+        held, spent = reply.money_reserved, reply.money_actual
         metrics.settlement("refund" if delta < 0 else "charge" if delta > 0 else "exact")
-        return _json(200, {"reservation_id": rid, "status": "settled", "reserved": reserved,
-                           "actual": reserved + delta, "delta": delta,
-                           "from_wallet": from_wallet, "tokens": report.tokens})
+        out = {"reservation_id": rid, "status": "settled", "reserved": reserved,
+               "actual": reserved + delta, "delta": delta, "from_wallet": from_wallet,
+               "tokens": report.tokens}
+        if held or spent:
+            out["money"] = {"reserved": format_amount(held), "charged": format_amount(spent)}
+        return _json(200, out)
 
     async def _hash_of(self, key_id: str) -> str | None:
         if self._index is None:

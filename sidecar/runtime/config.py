@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import zoneinfo
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ..schema.money import MAX_TOKENS, BadAmount, PriceList
 from ..schema.webhooks import InvalidEndpoint, WebhookEndpoint, parse_endpoint
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel")
@@ -65,6 +68,15 @@ class Settings:
     settlement_token: str | None = None  # the gateway sends it as `Authorization: Bearer`
     token_costs: dict[str, int] = field(default_factory=dict)  # units per 1000 tokens
     reservation_ttl_s: int = 3600        # how long an allowed call's reservation awaits
+    # Money budgets (docs/budgets.md): prices per million tokens in `currency`.
+    currency: str = "USD"
+    prices: dict[str, Any] = field(default_factory=dict)   # model -> {input, output, ...}
+    default_price: dict[str, Any] | None = None            # for models not in prices
+    budget_timezone: str = "UTC"         # where a `day` / `month` budget period turns
+    default_max_output_tokens: int = 4096  # a call's output cap when its body sets none
+    prompt_bytes_per_token: int = 2      # prompt tokens reserved = body bytes / this
+    expired_reservation: str = "charge"  # unsettled past the ttl: charge | release it
+    concurrency_retry_after_s: int = 1   # Retry-After of a concurrency_limited 429
     log_level: str = "info"
     # Webhooks (docs/webhooks.md): global endpoints, each {url, secret, events}; an
     # organization adds its own through the admin API.
@@ -183,6 +195,11 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:  # noqa: C901 — one branc
     try:
         if value is None:
             return None
+        if typ.startswith("dict[str, Any]"):   # nested mappings (prices): YAML or JSON text
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if typ.startswith("int"):
             if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError  # YAML `true` or `2.5` is no count: int() would truncate
@@ -295,6 +312,7 @@ def validate(s: Settings) -> Settings:  # noqa: C901 — a flat list, one check 
     if any(c < 0 for c in s.token_costs.values()):
         raise ConfigError("token_costs: units per 1000 tokens must not be negative")
     _validate_webhooks(s)
+    _validate_money(s)
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
     return s
@@ -314,6 +332,33 @@ def _validate_webhooks(s: Settings) -> None:
     if not 0 < s.webhook_backoff_s <= s.webhook_backoff_max_s:
         raise ConfigError("webhook_backoff_s: must be positive and at most "
                           "webhook_backoff_max_s")
+
+
+def _validate_money(s: Settings) -> None:
+    try:
+        PriceList.parse(s.prices, s.default_price)
+    except BadAmount as exc:
+        raise ConfigError(str(exc)) from None
+    if not re.fullmatch(r"[A-Z]{3}", s.currency):
+        raise ConfigError("currency: a three-letter ISO 4217 code such as USD")
+    try:
+        zoneinfo.ZoneInfo(s.budget_timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"budget_timezone: {s.budget_timezone!r} is not a time zone "
+                          "(e.g. UTC, Europe/Paris)") from None
+    if not 1 <= s.default_max_output_tokens <= MAX_TOKENS:
+        raise ConfigError(f"default_max_output_tokens: must be between 1 and {MAX_TOKENS}")
+    if not 1 <= s.prompt_bytes_per_token <= 16:
+        raise ConfigError("prompt_bytes_per_token: must be between 1 and 16")
+    if s.expired_reservation not in ("charge", "release"):
+        raise ConfigError("expired_reservation: 'charge' or 'release'")
+    if not 1 <= s.concurrency_retry_after_s <= 3600:
+        raise ConfigError("concurrency_retry_after_s: must be between 1 and 3600")
+
+
+def price_list(s: Settings) -> PriceList:
+    """The settings' prices (validated when the settings were loaded)."""
+    return PriceList.parse(s.prices, s.default_price)
 
 
 def with_overrides(s: Settings, **changes: Any) -> Settings:

@@ -34,6 +34,8 @@ FAIL_OPEN = Counter("sidecar_fail_open", "Calls allowed without a decision (fail
 REDIS_UP = Gauge("sidecar_redis_up",
                  "1 while the hot-path connection (or the last probe) reaches Redis",
                  multiprocess_mode="min")
+SHADOW_DENIALS = Counter("sidecar_shadow_denials", "Denials an observe-only limit or budget "
+                         "would have made (the call went on)", ["code"])
 SETTLEMENTS = Counter("sidecar_settlements", "Usage reports by result", ["result"])
 # Webhooks: outcome is delivered | failed (an attempt; it is retried) | dead_letter.
 WEBHOOK_DELIVERIES = Counter("sidecar_webhook_deliveries",
@@ -109,3 +111,9 @@ def exposition() -> bytes:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
     return generate_latest()
+
+
+
+def shadow_denial(code: str) -> None:
+    """A denial an observe-only limit would have made (the contract's code)."""
+    SHADOW_DENIALS.labels(code).inc()

@@ -6,7 +6,11 @@
 -- KEYS[1]  record              key record hash k:{tag}:<hash>
 -- KEYS[2]  wallet              wallet hash w:{tag} (PAYG balances, field = account id;
 --                              and quota pools, field = ARGV[10] .. pool id)
--- KEYS[3]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
+-- KEYS[3]  budgets             budgets hash b:{tag}: the limits.lua state of the levels
+--                              above the key, field = a word of the record's lv
+-- KEYS[4]  leases              sorted set l:{tag}: reservation name -> expiry ms, for
+--                              the reservations that hold money or a slot
+-- KEYS[5]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
 --                              on (without it, no reservation is kept)
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  cost                units this call reserves
@@ -21,24 +25,35 @@
 --                              be read whole (request.py read_model)
 -- ARGV[10] pool_prefix         names.POOL_PREFIX: the wallet field of the record's
 --                              quota pool 'qp' is ARGV[10] .. qp (names.pool_field)
--- ARGV[11] reservation_ttl     ms (only with KEYS[3])
+-- ARGV[11] reservation_ttl     ms a reservation (KEYS[5]) awaits its report; 0 without
+-- ARGV[12] money               micro-units the call may cost at most; -1: the model has
+--                              no price (refused where a budget applies)
+-- ARGV[13] day                 number of the budget day now (budget_timezone)
+-- ARGV[14] month               number of the budget month now
+-- ARGV[15] expiry              'c' charge / 'r' release an expired reservation
 --
 -- Returns {code, key_id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining,
---          rpm_reset_ms, tpm_reset_ms, retry_ms}
+--          rpm_reset_ms, tpm_reset_ms, retry_ms, level, observed}
 -- ({code} alone for codes 1..7: refused before the limits are read)
 -- reset: until the limit is whole again; retry (429 only): until the next call fits.
+-- The request and token limits shown (rpm..tpm_reset_ms) are the tightest of the
+-- per-minute and per-day ones. level: where a budget or concurrency denial comes from
+-- ('k' the key, else its budgets hash field). observed: ',<code>,...' of the denials an
+-- observe-only limit would have made ('' none).
 -- code: 0 allow, 1 unknown key, 2 disabled, 3 expired, 4 admin key, 5 ip, 6 model,
---       7 permission, 8 quota, 9 requests/min, 10 tokens/min.  Order = the contract's table.
--- Nothing is written unless the code is 0. An allowed call with KEYS[3] also records its
--- reservation there, '<units> <source>', for settle.lua: source 'q' the key's quota (own
--- or shared pool), 'u' nothing (unlimited), 'c<cycle end ms>' a subscription cycle,
--- 'w' the PAYG wallet.
+--       7 permission, 8 quota, 9 requests/min, 10 tokens/min, 11 budget,
+--       12 concurrency, 13 model not priced, 14 requests/day, 15 tokens/day.
+-- Nothing is written unless the code is 0. An allowed call with KEYS[5] also records its
+-- reservation there, '<units> <source>' (limits.lua: more when it holds money or a
+-- slot), for settle.lua: source 'q' the key's quota (own or shared pool), 'u' nothing
+-- (unlimited), 'c<cycle end ms>' a subscription cycle, 'w' the PAYG wallet.
 
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'st', 'ex', 'ips', 'm', 'pm', 'sc',          -- 1..8
   'ul', 'qr', 'rpm', 'ra', 'tpm', 'ta',                  -- 9..14
   'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'org', 'prj',      -- 15..22
-  'qu', 'n', 'pu', 'qp')                                  -- 23..26
+  'qu', 'n', 'pu', 'qp', 'lim', 'lv', 'rpd', 'rd',       -- 23..30
+  'tpd', 'td')                                            -- 31..32
 local id = f[1]
 if not id then return {1} end
 local now = tonumber(ARGV[1])
@@ -94,28 +109,52 @@ if pm == 'r' then
   end
 end
 
+-- Observe-only limits (limits.lua): a denial they would make is reported, not made.
+local own = lim_read(f[27])
+local observe = own and own.ob or '-'
+local observed = ''
+local function enforced(code, letter, ob)   -- false: only observed (and reported)
+  if string.find(ob or observe, letter, 1, true) then
+    observed = observed .. ',' .. code
+    return false
+  end
+  return true
+end
+
 -- Rate limits by GCRA (generic cell rate algorithm): per limit one stored number, the
 -- theoretical arrival time (tat, in µs) at which the key's use so far has drained. A
--- limit of L a minute lets one unit (a request, a token) through every step = 60 s / L
+-- limit of L a period lets one unit (a request, a token) through every step = period / L
 -- and at most L at once: a unit fits while tat - now <= (L - 1) * step. So no clock
--- boundary lets a burst exceed L; in any d seconds at most L + d * L / 60 units pass.
+-- boundary lets a burst exceed L; in any d seconds at most L + d * L / period units pass.
 -- µs keep it exact in doubles (now * 1000 < 2^53 until the year 2255); the step is
--- rounded up to a whole µs, so the burst is exactly L and the rate at most L a minute.
+-- rounded up to a whole µs, so the burst is exactly L and the rate at most L a period.
+local MINUTE, DAY = 60000000, 86400000000
 local now_us = now * 1000
-local function gcra(limit, tat)   -- step, level (µs still draining), units left, wait µs
+local function gcra(limit, tat, period)   -- step, level (µs draining), units left, wait µs
   if limit <= 0 then return 0, 0, 0, 0 end
-  local step = math.ceil(60000000 / limit)
+  local step = math.ceil(period / limit)
   local level = math.max(tonumber(tat or '0') - now_us, 0)
   local room = limit * step - level
   return step, level, math.max(math.floor(room / step), 0), step - room
 end
 local rpm, tpm = tonumber(f[11] or '0'), tonumber(f[13] or '0')
-local r_step, r_level, r_left, r_wait = gcra(rpm, f[12])
-local _, t_level, t_left, t_wait = gcra(tpm, f[14])
+local rpd, tpd = tonumber(f[29] or '0'), tonumber(f[31] or '0')
+local r_step, r_level, r_left, r_wait = gcra(rpm, f[12], MINUTE)
+local _, t_level, t_left, t_wait = gcra(tpm, f[14], MINUTE)
+local rd_step, rd_level, rd_left, rd_wait = gcra(rpd, f[30], DAY)
+local _, td_level, td_left, td_wait = gcra(tpd, f[32], DAY)
 local function ms(us) return math.ceil(us / 1000) end
+-- The limits shown: per limit kind, the one with the least left.
+local show_r = rpd > 0 and (rpm <= 0 or rd_left < r_left)
+local show_t = tpd > 0 and (tpm <= 0 or td_left < t_left)
+local level = ''
 local function answer(code, used, wait)   -- used: 1 when this call takes a request
-  return {code, id, f[2], f[21] or '', f[22] or '', rpm, math.max(r_left - used, 0),
-          tpm, t_left, ms(r_level + used * r_step), ms(t_level), ms(wait or 0)}
+  local rl, rleft, rreset = rpm, r_left, r_level + used * r_step
+  if show_r then rl, rleft, rreset = rpd, rd_left, rd_level + used * rd_step end
+  local tl, tleft, treset = tpm, t_left, t_level
+  if show_t then tl, tleft, treset = tpd, td_left, td_level end
+  return {code, id, f[2], f[21] or '', f[22] or '', rl, math.max(rleft - used, 0),
+          tl, tleft, ms(rreset), ms(treset), ms(wait or 0), level, observed}
 end
 
 -- Quota: subscription cycle (renewed here, atomically), PAYG fallback, or own quota.
@@ -137,23 +176,68 @@ if typ == 'b' then
     if f[19] == '1' and f[20] then
       balance = tonumber(redis.call('HGET', KEYS[2], f[20]) or '0')
     end
-    if balance < cost then return answer(8, 0) end
-    pay_wallet = true
+    if balance < cost then
+      if enforced(8, 'q') then return answer(8, 0) end
+    else
+      pay_wallet = true
+    end
   end
-elseif f[9] ~= '1' and qr < cost then
+elseif f[9] ~= '1' and qr < cost and enforced(8, 'q') then
   return answer(8, 0)
 end
 
--- Retry after: when the next call would be allowed, so past both limits' waits.
-if rpm > 0 and r_wait > 0 then return answer(9, 0, math.max(r_wait, t_wait)) end
-if tpm > 0 and t_wait > 0 then return answer(10, 0, t_wait) end
+-- Retry after: when the next call would be allowed, so past every limit's wait.
+local waits = {0}
+for _, w in ipairs({r_wait, t_wait, rd_wait, td_wait}) do
+  if w > 0 then waits[#waits + 1] = w end
+end
+local wait_all = math.max(unpack(waits))
+if rpm > 0 and r_wait > 0 and enforced(9, 'r') then return answer(9, 0, wait_all) end
+if rpd > 0 and rd_wait > 0 and enforced(14, 'r') then return answer(14, 0, wait_all) end
+if tpm > 0 and t_wait > 0 and enforced(10, 't') then return answer(10, 0, wait_all) end
+if tpd > 0 and td_wait > 0 and enforced(15, 't') then return answer(15, 0, wait_all) end
+
+-- Budgets and concurrency, at the key and every level above it (limits.lua): all are
+-- checked before anything is written, so a refused call reserves nothing anywhere.
+-- Concurrency is counted only with a reservation (KEYS[5]): its settle ends the call.
+local money, day, month = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local held = {}                       -- {where, state} of the levels with limits
+if own or f[28] then
+  lim_sweep(KEYS[4], KEYS[3], now, ARGV[15], day, month, tonumber(ARGV[11]))
+  own = lim_read(redis.call('HGET', KEYS[1], 'lim'))   -- the sweep may have changed it
+  if own then held[1] = {'k', own} end
+  if f[28] then
+    local fields = {}
+    for where in string.gmatch(f[28], '%S+') do fields[#fields + 1] = where end
+    local states = redis.call('HMGET', KEYS[3], unpack(fields))
+    for i, where in ipairs(fields) do
+      local l = lim_read(states[i])
+      if l then held[#held + 1] = {where, l} end
+    end
+  end
+end
+local slots = KEYS[5] ~= nil
+for _, h in ipairs(held) do
+  local l = h[2]
+  lim_roll(l, day, month)
+  level = h[1]
+  if l.b > 0 and money < 0 and enforced(13, 'b', l.ob) then return answer(13, 0) end
+  if l.b > 0 and money > 0 and l.s + l.r + money > l.b and enforced(11, 'b', l.ob) then
+    return answer(11, 0)
+  end
+  if slots and l.mc > 0 and l.fl >= l.mc and enforced(12, 'c', l.ob) then
+    return answer(12, 0)
+  end
+end
+level = ''
 
 -- Allowed: reserve, count, record recent activity, all in one HSET. Tokens are counted
--- when the call's usage is reported (settle.lua moves ta).
+-- when the call's usage is reported (settle.lua moves ta and td).
 local set = {'la', ARGV[1], 'lip', ARGV[4], 'lm', model,
              'qu', tonumber(f[23] or '0') + cost, 'n', tonumber(f[24] or '0') + 1}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 if rpm > 0 then put('ra', now_us + r_level + r_step) end
+if rpd > 0 then put('rd', now_us + rd_level + rd_step) end
 if typ == 'b' then
   put('ce', ce)
   if pay_wallet then
@@ -170,10 +254,31 @@ elseif f[9] ~= '1' then
     put('qr', qr - cost)
   end
 end
+-- Each level with limits holds the money (spent at once without a reservation to
+-- settle) and a slot; the reservation names what it holds, for settle and expiry.
+local words = {}
+for _, h in ipairs(held) do
+  local where, l, flags = h[1], h[2], ''
+  if l.b > 0 and money > 0 then
+    if slots then l.r = l.r + money; flags = 'b' else l.s = l.s + money end
+  end
+  if slots and l.mc > 0 then l.fl = l.fl + 1; flags = flags .. 'c' end
+  if where == 'k' then put('lim', lim_text(l)) else
+    redis.call('HSET', KEYS[3], where, lim_text(l))
+  end
+  if flags ~= '' then words[#words + 1] = flags .. ':' .. where end
+end
 redis.call('HSET', KEYS[1], unpack(set))
-if KEYS[3] then
+if slots then
   local source = (typ ~= 'b' and (f[9] == '1' and 'u' or 'q'))
                  or (pay_wallet and 'w') or ('c' .. ce)
-  redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
+  if #words > 0 then   -- a lease: it ends at settle, or expires (limits.lua)
+    redis.call('SET', KEYS[5], table.concat({ARGV[2], source,
+               string.format('%d', math.max(money, 0)), KEYS[1],
+               table.concat(words, ' ')}, ' '), 'PX', 2 * tonumber(ARGV[11]))
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[11]), KEYS[5])
+  else
+    redis.call('SET', KEYS[5], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
+  end
 end
 return answer(0, 1)

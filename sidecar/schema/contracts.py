@@ -25,14 +25,17 @@ def _text(value: object) -> str:
 
 
 class AuthorizeArgs(NamedTuple):
-    KEYS = ("record", "wallet", "reservation")
+    KEYS = ("record", "wallet", "budgets", "leases", "reservation")
     ARGV = ("now", "cost", "ip_hex", "ip", "model", "scope", "granting", "write",
-            "uncertain", "pool_prefix", "reservation_ttl")
-    OPTIONAL = ("reservation", "reservation_ttl")   # both or neither (/settle on)
+            "uncertain", "pool_prefix", "reservation_ttl", "money", "day", "month",
+            "expiry")
+    OPTIONAL = ("reservation",)   # KEYS[5] only when /settle is on
 
     record: str
     wallet: str
-    reservation: str          # '' when /settle is off: no KEYS[3], no ARGV[11]
+    budgets: str
+    leases: str
+    reservation: str          # '' when /settle is off: no KEYS[5]
     now: int
     cost: int
     ip_hex: str
@@ -44,43 +47,51 @@ class AuthorizeArgs(NamedTuple):
     uncertain: int
     pool_prefix: str = names.POOL_PREFIX
     reservation_ttl: int = 0
+    money: int = -1           # micro-units at most (dataplane/spend.py); -1 no price
+    day: int = 0              # schema/limits.Calendar
+    month: int = 0
+    expiry: str = "c"         # 'c' charge, 'r' release an expired reservation
 
     def keys(self) -> tuple:
-        return self[:3] if self[2] else self[:2]
+        return self[:5] if self[4] else self[:4]
 
     def argv(self) -> tuple:
-        return self[3:] if self[2] else self[3:13]
+        return self[5:]
 
     @staticmethod
-    def pack(record: str, wallet: str, reservation: str, now: int, cost: int, ip_hex: str,
-             ip: str, model: str, scope: str, granting: str, write: int, uncertain: int,
-             pool_prefix: str, reservation_ttl: int) -> tuple[tuple, tuple]:
+    def pack(record: str, wallet: str, budgets: str, leases: str, reservation: str,
+             now: int, cost: int, ip_hex: str, ip: str, model: str, scope: str,
+             granting: str, write: int, uncertain: int, pool_prefix: str,
+             reservation_ttl: int, money: int, day: int, month: int,
+             expiry: str) -> tuple[tuple, tuple]:
         """(keys(), argv()) of the instance these arguments make, without making it: the
         hot path's one build per call (~100 ns, the instance ~450 ns)."""
+        argv = (now, cost, ip_hex, ip, model, scope, granting, write, uncertain,
+                pool_prefix, reservation_ttl, money, day, month, expiry)
         if reservation:
-            return (record, wallet, reservation), (
-                now, cost, ip_hex, ip, model, scope, granting, write, uncertain,
-                pool_prefix, reservation_ttl)
-        return (record, wallet), (now, cost, ip_hex, ip, model, scope, granting, write,
-                                  uncertain, pool_prefix)
+            return (record, wallet, budgets, leases, reservation), argv
+        return (record, wallet, budgets, leases), argv
 
 
 class AuthorizeReply(NamedTuple):
     FIELDS = ("code", "key_id", "type", "org", "project", "rpm", "rpm_remaining", "tpm",
-              "tpm_remaining", "rpm_reset_ms", "tpm_reset_ms", "retry_ms")
+              "tpm_remaining", "rpm_reset_ms", "tpm_reset_ms", "retry_ms", "level",
+              "observed")
 
     code: int
     key_id: str = ""
     type: str = ""            # the record's one-letter type code (schema/keys.TYPE_CODE)
     org: str = ""
     project: str = ""
-    rpm: int = 0
+    rpm: int = 0              # the tightest requests limit: per minute or per day
     rpm_remaining: int = 0
-    tpm: int = 0
+    tpm: int = 0              # the tightest tokens limit
     tpm_remaining: int = 0
     rpm_reset_ms: int = 0
     tpm_reset_ms: int = 0
     retry_ms: int = 0
+    level: str = ""           # of a budget / concurrency denial: 'k' or a budgets field
+    observed: str = ""        # ',<code>,...' observe-only limits would have refused
 
     @property
     def limits_known(self) -> bool:
@@ -91,55 +102,66 @@ class AuthorizeReply(NamedTuple):
     def parse(cls, raw: list) -> AuthorizeReply:
         if len(raw) == 1:
             return cls(raw[0])
-        if len(raw) != 12:
+        if len(raw) != 14:
             raise ValueError(f"authorize.lua: a reply of {len(raw)} values")
         code, key_id, typ, org, project, rpm, rpm_left, tpm, tpm_left, rpm_reset, \
-            tpm_reset, retry = raw
+            tpm_reset, retry, level, observed = raw
         try:    # hiredis gives bytes; tuple.__new__ skips the generated __new__
             return _new(cls, (code, key_id.decode(), typ.decode(), org.decode(),
                               project.decode(), rpm, rpm_left, tpm, tpm_left, rpm_reset,
-                              tpm_reset, retry))
+                              tpm_reset, retry, level.decode(), observed.decode()))
         except AttributeError:   # a client that decodes replies already
             return _new(cls, (code, _text(key_id), _text(typ), _text(org), _text(project),
-                              rpm, rpm_left, tpm, tpm_left, rpm_reset, tpm_reset, retry))
+                              rpm, rpm_left, tpm, tpm_left, rpm_reset, tpm_reset, retry,
+                              _text(level), _text(observed)))
 
 
 # -- settle.lua ------------------------------------------------------------------------
 
 
 class SettleArgs(NamedTuple):
-    KEYS = ("record", "wallet", "reservation")
-    ARGV = ("now", "actual", "tokens", "settled_ttl", "pool_prefix")
+    KEYS = ("record", "wallet", "budgets", "leases", "reservation")
+    ARGV = ("now", "actual", "tokens", "settled_ttl", "pool_prefix", "money", "day",
+            "month", "expiry")
     OPTIONAL = ()
 
     record: str
     wallet: str
+    budgets: str
+    leases: str
     reservation: str
     now: int
     actual: int | str         # '' = what the call reserved
     tokens: int
     settled_ttl: int
     pool_prefix: str = names.POOL_PREFIX
+    money: int | str = ""     # micro-units the call cost; '' = what it reserved
+    day: int = 0
+    month: int = 0
+    expiry: str = "c"
 
     def keys(self) -> tuple:
-        return self[:3]
+        return self[:5]
 
     def argv(self) -> tuple:
-        return self[3:]
+        return self[5:]
 
 
 class SettleReply(NamedTuple):
-    FIELDS = ("code", "reserved", "delta", "from_wallet")
+    FIELDS = ("code", "reserved", "delta", "from_wallet", "money_reserved",
+              "money_actual")
     SETTLED, UNKNOWN_KEY, ALREADY_SETTLED, NO_RESERVATION = 0, 1, 2, 3
 
     code: int
     reserved: int = 0
     delta: int = 0
     from_wallet: int = 0
+    money_reserved: int = 0   # micro-units the call held at its levels
+    money_actual: int = 0     # ... and was charged there
 
     @classmethod
     def parse(cls, raw: list) -> SettleReply:
-        if len(raw) not in (1, 4):
+        if len(raw) not in (1, 6):
             raise ValueError(f"settle.lua: a reply of {len(raw)} values")
         return cls(*(int(v) for v in raw))
 
@@ -236,6 +258,38 @@ class RetireTagReply(NamedTuple):
         return cls(int(raw))
 
 
+# -- set_limits.lua (control plane: budgets and concurrency) -----------------------------
+
+
+class SetLimitsArgs(NamedTuple):
+    KEYS = ("holder",)
+    ARGV = ("field", "budget", "period", "max_concurrency", "observe")
+    OPTIONAL = ()
+
+    holder: str               # names.record(...) or names.budgets(tag)
+    field: str                # 'lim', or names.level_field(...)
+    budget: int | str = ""    # '' leaves a setting unchanged
+    period: str = ""
+    max_concurrency: int | str = ""
+    observe: str = ""
+
+    def keys(self) -> tuple:
+        return self[:1]
+
+    def argv(self) -> tuple:
+        return self[1:]
+
+
+class SetLimitsReply(NamedTuple):
+    FIELDS = ("state",)
+
+    state: str                # schema/limits.py Limits.unpack reads it
+
+    @classmethod
+    def parse(cls, raw: object) -> SetLimitsReply:
+        return cls(_text(raw))
+
+
 # script name -> (arguments, reply): what tests/unit/test_contracts.py compares
 CONTRACTS = {
     "authorize": (AuthorizeArgs, AuthorizeReply),
@@ -243,4 +297,5 @@ CONTRACTS = {
     "pool_quota": (PoolQuotaArgs, PoolQuotaReply),
     "create_unique": (CreateUniqueArgs, CreateUniqueReply),
     "retire_tag": (RetireTagArgs, RetireTagReply),
+    "set_limits": (SetLimitsArgs, SetLimitsReply),
 }

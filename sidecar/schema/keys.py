@@ -77,8 +77,18 @@ class KeyHasher:
         return outer.hexdigest()
 
     def account_tag(self, account: str) -> str:
-        """Stable shard tag of an account (owner of a PAYG wallet)."""
+        """Stable shard tag of an account (owner of a PAYG wallet). An organization's own
+        account ('<org id>:<account>', names.org_account) is on the organization's tag,
+        with the organization's keys."""
+        org, sep, _ = account.partition(":")
+        if sep:
+            return self.org_tag(org)
         return self("acct:" + account)[:SHARD_HEX]
+
+    def org_tag(self, org_id: str) -> str:
+        """Stable shard tag of an organization: its keys are minted on it, so they and the
+        budgets of its projects, members and itself share one Redis Cluster slot."""
+        return self("org:" + org_id)[:SHARD_HEX]
 
 
 def shard_of(key_hash: str) -> str:

@@ -37,6 +37,34 @@ def pool_field(pool_id: str) -> str:
     return POOL_PREFIX + pool_id
 
 
+def budgets(shard: str) -> str:
+    """Hash: the budget and concurrency state (limits.lua) of the levels above the keys
+    whose tag is `shard` (keys of an organization are minted on its tag, so its projects,
+    members and itself share one slot with them); field = level_field(...)."""
+    return f"b:{{{shard}}}"
+
+
+LEVEL_PREFIX = {"project": "p:", "organization": "o:", "member": "m:"}
+LEVEL_OF_PREFIX = {v: k for k, v in LEVEL_PREFIX.items()}
+
+
+def level_field(level: str, entity_id: str) -> str:
+    """Field of the budgets hash for a project, organization or member."""
+    return LEVEL_PREFIX[level] + entity_id
+
+
+def level_of(where: str) -> str:
+    """The level a script names ('k' or a budgets field): key, project, organization,
+    member."""
+    return "key" if where == "k" else LEVEL_OF_PREFIX.get(where[:2], "key")
+
+
+def leases(shard: str) -> str:
+    """Sorted set: reservations that hold money or a concurrency slot (name -> expiry ms),
+    for settle.lua and the sweep of expired ones (limits.lua)."""
+    return f"l:{{{shard}}}"
+
+
 def reservation(key_hash: str, reservation_id: str) -> str:
     """String: what one allowed call reserved, '<units> <source>' (authorize.lua writes
     it, with a TTL of reservation_ttl_s), until settle.lua replaces it by 's' (settled).

@@ -21,6 +21,10 @@ that calls them, use the same fields by their short names:
   org, prj, mem, sa     organization, project, member, service account
   la, lip, lm, n        recent activity: last used ms, IP, model; request count
   rt, rf                rotation: rotated to / rotated from (key ids)
+  rpd, tpd              limits per day; rd / td: their GCRA state (as ra / ta)
+  lim                   the key's budget and concurrency state (schema/limits.py)
+  lv                    the levels above it with budgets: fields of the tag's budgets
+                        hash, 'p:<project> o:<org> m:<member>' (names.level_field)
   sub                   the subscription (plan) an sk-sub- key belongs to
 """
 
@@ -47,7 +51,8 @@ DAY_MS = 86_400_000
 CASCADE_REASONS = frozenset({"member_removed", "service_account_deleted", "project_deleted",
                              "subscription_cancelled"})
 # Settings a rotated key keeps (copied to its successor); counters and activity start anew.
-ROTATION_COPIED = ("t", "nm", "ex", "ul", "qr", "ips", "m", "pm", "sc", "rpm", "tpm", "cq",
+ROTATION_COPIED = ("t", "nm", "ex", "ul", "qr", "ips", "m", "pm", "sc", "rpm", "tpm", "rpd",
+                   "tpd", "lv", "cq",
                    "cu", "ce", "cp", "pg", "ow", "org", "prj", "mem", "sa", "sub")
 
 
@@ -103,6 +108,10 @@ class KeyRecord:
     scopes: list[str] = _f("sc", "l")
     rpm: int | None = _f("rpm", "i")
     tpm: int | None = _f("tpm", "i")
+    rpd: int | None = _f("rpd", "i")
+    tpd: int | None = _f("tpd", "i")
+    limits: str = _f("lim")                        # schema/limits.py, packed
+    levels: str = _f("lv")                         # names.level_field words
     cycle_quota: int | None = _f("cq", "i")
     cycle_used: int | None = _f("cu", "i")
     cycle_end_ms: int | None = _f("ce", "i")

@@ -8,17 +8,25 @@
 -- KEYS[1]  record              key record hash k:{tag}:<hash>
 -- KEYS[2]  wallet              wallet hash w:{tag} (PAYG balances, field = account id;
 --                              quota pools, field = ARGV[5] .. pool id)
--- KEYS[3]  reservation         r:{tag}:<hash16>:<reservation id>  '<units> <source>' as
---                              authorize.lua wrote it, 's' once settled
+-- KEYS[3]  budgets             budgets hash b:{tag} (the levels' limits.lua state)
+-- KEYS[4]  leases              sorted set l:{tag} (reservation name -> expiry ms)
+-- KEYS[5]  reservation         r:{tag}:<hash16>:<reservation id>  as authorize.lua wrote
+--                              it, 's' once settled, 'x' once expired
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  actual              units the call really cost; '' = what it reserved
--- ARGV[3]  tokens              prompt + completion tokens, for tokens per minute
+-- ARGV[3]  tokens              prompt + completion tokens, for tokens per minute / day
 -- ARGV[4]  settled_ttl         ms a settled reservation still answers 'already settled'
 -- ARGV[5]  pool_prefix         names.POOL_PREFIX (see authorize.lua ARGV[10])
+-- ARGV[6]  money               micro-units the call really cost; '' = what it reserved
+-- ARGV[7]  day                 number of the budget day now (budget_timezone)
+-- ARGV[8]  month               number of the budget month now
+-- ARGV[9]  expiry              'c' charge / 'r' release an expired reservation
 --
--- Returns {code, reserved, delta, from_wallet}
+-- Returns {code, reserved, delta, from_wallet, money_reserved, money_actual}
 -- code: 0 settled, 1 unknown (or deleted) key, 2 already settled, 3 no such reservation
--- for this key (never made, expired, or another key's). Codes 1-3 write nothing.
+-- for this key (never made, expired, or another key's). Codes 1-3 write nothing (but
+-- an expired lease is ended by its policy, limits.lua, whoever notices it first).
+-- money_*: what the call held at its levels and what it is charged there (limits.lua).
 -- delta = actual - reserved: < 0 refunded (at most what was reserved), > 0 charged extra;
 -- from_wallet = units of an extra charge taken from the PAYG wallet.
 --
@@ -37,15 +45,22 @@
 
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'ul', 'qu', 'tpm', 'ta',                     -- 1..6
-  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp')         -- 7..14
+  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp', 'tpd',  -- 7..15
+  'td')                                                   -- 16
 if not f[1] then return {1} end
-local held = redis.call('GET', KEYS[3])
-if not held then return {3} end
+local now, day, month = tonumber(ARGV[1]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local marked_ms = tonumber(ARGV[4])
+lim_sweep(KEYS[4], KEYS[3], now, ARGV[9], day, month, marked_ms)
+local due = redis.call('ZSCORE', KEYS[4], KEYS[5])
+if due and tonumber(due) <= now then   -- this one's lease ran out before its report
+  lim_expire(KEYS[4], KEYS[3], KEYS[5], ARGV[9], day, month, marked_ms)
+end
+local held = redis.call('GET', KEYS[5])
+if not held or held == 'x' then return {3} end
 if held == 's' then return {2} end
-local reserved, source = string.match(held, '^(%d+) (.+)$')
+local reserved, source, rest = string.match(held, '^(%d+) (%S+)(.*)$')
 reserved = tonumber(reserved)
 
-local now = tonumber(ARGV[1])
 local actual = ARGV[2] == '' and reserved or tonumber(ARGV[2])
 local delta = actual - reserved
 local refund = math.max(-delta, 0)
@@ -54,14 +69,27 @@ local from_wallet = 0
 local set = {'qu', math.max(tonumber(f[4] or '0') + delta, 0)}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 
-local tpm = tonumber(f[5] or '0')
-if tokens > 0 and tpm > 0 then
-  -- Each token takes one step of the limit (see authorize.lua); what is over the limit
-  -- is owed, and keeps calls refused until it drains. The bound only keeps the sum an
-  -- exact double (31 years of debt).
-  local now_us = now * 1000
-  local tat = math.max(tonumber(f[6] or '0'), now_us) + tokens * math.ceil(60000000 / tpm)
-  put('ta', math.min(tat, now_us + 1e15))
+-- Each token takes one step of a tokens limit (see authorize.lua); what is over the
+-- limit is owed, and keeps calls refused until it drains. The bound only keeps the sum
+-- an exact double (31 years of debt).
+local now_us = now * 1000
+for _, t in ipairs({{'ta', f[5], f[6], 60000000}, {'td', f[15], f[16], 86400000000}}) do
+  local limit = tonumber(t[2] or '0')
+  if tokens > 0 and limit > 0 then
+    local tat = math.max(tonumber(t[3] or '0'), now_us) + tokens * math.ceil(t[4] / limit)
+    put(t[1], math.min(tat, now_us + 1e15))
+  end
+end
+
+-- Money held at the key's levels (limits.lua): the reserved amount is released and
+-- the actual one spent, in the window running now; slots are given back.
+local money_reserved, money_actual = 0, 0
+local held_money, _, levels = string.match(rest, '^ (%d+) (%S+) (.*)$')
+if held_money then
+  money_reserved = tonumber(held_money)
+  money_actual = ARGV[6] == '' and money_reserved or tonumber(ARGV[6])
+  lim_release(KEYS[1], KEYS[3], levels, money_reserved, money_actual, day, month)
+  redis.call('ZREM', KEYS[4], KEYS[5])
 end
 
 if f[2] == 'b' then
@@ -97,5 +125,5 @@ elseif f[3] ~= '1' and (delta > 0 or (refund > 0 and source == 'q')) then
 end
 
 redis.call('HSET', KEYS[1], unpack(set))
-redis.call('SET', KEYS[3], 's', 'PX', ARGV[4])
-return {0, reserved, delta, from_wallet}
+redis.call('SET', KEYS[5], 's', 'PX', ARGV[4])
+return {0, reserved, delta, from_wallet, money_reserved, money_actual}

@@ -35,10 +35,11 @@ from proxies import (
 )
 
 from sidecar.dataplane.decision import identity_headers
+from sidecar.schema.contracts import AuthorizeReply
 from sidecar.schema.keys import RESERVATION_ID
 
 TRAEFIK = ROOT / "deploy" / "traefik"
-IDENTITY = set(identity_headers([0, b"k", b"s", b"", b""]))
+IDENTITY = set(identity_headers(AuthorizeReply(0, "k", "s")))
 CLIENT_IP = "127.0.0.5"     # the test client's source address; Traefik itself is 127.0.0.1
 
 

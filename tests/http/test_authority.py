@@ -209,7 +209,7 @@ def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenan
     a_key_made = plane.ok("POST", "/keys", {"project_id": prj["id"], "unlimited": True,
                                             "name": "secret-key"})
     ids["key_id"] = a_key_made["id"]
-    bodies = {"PATCH": {"name": "mine"}, "POST": {}}
+    bodies = {"PATCH": {"name": "mine"}, "POST": {}, "PUT": {"budget": "1.00"}}
     body_for = {"/keys/{key_id}/quota": {"set": 0}, "/members/{member_id}": {"role": "member"},
                 "/subscriptions/{subscription_id}": {"plan": "mine"}}
     doc = plane.ok("GET", "/openapi.json")
@@ -226,8 +226,8 @@ def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenan
             for secret in ("secret", plane.org, "alice"):
                 assert secret not in text, (method, path, reply.body)
             tried += 1
-    assert tried == 22          # members 3, projects 3, service accounts 3, keys 8, subs 3,
-    #                             webhooks 2
+    assert tried == 28   # members 5, projects 5, service accounts 3, keys 10, subs 3,
+    #                      webhooks 2
     # Ids of A in B's request bodies and filters: not found either.
     for body in ({"project_id": prj["id"]}, {"service_account_id": ids["service_account_id"]},
                  {"owner": "user", "member_id": ids["member_id"]}):

@@ -17,6 +17,7 @@ from conftest import PEPPER, ROOT, free_port, sidecar_env
 from sidecar.dataplane.request import classify
 from sidecar.redis.runner import make_runner
 from sidecar.schema import names
+from sidecar.schema.contracts import AuthorizeArgs
 from sidecar.schema.ips import ip_hex
 from sidecar.schema.keys import KeyType, key_type
 from sidecar.schema.scripts import AUTHORIZE
@@ -136,10 +137,12 @@ async def test_show_and_list_never_reveal_the_key(env, redis_url):
     runner = make_runner(redis_url, 2.0)
     try:
         endpoint = classify("POST", "/v1/chat/completions")
-        reply = await runner.run(
-            AUTHORIZE, (names.record(key_hash), names.wallet(key_hash[:3])),
-            [int(datetime.now(UTC).timestamp() * 1000), 1, ip_hex("10.1.1.1"), "10.1.1.1",
-             "gpt-5.5", endpoint.scope, endpoint.granting, 1])
+        tag = key_hash[:3]
+        args = AuthorizeArgs(
+            names.record(key_hash), names.wallet(tag), names.budgets(tag), names.leases(tag),
+            "", int(datetime.now(UTC).timestamp() * 1000), 1, ip_hex("10.1.1.1"), "10.1.1.1",
+            "gpt-5.5", endpoint.scope, endpoint.granting, 1, 0)
+        reply = await runner.run(AUTHORIZE, args.keys(), args.argv())
     finally:
         await runner.close()
     assert reply[0] == 0

@@ -20,6 +20,7 @@ from redis.crc import key_slot
 from sidecar.control.store import ControlStore
 from sidecar.redis.runner import control_client, make_runner
 from sidecar.schema import names
+from sidecar.schema.contracts import AuthorizeArgs
 from sidecar.schema.keys import KeyHasher, KeyType, shard_of
 from sidecar.schema.scripts import AUTHORIZE
 
@@ -164,12 +165,14 @@ async def test_a_stale_slot_map_follows_moved_and_recovers(cluster_url, plane):
     once."""
     key_id, key = await make(plane, quota=5)
     key_hash = hash_of(key)
-    keys = (names.record(key_hash), names.wallet(shard_of(key_hash)))
+    shard = shard_of(key_hash)
+    keys = (names.record(key_hash), names.wallet(shard), names.budgets(shard),
+            names.leases(shard))
     slot = key_slot(keys[0].encode())
     runner = make_runner(cluster_url, 2.0)
     try:
-        argv = [int(time.time() * 1000), 1, "", "", "gpt-x", "chat.completions:write", "",
-                1, 0]
+        argv = AuthorizeArgs(*keys, "", int(time.time() * 1000), 1, "", "", "gpt-x",
+                             "chat.completions:write", "", 1, 0).argv()
         assert (await runner.run(AUTHORIZE, keys, argv))[0] == 0
         right = runner._slots[slot]
         runner._slots[slot] = next(n for n in runner._nodes.values() if n is not right)

@@ -16,14 +16,10 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 
-import aiohttp
-import orjson
 import pytest
-from aiohttp import web
 from conftest import free_port, start_sidecar, stop_process
 from live import (
     CHAT,
-    CLIENT_TIMEOUT,
     DENIAL_ROWS,
     MESSAGES,
     Transport,
@@ -32,6 +28,7 @@ from live import (
     cli,
     denial_row,
     make,
+    sdk_gateway,
 )
 
 from sidecar.schema.keys import KeyType
@@ -381,46 +378,6 @@ async def test_recent_activity_is_recorded(behind_proxy, plane, ask):
 
 # -- the official SDKs -----------------------------------------------------------------
 
-_PASSED = ("content-type", "x-auth-error", "retry-after", "www-authenticate")
-
-
-async def _gateway(car) -> tuple[web.AppRunner, str]:
-    """A tiny gateway: asks the sidecar, then relays its denial or fakes the completion."""
-    session = aiohttp.ClientSession()
-
-    async def handle(request: web.Request) -> web.Response:
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("authorization", "x-api-key", "content-type")}
-        async with session.request(request.method, car.url + "/authz" + request.path_qs,
-                                   headers=headers, data=await request.read(),
-                                   timeout=CLIENT_TIMEOUT) as auth:
-            body = await auth.read()
-            if auth.status != 200:
-                relayed = {k: v for k, v in auth.headers.items()
-                           if k.lower() in _PASSED or k.lower().startswith("x-ratelimit")}
-                return web.Response(status=auth.status, body=body, headers=relayed)
-        model = orjson.loads(await request.read()).get("model", "")
-        if request.path.startswith("/v1/messages"):
-            return web.json_response({
-                "id": "msg_1", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
-                "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}})
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "ok"}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    app.on_cleanup.append(lambda _: session.close())
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
-
-
 async def _sdk_keys(plane) -> dict[str, str]:
     keys = {"ok": (await make(plane, unlimited=True))[1],
             "unknown": "sk-" + "Z" * 40,
@@ -434,7 +391,7 @@ async def _sdk_keys(plane) -> dict[str, str]:
 async def test_openai_sdk_raises_its_own_errors(car, plane):
     import openai
     keys = await _sdk_keys(plane)
-    runner, url = await _gateway(car)
+    runner, url = await sdk_gateway(car)
     try:
         def client(key: str) -> openai.AsyncOpenAI:
             return openai.AsyncOpenAI(api_key=key, base_url=url + "/v1", max_retries=0,
@@ -467,7 +424,7 @@ async def test_openai_sdk_raises_its_own_errors(car, plane):
 async def test_anthropic_sdk_raises_its_own_errors(car, plane):
     import anthropic
     keys = await _sdk_keys(plane)
-    runner, url = await _gateway(car)
+    runner, url = await sdk_gateway(car)
     try:
         async def message(key: str):
             client = anthropic.AsyncAnthropic(api_key=key, base_url=url, max_retries=0,

@@ -41,18 +41,34 @@ def mid_window() -> int:
 
 async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str = "gpt-5.5",
                     ip: str = "127.0.0.1", cost: int = 1, certain: bool = True,
-                    reservation: str | None = None, reservation_ms: int = 60_000) -> list:
+                    reservation: str | None = None, reservation_ms: int = 60_000,
+                    money: int = 0, day: int = 20_000, month: int = 24_300,
+                    expiry: str = "c") -> list:
     """One authorize call, KEYS and ARGV as sidecar/dataplane/authorize.py builds them (with a
     reservation id when /settle is on)."""
     key_hash = store.hasher(key)
     endpoint = classify(*route)
     hexed = ip_hex(ip)
-    args = AuthorizeArgs(names.record(key_hash), names.wallet(shard_of(key_hash)),
+    shard = shard_of(key_hash)
+    args = AuthorizeArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
+                         names.leases(shard),
                          names.reservation(key_hash, reservation) if reservation else "",
                          now, cost, hexed, ip if hexed else "", model, endpoint.scope,
                          endpoint.granting, 1 if endpoint.write else 0, 0 if certain else 1,
-                         names.POOL_PREFIX, reservation_ms)
+                         names.POOL_PREFIX, reservation_ms if reservation else 0, money,
+                         day, month, expiry)
     return await runner.run(AUTHORIZE, args.keys(), args.argv())
+
+
+async def settle_call(runner, key_hash: str, rid: str, *, now: int, actual="", tokens=0,
+                      money="", day: int = 20_000, month: int = 24_300,
+                      expiry: str = "c") -> list:
+    """One settle call, KEYS and ARGV as sidecar/dataplane/settle.py builds them."""
+    shard = shard_of(key_hash)
+    args = SettleArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
+                      names.leases(shard), names.reservation(key_hash, rid), now, actual,
+                      tokens, 60_000, names.POOL_PREFIX, money, day, month, expiry)
+    return await runner.run(SETTLE, args.keys(), args.argv())
 
 
 @pytest.fixture
@@ -454,9 +470,7 @@ async def test_reported_tokens_count_against_tokens_per_minute(runner, call, sto
     async def settle(tokens: int, at: int) -> list:
         rid = new_reservation_id()
         assert (await call(key, now=at, reservation=rid))[0] == Code.allow
-        args = SettleArgs(names.record(key_hash), names.wallet(shard_of(key_hash)),
-                          names.reservation(key_hash, rid), at, "", tokens, 60_000)
-        return await runner.run(SETTLE, args.keys(), args.argv())
+        return await settle_call(runner, key_hash, rid, now=at, tokens=tokens)
     assert (await settle(60, now))[0] == 0
     assert (await call(key, now=now))[7:9] == [100, 40]
     assert (await call(key, now=now + 6_000))[7:9] == [100, 50]     # 10 drained

@@ -13,6 +13,7 @@ from sidecar.dataplane.decision import Code
 from sidecar.dataplane.request import classify
 from sidecar.redis.runner import make_runner
 from sidecar.schema import names
+from sidecar.schema.contracts import AuthorizeArgs
 from sidecar.schema.ips import ip_hex
 from sidecar.schema.keys import PREFIX_OF, KeyType, key_type, shard_of
 from sidecar.schema.scripts import AUTHORIZE
@@ -64,10 +65,12 @@ async def test_only_the_hmac_is_stored(plane, redis_url):
         for _, key in made:
             key_hash = hash_of(key)
             for _ in range(2):   # the subscription key's second call is paid by the wallet
-                reply = await runner.run(
-                    AUTHORIZE, (names.record(key_hash), names.wallet(shard_of(key_hash))),
-                    [int(time.time() * 1000), 1, ip_hex("10.1.2.3"), "10.1.2.3", "gpt-5.5",
-                     endpoint.scope, endpoint.granting, 1])
+                shard = shard_of(key_hash)
+                args = AuthorizeArgs(
+                    names.record(key_hash), names.wallet(shard), names.budgets(shard),
+                    names.leases(shard), "", int(time.time() * 1000), 1, ip_hex("10.1.2.3"),
+                    "10.1.2.3", "gpt-5.5", endpoint.scope, endpoint.granting, 1, 0)
+                reply = await runner.run(AUTHORIZE, args.keys(), args.argv())
                 codes.append(reply[0])
     finally:
         await runner.close()

@@ -17,7 +17,7 @@ import pytest
 from sidecar.schema import contracts, names, scripts
 
 LUA = sorted(p.name[:-4] for p in resources.files("sidecar.schema").iterdir()
-             if p.name.endswith(".lua"))
+             if p.name.endswith(".lua") and p.name[:-4] not in scripts.PRELUDES)
 _ARG = re.compile(r"^-- (KEYS|ARGV)\[(\d+)(\.\.)?\]\s+(\w+)", re.M)
 _RETURNS = re.compile(r"^-- Returns (?:\{([^}]*)\}|(\w+):)", re.M)
 
@@ -101,7 +101,7 @@ def test_optional_keys_and_argv_are_left_out_together(name):
 def test_authorize_reply_parses_denials_and_allows():
     denied = contracts.AuthorizeReply.parse([5])
     assert (denied.code, denied.type, denied.limits_known) == (5, "", False)
-    raw = [0, b"key_1", b"s", b"org_1", b"", 600, 599, 0, 0, 100, 0, 0]
+    raw = [0, b"key_1", b"s", b"org_1", b"", 600, 599, 0, 0, 100, 0, 0, b"", b""]
     allowed = contracts.AuthorizeReply.parse(raw)
     assert (allowed.key_id, allowed.type, allowed.org, allowed.project) == \
         ("key_1", "s", "org_1", "")
@@ -113,8 +113,9 @@ def test_authorize_reply_parses_denials_and_allows():
 
 
 def test_settle_reply_parses_short_and_full_replies():
-    assert contracts.SettleReply.parse([3]) == (3, 0, 0, 0)
-    assert contracts.SettleReply.parse([0, 5, -2, 0]).delta == -2
+    assert contracts.SettleReply.parse([3]) == (3, 0, 0, 0, 0, 0)
+    settled = contracts.SettleReply.parse([0, 5, -2, 0, 900, 214])
+    assert (settled.delta, settled.money_reserved, settled.money_actual) == (-2, 900, 214)
 
 
 def test_pool_prefix_is_spelled_once():

@@ -76,7 +76,7 @@ def script_reply(code: Code) -> AuthorizeReply | None:
     if code < Code.quota_exhausted:
         return AuthorizeReply.parse([int(code)])
     return AuthorizeReply.parse([int(code), b"key_1", b"s", b"", b"", 60, 0, 1000, 0, 60_000,
-                                 30_000, 12_345])
+                                 30_000, 12_345, b"", b""])
 
 
 def test_script_codes_are_the_contract_order():
@@ -115,7 +115,7 @@ def test_anthropic_dialect(row):
 @pytest.mark.parametrize("letter", ["s", "o", "b"])
 def test_quota_denial_says_only_what_applies_to_the_key_type(letter):
     reply = AuthorizeReply.parse([int(Code.quota_exhausted), b"key_1", letter.encode(), b"",
-                                  b"", 0, 0, 0, 0, 1, 0, 0])
+                                  b"", 0, 0, 0, 0, 1, 0, 0, b"", b""])
     for dialect in (False, True):
         denial, headers, body = denial_answer(Code.quota_exhausted, dialect, reply)
         message = json.loads(body)["error"]["message"]
@@ -149,7 +149,7 @@ def _check_common_headers(status: int, headers: dict[str, str], body: bytes,
 
 def test_allow_row_headers():
     reply = AuthorizeReply.parse([0, b"key_abc", b"o", b"org_1", b"prj_1", 60, 59, 0, 0, 1500,
-                                  0, 0])
+                                  0, 0, b"", b""])
     assert identity_headers(reply, "rsv_" + "a" * 32) == {
         "x-key-id": "key_abc", "x-key-type": "org", "x-org-id": "org_1",
         "x-project-id": "prj_1", "x-reservation-id": "rsv_" + "a" * 32}
@@ -160,7 +160,8 @@ def test_allow_row_headers():
 
 
 def test_allow_without_limits_still_overwrites_identity():
-    reply = AuthorizeReply.parse([0, b"key_abc", b"s", b"", b"", 0, 0, 0, 0, 0, 0, 0])
+    reply = AuthorizeReply.parse([0, b"key_abc", b"s", b"", b"", 0, 0, 0, 0, 0, 0, 0, b"",
+                                  b""])
     # Empty values, present: a proxy copying them replaces a client-forged x-org-id (and
     # x-reservation-id, empty when /settle is off).
     assert identity_headers(reply) == {"x-key-id": "key_abc", "x-key-type": "standard",
@@ -178,12 +179,14 @@ def test_reset_duration_format(ms, text):
 @pytest.mark.parametrize("ms,seconds", [(1, "1"), (999, "1"), (1000, "1"), (1001, "2"),
                                         (60_000, "60")])
 def test_retry_after_rounds_up_to_whole_seconds(ms, seconds):
-    reply = AuthorizeReply.parse([9, b"k", b"s", b"", b"", 1, 0, 0, 0, 60_000, 0, ms])
+    reply = AuthorizeReply.parse([9, b"k", b"s", b"", b"", 1, 0, 0, 0, 60_000, 0, ms, b"",
+                                  b""])
     assert retry_after(reply) == seconds
 
 
 def test_each_limit_has_its_own_reset():
-    reply = AuthorizeReply.parse([0, b"k", b"s", b"", b"", 30, 29, 1000, 400, 2000, 36_000, 0])
+    reply = AuthorizeReply.parse([0, b"k", b"s", b"", b"", 30, 29, 1000, 400, 2000, 36_000, 0,
+                                  b"", b""])
     headers = limit_headers(reply)
     assert (headers["x-ratelimit-reset-requests"], headers["x-ratelimit-reset-tokens"]) == (
         "2s", "36s")

@@ -16,7 +16,7 @@ STORED = {"id": "key_1", "t": "b", "st": "a", "nm": "n", "ca": "5", "cb": "cli",
           "ul": "0", "qr": "7", "qu": "0", "pm": "r", "sc": ",keys:read,", "m": ",a,b,",
           "ips": "00/128,ff/64", "cq": "10", "cu": "2", "ce": "99", "cp": "86400000",
           "pg": "1", "ow": "org_1:acct", "org": "org_1", "sub": "sub_1",
-          "ra": "123456", "lim": "opaque"}     # fields KeyRecord does not name
+          "ra": "123456", "td": "9"}     # fields KeyRecord does not name (GCRA state)
 
 
 def test_a_stored_record_reads_by_name_and_writes_back_unchanged():
@@ -25,7 +25,7 @@ def test_a_stored_record_reads_by_name_and_writes_back_unchanged():
     assert (rec.quota_remaining, rec.scopes, rec.models) == (7, ["keys:read"], ["a", "b"])
     assert (rec.networks, rec.payg_fallback, rec.wallet) == (["00/128", "ff/64"], True,
                                                              "org_1:acct")
-    assert rec.extra == {"ra": "123456", "lim": "opaque"}
+    assert rec.extra == {"ra": "123456", "td": "9"}
     assert rec.to_hash() == STORED
 
 

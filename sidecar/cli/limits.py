@@ -1,0 +1,63 @@
+"""Budgets and concurrency limits from the CLI (control/limit_rules.py): the options
+`keys create` shares, and `set-budget` / `set-limits` for keys, projects, members and
+organizations. Amounts are decimal strings in the deployment's currency ("5.00"); the
+control plane checks them, so a bad one is the same one-line error as from the API."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..schema.limits import OBSERVABLE, PERIODS
+from .output import control
+from .parsing import _csv, _non_negative, command
+
+LEVELS = ("key", "project", "member", "organization")
+
+
+def add_limit_arguments(p: argparse.ArgumentParser, budget_flag: bool = True) -> None:
+    if budget_flag:
+        p.add_argument("--budget", metavar="AMOUNT",
+                       help='spend limit in money, e.g. "5.00" (0 removes it)')
+    p.add_argument("--budget-period", choices=list(PERIODS),
+                   help="total (default), day or month (calendar, budget_timezone)")
+    p.add_argument("--max-concurrency", type=_non_negative, metavar="N",
+                   help="calls in flight at most (0 removes the limit)")
+    p.add_argument("--observe", type=_csv, metavar="LIST",
+                   help="observe-only, never enforced: " + ",".join(OBSERVABLE)
+                   + " ('' enforces all again)")
+
+
+def limit_request(args: argparse.Namespace) -> dict:
+    """The limits the options set, by the control plane's names (absent: unchanged)."""
+    req = {"budget": getattr(args, "budget", None), "budget_period": args.budget_period,
+           "max_concurrency": args.max_concurrency, "observe": args.observe}
+    return {k: v for k, v in req.items() if v is not None}
+
+
+def register_for(actions, level: str, parents: list) -> None:
+    """`set-budget ID AMOUNT` and `set-limits ID [options]` in a command group."""
+    what = "the organization" if level == "organization" else f"a {level}"
+    target = "org" if level == "organization" else "id"
+    budget = command(actions, "set-budget", _run(level), control, parents,
+                     f"set {what}'s spend limit in money")
+    budget.add_argument(target)
+    budget.add_argument("budget", metavar="AMOUNT", help='e.g. "5.00"; 0 removes it')
+    add_limit_arguments(budget, budget_flag=False)
+    limits = command(actions, "set-limits", _run(level), control, parents,
+                     f"set {what}'s budget, concurrency limit and observe-only limits")
+    limits.add_argument(target)
+    add_limit_arguments(limits)
+
+
+def _run(level: str):
+    async def run(args: argparse.Namespace, store) -> dict:
+        req = limit_request(args)
+        if level == "key":
+            return await store.limits.set_key(None, args.id, req)
+        org = await store.resolve_org(args.org)
+        if level == "organization":
+            return await store.limits.set_org(org, req)
+        if level == "project":
+            return await store.limits.set_project(org, args.id, req)
+        return await store.limits.set_member(org, args.id, req)
+    return run

@@ -1,0 +1,302 @@
+"""Script tier: budgets in money and concurrency limits at every level (limits.lua inside
+authorize.lua and settle.lua) on a real redis-server.
+
+Keys, projects, members and organizations are made and given limits through the control
+plane (ControlStore); calls go through the runner with the KEYS and ARGV that
+dataplane/authorize.py and settle.py build (the helpers of test_authorize_lua). Every
+call passes its own `now`, day and month, so periods and expiry are driven exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PEPPER
+from test_authorize_lua import authorize, mid_window, settle_call
+
+from sidecar.control.store import ControlStore
+from sidecar.dataplane.decision import Code
+from sidecar.redis.runner import make_runner
+from sidecar.schema import names
+from sidecar.schema.keys import KeyHasher, new_reservation_id, shard_of
+from sidecar.schema.money import MICRO
+
+USD = MICRO      # one currency unit in micro-units
+
+
+@pytest.fixture
+async def runner(redis_url):
+    runner = make_runner(redis_url, 2.0)
+    yield runner
+    await runner.close()
+
+
+@pytest.fixture
+async def plane(aredis):
+    return ControlStore(aredis, KeyHasher(PEPPER))
+
+
+@pytest.fixture
+async def org(plane):
+    org = (await plane.create_org("acme"))["id"]
+    project = (await plane.create_project(org, "web"))["id"]
+    member = (await plane.add_member(org, "ann@example.com", "member"))["id"]
+    return org, project, member
+
+
+class Caller:
+    """One key's calls: authorize with a reservation, settle it, at chosen times."""
+
+    def __init__(self, runner, plane, key: str):
+        self.runner, self.plane, self.key = runner, plane, key
+        self.hash = plane.keystore.hasher(key)
+
+    async def authorize(self, money: int, now: int, day: int = 20_000, month: int = 24_300,
+                        ttl_ms: int = 60_000, expiry: str = "c") -> tuple[list, str]:
+        rid = new_reservation_id()
+        reply = await authorize(self.runner, self.plane.keystore, self.key, now=now,
+                                reservation=rid, reservation_ms=ttl_ms, money=money,
+                                day=day, month=month, expiry=expiry)
+        return reply, rid
+
+    async def settle(self, rid: str, money, now: int, day: int = 20_000,
+                     month: int = 24_300, expiry: str = "c") -> list:
+        return await settle_call(self.runner, self.hash, rid, now=now, money=money,
+                                 day=day, month=month, expiry=expiry)
+
+
+async def project_key(plane, runner, org, **req) -> tuple[str, Caller]:
+    org_id, project, _ = org
+    view, key = await plane.create_key(org_id, {"owner": "project", "project_id": project,
+                                                "unlimited": True, **req})
+    return view["id"], Caller(runner, plane, key)
+
+
+async def user_key(plane, runner, org, **req) -> tuple[str, Caller]:
+    org_id, project, member = org
+    view, key = await plane.create_key(org_id, {"owner": "user", "project_id": project,
+                                                "member_id": member, "unlimited": True,
+                                                **req})
+    return view["id"], Caller(runner, plane, key)
+
+
+def code(reply: list) -> int:
+    return reply[0]
+
+
+def level(reply: list) -> str:
+    return names.level_of(reply[12].decode() if isinstance(reply[12], bytes) else reply[12])
+
+
+async def test_keys_of_an_org_share_its_slot(plane, runner, org):
+    """Every key of the organization sits on the organization's tag: its budgets hash is
+    in the same Redis Cluster slot as each key's record."""
+    org_id = org[0]
+    tags = set()
+    for _ in range(3):
+        _, caller = await project_key(plane, runner, org)
+        tags.add(shard_of(caller.hash))
+    assert tags == {plane.keystore.hasher.org_tag(org_id)}
+
+
+@pytest.mark.parametrize("where", ["key", "project", "organization", "member"])
+async def test_each_level_running_out_first_refuses_and_names_itself(plane, runner, org,
+                                                                      where):
+    """A budget of 1.00 at one level (the others roomy): two calls of 0.40 fit, the third
+    is refused by that level with nothing reserved anywhere."""
+    org_id, project, member = org
+    roomy = {"budget": "100.00"}
+    tight = {"budget": "1.00"}
+    key_id, caller = await user_key(plane, runner, org,
+                                    **(tight if where == "key" else roomy))
+    await plane.limits.set_project(org_id, project, tight if where == "project" else roomy)
+    await plane.limits.set_org(org_id, tight if where == "organization" else roomy)
+    await plane.limits.set_member(org_id, member, tight if where == "member" else roomy)
+    now = mid_window()
+    for _ in range(2):
+        assert code((await caller.authorize(40 * USD // 100, now))[0]) == Code.allow
+    before = {"key": await plane.limits.of_key(org_id, key_id),
+              "project": await plane.limits.of_project(org_id, project),
+              "organization": await plane.limits.of_org(org_id),
+              "member": await plane.limits.of_member(org_id, member)}
+    denied, _ = await caller.authorize(40 * USD // 100, now)
+    assert code(denied) == Code.budget_exhausted
+    assert level(denied) == where
+    after = {"key": await plane.limits.of_key(org_id, key_id),
+             "project": await plane.limits.of_project(org_id, project),
+             "organization": await plane.limits.of_org(org_id),
+             "member": await plane.limits.of_member(org_id, member)}
+    assert after == before                                    # nothing reserved anywhere
+    assert before[where]["reserved"] == "0.80"
+    assert before[where]["remaining"] == "0.20"
+
+
+async def test_settle_charges_the_actual_price_and_releases_the_rest(plane, runner, org):
+    org_id, project, _ = org
+    await plane.limits.set_project(org_id, project, {"budget": "1.00"})
+    _, caller = await project_key(plane, runner, org)
+    now = mid_window()
+    reply, rid = await caller.authorize(90 * USD // 100, now)
+    assert code(reply) == Code.allow
+    assert code((await caller.authorize(20 * USD // 100, now))[0]) == Code.budget_exhausted
+    settled = await caller.settle(rid, 15 * USD // 100, now + 1000)
+    assert settled[0] == 0 and settled[4:6] == [90 * USD // 100, 15 * USD // 100]
+    shown = await plane.limits.of_project(org_id, project)
+    assert (shown["spent"], shown["reserved"], shown["remaining"]) == ("0.15", "0.00", "0.85")
+    # Settled once: a second report changes nothing.
+    assert (await caller.settle(rid, 10 * USD // 100, now + 2000))[0] == 2
+    assert (await plane.limits.of_project(org_id, project))["spent"] == "0.15"
+    assert code((await caller.authorize(80 * USD // 100, now + 3000))[0]) == Code.allow
+
+
+async def test_a_settlement_over_the_reservation_is_charged_in_full(plane, runner, org):
+    """The upstream used more than the worst case (a wrong estimate): all of it is spent,
+    the budget goes past its limit and the next call is refused."""
+    org_id, _, _ = org
+    await plane.limits.set_org(org_id, {"budget": "1.00"})
+    _, caller = await project_key(plane, runner, org)
+    now = mid_window()
+    reply, rid = await caller.authorize(50 * USD // 100, now)
+    assert code(reply) == Code.allow
+    assert (await caller.settle(rid, 130 * USD // 100, now))[0] == 0
+    shown = await plane.limits.of_org(org_id)
+    assert (shown["spent"], shown["remaining"]) == ("1.30", "0.00")
+    denied, _ = await caller.authorize(1, now)
+    assert code(denied) == Code.budget_exhausted and level(denied) == "organization"
+
+
+@pytest.mark.parametrize("period, roll", [("day", {"day": 20_001}),
+                                          ("month", {"month": 24_301})])
+async def test_periods_roll_over(plane, runner, org, period, roll):
+    """A day or month budget starts from nothing in the next period; a total one never."""
+    org_id, project, _ = org
+    await plane.limits.set_project(org_id, project, {"budget": "1.00",
+                                                     "budget_period": period})
+    await plane.limits.set_org(org_id, {"budget": "1.00"})          # total
+    _, caller = await project_key(plane, runner, org)
+    now = mid_window()
+    reply, rid = await caller.authorize(60 * USD // 100, now)
+    assert (await caller.settle(rid, 60 * USD // 100, now))[0] == 0
+    denied, _ = await caller.authorize(60 * USD // 100, now)
+    assert code(denied) == Code.budget_exhausted and level(denied) == "project"
+    # Next period: the project's budget is whole again, the organization's total is not.
+    denied, _ = await caller.authorize(60 * USD // 100, now, **roll)
+    assert code(denied) == Code.budget_exhausted and level(denied) == "organization"
+    reply, rid = await caller.authorize(30 * USD // 100, now, **roll)
+    assert code(reply) == Code.allow
+
+
+@pytest.mark.parametrize("policy, spent", [("c", "0.70"), ("r", "0.00")])
+async def test_an_unsettled_reservation_expires_by_the_policy(plane, runner, org, policy,
+                                                               spent):
+    """Past its ttl a reservation is charged what it reserved (policy charge) or
+    released; its report then gets 'no such reservation' and its slot is free again."""
+    org_id, project, _ = org
+    await plane.limits.set_project(org_id, project, {"budget": "1.00",
+                                                     "max_concurrency": 1})
+    _, caller = await project_key(plane, runner, org)
+    now = mid_window()
+    reply, rid = await caller.authorize(70 * USD // 100, now, ttl_ms=10_000, expiry=policy)
+    assert code(reply) == Code.allow
+    denied, _ = await caller.authorize(1, now + 5_000, expiry=policy)
+    assert code(denied) == Code.concurrency_limited and level(denied) == "project"
+    # After the ttl the next call sweeps the lease first, then is decided.
+    reply, rid2 = await caller.authorize(10 * USD // 100, now + 10_001, expiry=policy)
+    assert code(reply) == Code.allow
+    shown = await plane.limits.of_project(org_id, project)
+    assert (shown["spent"], shown["reserved"], shown["in_flight"]) == (spent, "0.10", 1)
+    assert (await caller.settle(rid, 0, now + 10_002, expiry=policy))[0] == 3
+    assert (await caller.settle(rid2, 10 * USD // 100, now + 10_003))[0] == 0
+    assert (await plane.limits.of_project(org_id, project))["in_flight"] == 0
+
+
+async def test_a_late_report_of_an_expired_lease_applies_the_policy_itself(plane, runner,
+                                                                           org):
+    """No call swept the lease: its own late report ends it by the policy (charged), and
+    gets 'no such reservation', not a settlement at the reported price."""
+    org_id, project, _ = org
+    await plane.limits.set_project(org_id, project, {"budget": "1.00"})
+    _, caller = await project_key(plane, runner, org)
+    now = mid_window()
+    reply, rid = await caller.authorize(40 * USD // 100, now, ttl_ms=10_000)
+    assert code(reply) == Code.allow
+    assert (await caller.settle(rid, 1, now + 20_000))[0] == 3
+    shown = await plane.limits.of_project(org_id, project)
+    assert (shown["spent"], shown["reserved"]) == ("0.40", "0.00")
+
+
+async def test_concurrency_counts_in_flight_calls_and_settle_frees_them(plane, runner, org):
+    _, caller = await project_key(plane, runner, org, max_concurrency=2)
+    now = mid_window()
+    (first, r1), (second, r2) = [await caller.authorize(0, now) for _ in range(2)]
+    assert code(first) == code(second) == Code.allow
+    denied, _ = await caller.authorize(0, now)
+    assert code(denied) == Code.concurrency_limited and level(denied) == "key"
+    assert (await caller.settle(r1, "", now))[0] == 0
+    assert code((await caller.authorize(0, now))[0]) == Code.allow
+
+
+async def test_an_unpriced_model_is_refused_only_where_a_budget_applies(plane, runner, org):
+    _, plain = await project_key(plane, runner, org)
+    _, budgeted = await project_key(plane, runner, org, budget="5.00")
+    now = mid_window()
+    assert code((await plain.authorize(-1, now))[0]) == Code.allow
+    denied, _ = await budgeted.authorize(-1, now)
+    assert code(denied) == Code.model_not_priced
+
+
+async def test_observe_only_budget_counts_but_never_refuses(plane, runner, org):
+    """An observe-only budget: the call that would cross it goes through, the denial it
+    would have made is reported (authorize.lua's observed), and it is still counted."""
+    org_id, project, _ = org
+    await plane.limits.set_project(org_id, project, {"budget": "1.00", "observe": ["budget"]})
+    _, caller = await project_key(plane, runner, org)
+    now = mid_window()
+    assert code((await caller.authorize(80 * USD // 100, now))[0]) == Code.allow
+    reply, _ = await caller.authorize(80 * USD // 100, now)
+    assert code(reply) == Code.allow
+    assert reply[13] in (b",11", ",11")
+    assert (await plane.limits.of_project(org_id, project))["reserved"] == "1.60"
+
+
+async def test_a_budget_without_settlement_is_charged_at_once(plane, runner, org):
+    """Without /settle (no reservation key) the worst case is spent at authorize time and
+    no slot is taken (nothing would end it)."""
+    org_id, project, _ = org
+    await plane.limits.set_project(org_id, project, {"budget": "1.00", "max_concurrency": 1})
+    _, caller = await project_key(plane, runner, org)
+    now = mid_window()
+    for _ in range(2):
+        reply = await authorize(runner, plane.keystore, caller.key, now=now, money=USD // 2)
+        assert code(reply) == Code.allow
+    shown = await plane.limits.of_project(org_id, project)
+    assert (shown["spent"], shown["reserved"], shown["in_flight"]) == ("1.00", "0.00", 0)
+    reply = await authorize(runner, plane.keystore, caller.key, now=now, money=1)
+    assert code(reply) == Code.budget_exhausted
+
+
+async def test_per_day_limits_and_the_tightest_shown(plane, runner, org):
+    """rpd beside rpm: the requests limit shown is the one with less left; the fourth
+    call of an rpd=3 key is refused per day (code 14), with the wait of a day's step."""
+    _, caller = await project_key(plane, runner, org, rpm=100, rpd=3)
+    now = mid_window()
+    first = await authorize(runner, plane.keystore, caller.key, now=now)
+    assert first[0] == Code.allow and first[5:7] == [3, 2]        # rpd shown, not rpm
+    for i in range(2):
+        assert (await authorize(runner, plane.keystore, caller.key, now=now + i))[0] == 0
+    denied = await authorize(runner, plane.keystore, caller.key, now=now + 2)
+    assert denied[0] == Code.rate_limited_day
+    assert 86_400_000 / 3 - 10 <= denied[11] <= 86_400_000 / 3    # one step of a day
+    # A key whose per-minute limit is tighter shows that one.
+    _, minute = await project_key(plane, runner, org, rpm=2, rpd=1000)
+    assert (await authorize(runner, plane.keystore, minute.key, now=now))[5:7] == [2, 1]
+
+
+async def test_reported_tokens_count_per_day(plane, runner, org):
+    _, caller = await project_key(plane, runner, org, tpd=100)
+    now = mid_window()
+    reply, rid = await caller.authorize(0, now)
+    assert reply[0] == Code.allow
+    settled = await settle_call(runner, caller.hash, rid, now=now, tokens=150)
+    assert settled[0] == 0
+    denied = await authorize(runner, plane.keystore, caller.key, now=now + 1000)
+    assert denied[0] == Code.rate_limited_tokens_day
