@@ -135,6 +135,15 @@ async def aredis(redis_url):
 
 
 @pytest.fixture
+async def runner(redis_url):
+    """The data plane's script runner (EVALSHA, pipelined) on the test Redis."""
+    from sidecar.redis.runner import make_runner
+    runner = make_runner(redis_url, 2.0)
+    yield runner
+    await runner.close()
+
+
+@pytest.fixture
 async def plane(aredis):
     """The control plane on the test Redis, with the sidecar's pepper: tests make their
     data through it (live.make), under the rules an operator's call would meet."""

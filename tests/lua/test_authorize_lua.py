@@ -21,7 +21,6 @@ from sidecar.control.key_spec import KeySpec
 from sidecar.control.keystore import KeyStore
 from sidecar.dataplane.decision import Code
 from sidecar.dataplane.request import classify
-from sidecar.redis.runner import make_runner
 from sidecar.schema import names
 from sidecar.schema.contracts import AuthorizeArgs, SettleArgs
 from sidecar.schema.ips import ip_hex
@@ -75,13 +74,6 @@ async def settle_call(runner, key_hash: str, rid: str, *, now: int, actual="", t
 async def store(aredis):
     # The raw KeyStore, not the plane: these records carry what no operator call could set.
     return KeyStore(aredis, KeyHasher(PEPPER))
-
-
-@pytest.fixture
-async def runner(redis_url):
-    runner = make_runner(redis_url, 2.0)
-    yield runner
-    await runner.close()
 
 
 @pytest.fixture

@@ -10,29 +10,14 @@ call passes its own `now`, day and month, so periods and expiry are driven exact
 from __future__ import annotations
 
 import pytest
-from conftest import PEPPER
 from test_authorize_lua import authorize, mid_window, settle_call
 
-from sidecar.control.store import ControlStore
 from sidecar.dataplane.decision import Code
-from sidecar.redis.runner import make_runner
 from sidecar.schema import names
-from sidecar.schema.keys import KeyHasher, new_reservation_id, shard_of
+from sidecar.schema.keys import new_reservation_id, shard_of
 from sidecar.schema.money import MICRO
 
 USD = MICRO      # one currency unit in micro-units
-
-
-@pytest.fixture
-async def runner(redis_url):
-    runner = make_runner(redis_url, 2.0)
-    yield runner
-    await runner.close()
-
-
-@pytest.fixture
-async def plane(aredis):
-    return ControlStore(aredis, KeyHasher(PEPPER))
 
 
 @pytest.fixture
