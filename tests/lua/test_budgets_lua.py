@@ -285,3 +285,24 @@ async def test_reported_tokens_count_per_day(plane, runner, org):
     assert settled[0] == 0
     denied = await authorize(runner, plane.keystore, caller.key, now=now + 1000)
     assert denied[0] == Code.rate_limited_tokens_day
+
+
+async def test_observe_only_key_limits_count_but_never_refuse(plane, runner, org):
+    """--observe requests,quota: the second call of an rpm=1, quota-1 key goes through;
+    the script reports both denials it would have made (9 requests, 8 quota)."""
+    org_id, project, _ = org
+    view, key = await plane.create_key(org_id, {"owner": "project", "project_id": project,
+                                                "quota": 1, "rpm": 1,
+                                                "observe": ["requests", "quota"]})
+    caller = Caller(runner, plane, key)
+    now = mid_window()
+    assert (await authorize(runner, plane.keystore, key, now=now))[0] == Code.allow
+    again = await authorize(runner, plane.keystore, key, now=now + 1)
+    assert again[0] == Code.allow
+    assert again[13] in (b",8,9", ",8,9")
+    # Counted as usual: the observed call is one unit over the quota, owed.
+    assert (await plane.key(org_id, view["id"]))["quota_remaining"] == -1
+    # Enforced again: the third call is refused by the quota.
+    await plane.limits.set_key(org_id, view["id"], {"observe": []})
+    assert (await authorize(runner, plane.keystore, caller.key, now=now + 2))[0] == \
+        Code.quota_exhausted
