@@ -125,7 +125,8 @@ def test_proxies_reach_services_by_their_compose_names():
 def test_proxy_files_are_mounted_where_the_configs_look():
     assert target_of("nginx", "nginx/nginx.conf") == "/etc/nginx/nginx.conf"
     js_path = re.search(r"js_path (\S+);", (DEPLOY / "nginx" / "nginx.conf").read_text())[1]
-    assert target_of("nginx", "nginx/sidecar.js") == js_path.rstrip("/") + "/sidecar.js"
+    for js in ("sidecar.js", "usage.js"):
+        assert target_of("nginx", f"nginx/{js}") == js_path.rstrip("/") + "/" + js
     assert target_of("envoy", "envoy/envoy.yaml") == "/etc/envoy/envoy.yaml"
 
 

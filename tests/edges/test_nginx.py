@@ -105,7 +105,9 @@ class Nginx:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def start_nginx(tmp: Path, sidecar_port: int, upstream_port: int) -> Nginx:
+def start_nginx(tmp: Path, sidecar_port: int, upstream_port: int,
+                env: dict[str, str] | None = None) -> Nginx:
+    """`env`: NGINX's environment (default: this process's), e.g. the settlement token."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     assert Path(binary).exists(), "nginx is required (deploy/install.sh --dev installs it)"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,7 @@ def start_nginx(tmp: Path, sidecar_port: int, upstream_port: int) -> Nginx:
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
     proc = subprocess.Popen([binary, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     server = Nginx(proc, port, tmp)
 
     def up() -> bool:
