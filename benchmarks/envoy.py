@@ -165,6 +165,7 @@ def start_all(procs, sidecar, peer_port: int | None, concurrency: int) -> dict[s
         if name != "alone" and authz_port is None:
             continue
         ports = {"0.0.0.0:10000": free_port(), "127.0.0.1:9901": free_port(),
+                 "sidecar:8080": sidecar.port,   # /settle (envoy-grpc.yaml has it too)
                  # the authorizer; alone: left pointing at the sidecar, never called
                  authz_at: authz_port or sidecar.port,
                  "llm-upstream:9000": free_port()}       # unused: direct_response

@@ -81,6 +81,7 @@ def sidecar_for(mode: str, tmp, redis_url: str, **settings):
 def envoy_in_front_of(mode: str, tmp, car, upstream_port: int):
     config, sidecar = MODES[mode]
     return start_envoy(tmp, {sidecar: car.grpc_port if mode == "grpc" else car.port,
+                             "sidecar:8080": car.port,        # /settle, in both modes
                              "llm-upstream:9000": upstream_port}, config=config)
 
 

@@ -22,6 +22,7 @@ import pytest
 from admin_helpers import start_plane, stop_plane
 from aiohttp import web
 from conftest import free_port, stop_process
+from proxies import ENVOY_GRPC_YAML, ENVOY_YAML, start_envoy
 from test_nginx import start_nginx
 
 TOKEN = "stream-settle-token-0123456789"
@@ -123,7 +124,8 @@ def anthropic_events(body: dict) -> list[bytes]:
 def plane(tmp_path_factory):
     p = start_plane(tmp_path_factory.mktemp("streaming"), settlement_token=TOKEN,
                     prices=PRICES, trusted_proxies="127.0.0.1/32",
-                    default_max_output_tokens="1000")
+                    default_max_output_tokens="1000",
+                    grpc_listen=f"127.0.0.1:{free_port()}")
     yield p
     stop_plane(p)
 
@@ -247,5 +249,66 @@ async def test_nginx_non_streamed_calls_are_left_to_the_upstream(plane, upstream
         assert resp.status == 200 and (await resp.json())["usage"] == OPENAI_USAGE
     assert upstream.calls[-1]["body"] == body
     assert upstream.calls[-1]["headers"]["x-reservation-id"].startswith("rsv_")
+    shown = limits(plane, key_id)
+    assert shown["spent"] == "0.00" and shown["reserved"] != "0.00"
+
+
+# -- Envoy (ext_authz over HTTP and over gRPC, the same Lua filter) --------------------------
+
+@pytest.fixture(params=["http", "grpc"])
+def envoy(request, plane, upstream, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIDECAR_SETTLEMENT_TOKEN", TOKEN)      # Envoy's environment
+    car = plane.car
+    config, authz = ((ENVOY_YAML, {"sidecar:8080": car.port}) if request.param == "http"
+                     else (ENVOY_GRPC_YAML, {"sidecar:9090": car.grpc_port,
+                                             "sidecar:8080": car.port}))
+    server = start_envoy(tmp_path / "envoy", {**authz, "llm-upstream:9000": upstream.port},
+                         config=config)
+    yield server
+    stop_process(server.proc)
+
+
+async def test_envoy_settles_an_openai_stream_at_its_final_usage(plane, upstream, envoy):
+    key_id, key = budgeted_key(plane)
+    status, got, clean = await stream(envoy.url, "/v1/chat/completions", key,
+                                      chat(stream_options={"include_usage": True}))
+    assert (status, clean) == (200, True) and got.count(DELTA.encode()) == 3
+    assert got.endswith(b"data: [DONE]\n\n")
+    assert "authorization" not in upstream.calls[-1]["headers"]
+    shown = await settled(plane, key_id)
+    assert (shown["spent"], shown["reserved"]) == (OPENAI_SPENT, "0.00")
+
+
+async def test_envoy_settles_an_anthropic_stream_at_message_delta(plane, envoy):
+    key_id, key = budgeted_key(plane)
+    status, got, clean = await stream(envoy.url, "/v1/messages", key, message())
+    assert (status, clean) == (200, True) and b"message_stop" in got
+    shown = await settled(plane, key_id)
+    assert (shown["spent"], shown["reserved"]) == (ANTHROPIC_SPENT, "0.00")
+
+
+async def test_envoy_leaves_a_cut_stream_to_expiry(plane, envoy):
+    """A stream broken off ends Envoy's filter with it: no report, the worst case stays
+    reserved until expired_reservation ends it (charged in full by default)."""
+    key_id, key = budgeted_key(plane)
+    status, got, clean = await stream(envoy.url, "/v1/messages", key, message("cut"))
+    assert status == 200 and not clean and got.count(DELTA.encode()) == 3
+    await stream(envoy.url, "/v1/messages", key, message())   # this one settles
+    for _ in range(100):
+        if limits(plane, key_id)["spent"] != "0.00":
+            break
+        await asyncio.sleep(0.05)
+    shown = limits(plane, key_id)
+    assert shown["spent"] == ANTHROPIC_SPENT and shown["reserved"] != "0.00"
+
+
+async def test_envoy_non_streamed_calls_are_left_to_the_upstream(plane, upstream, envoy):
+    key_id, key = budgeted_key(plane)
+    body = {"model": "gpt-s", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as http, http.post(
+            envoy.url + "/v1/chat/completions", json=body, timeout=TIMEOUT,
+            headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200 and (await resp.json())["usage"] == OPENAI_USAGE
+    assert upstream.calls[-1]["body"] == body
     shown = limits(plane, key_id)
     assert shown["spent"] == "0.00" and shown["reserved"] != "0.00"
