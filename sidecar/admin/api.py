@@ -48,8 +48,7 @@ def routes() -> list[Route]:
 def endpoint(route: Route, app: web.Application) -> Callable:
     async def handle(request: web.Request) -> web.Response:
         store: ControlStore = app["control_store"]
-        actor = await authenticate(request.headers.get("Authorization"), store,
-                                   app["control_hasher"])
+        actor = await authenticate(request.headers.get("Authorization"), store)
         allowed = policy.gate(actor, route.action)
         if not allowed:
             raise allowed.error()

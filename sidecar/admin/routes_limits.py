@@ -8,37 +8,37 @@ from .routing import AdminCall, Route
 
 
 async def key_limits(c: AdminCall):
-    return 200, await c.store.limits.of_key(c.org, c.params["key_id"])
+    return 200, await c.store.key_limits(c.org, c.params["key_id"])
 
 
 async def set_key_limits(c: AdminCall):
-    return 200, await c.store.limits.set_key(c.org, c.params["key_id"], c.body, c.actor)
+    return 200, await c.store.set_key_limits(c.org, c.params["key_id"], c.body, c.actor)
 
 
 async def project_limits(c: AdminCall):
-    return 200, await c.store.limits.of_project(c.org, c.params["project_id"])
+    return 200, await c.store.project_limits(c.org, c.params["project_id"])
 
 
 async def set_project_limits(c: AdminCall):
-    return 200, await c.store.limits.set_project(c.org, c.params["project_id"], c.body,
+    return 200, await c.store.set_project_limits(c.org, c.params["project_id"], c.body,
                                                  c.actor)
 
 
 async def member_limits(c: AdminCall):
-    return 200, await c.store.limits.of_member(c.org, c.params["member_id"])
+    return 200, await c.store.member_limits(c.org, c.params["member_id"])
 
 
 async def set_member_limits(c: AdminCall):
-    return 200, await c.store.limits.set_member(c.org, c.params["member_id"], c.body,
+    return 200, await c.store.set_member_limits(c.org, c.params["member_id"], c.body,
                                                 c.actor)
 
 
 async def org_limits(c: AdminCall):
-    return 200, await c.store.limits.of_org(c.org)
+    return 200, await c.store.org_limits(c.org)
 
 
 async def set_org_limits(c: AdminCall):
-    return 200, await c.store.limits.set_org(c.org, c.body, c.actor)
+    return 200, await c.store.set_org_limits(c.org, c.body, c.actor)
 
 
 _SET = ("Set the budget (a decimal amount in the deployment's currency, null or \"0\" "

@@ -173,7 +173,7 @@ async def _list(args: argparse.Namespace, store) -> list:
 
 async def _show(args: argparse.Namespace, store) -> dict:
     return {**await store.key(None, args.id),
-            "limits": await store.limits.of_key(None, args.id)}
+            "limits": await store.key_limits(None, args.id)}
 
 
 async def _set_status(args: argparse.Namespace, store) -> dict:

@@ -53,11 +53,11 @@ def _run(level: str):
     async def run(args: argparse.Namespace, store) -> dict:
         req = limit_request(args)
         if level == "key":
-            return await store.limits.set_key(None, args.id, req)
+            return await store.set_key_limits(None, args.id, req)
         org = await store.resolve_org(args.org)
         if level == "organization":
-            return await store.limits.set_org(org, req)
+            return await store.set_org_limits(org, req)
         if level == "project":
-            return await store.limits.set_project(org, args.id, req)
-        return await store.limits.set_member(org, args.id, req)
+            return await store.set_project_limits(org, args.id, req)
+        return await store.set_member_limits(org, args.id, req)
     return run

@@ -31,7 +31,7 @@ async def _list(args: argparse.Namespace, store) -> list:
 
 async def _show(args: argparse.Namespace, store) -> dict:
     org = await store.resolve_org(args.org)
-    return {**await store.org(org), "limits": await store.limits.of_org(org)}
+    return {**await store.org(org), "limits": await store.org_limits(org)}
 
 
 async def _rename(args: argparse.Namespace, store) -> dict:

@@ -35,7 +35,7 @@ async def _list(args: argparse.Namespace, store) -> list:
 async def _show(args: argparse.Namespace, store) -> dict:
     org = await store.resolve_org(args.org)
     return {**await store.project(org, args.id),
-            "limits": await store.limits.of_project(org, args.id)}
+            "limits": await store.project_limits(org, args.id)}
 
 
 async def _rename(args: argparse.Namespace, store) -> dict:

@@ -37,6 +37,15 @@ class Forbidden(ControlError):
     status, code = 403, "permission_denied"
 
 
+class Unauthenticated(ControlError):
+    """The caller's key does not stand for anyone who may act; `code` says why."""
+    status = 401
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 # KeySpec field names as the API calls them.
 _API_FIELD = {"ips": "allowed_ips", "expires": "expires_at", "cycle_days": "cycle_days",
               "quota": "quota", "status": "status"}

@@ -10,7 +10,8 @@ from .policy import CLI, Actor, Resource, check
 
 
 class LimitRules:
-    """Held by the ControlStore (`store.limits`); `store` gives it the entity lookups,
+    """A ControlStore service (`store.limits`; its operations are the store's *_limits);
+    `store` gives it the entity lookups,
     the key's policy resource and the audit log."""
 
     def __init__(self, store, budgets: Budgets):
@@ -19,25 +20,25 @@ class LimitRules:
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def of_key(self, org: str | None, key_id: str) -> dict:
+    async def key_limits(self, org: str | None, key_id: str) -> dict:
         await self.store.keys.org_key(org, key_id)     # another organization's: 404
         return await self.budgets.of_key(key_id)
 
-    async def of_project(self, org: str, project_id: str) -> dict:
+    async def project_limits(self, org: str, project_id: str) -> dict:
         await self.store.project(org, project_id)
         return await self.budgets.read(*self.budgets.where("project", org, project_id))
 
-    async def of_member(self, org: str, member_id: str) -> dict:
+    async def member_limits(self, org: str, member_id: str) -> dict:
         await self.store.member(org, member_id)
         return await self.budgets.read(*self.budgets.where("member", org, member_id))
 
-    async def of_org(self, org: str) -> dict:
+    async def org_limits(self, org: str) -> dict:
         await self.store.org(org)
         return await self.budgets.read(*self.budgets.where("organization", org, org))
 
     # -- changes -------------------------------------------------------------------------
 
-    async def set_key(self, org: str | None, key_id: str, req: dict,
+    async def set_key_limits(self, org: str | None, key_id: str, req: dict,
                       actor: Actor = CLI) -> dict:
         change = parse_change(req)
         rec = await self.store.keys.org_key(org, key_id)
@@ -51,14 +52,14 @@ class LimitRules:
                                           key_id, before, after)
         return after
 
-    async def set_project(self, org: str, project_id: str, req: dict,
+    async def set_project_limits(self, org: str, project_id: str, req: dict,
                           actor: Actor = CLI) -> dict:
         change = parse_change(req)
         await self.store.project(org, project_id)
         check(actor, "project.limits", Resource("project", org, id=project_id))
         return await self._write(org, "project", project_id, change, actor)
 
-    async def set_member(self, org: str, member_id: str, req: dict,
+    async def set_member_limits(self, org: str, member_id: str, req: dict,
                          actor: Actor = CLI) -> dict:
         change = parse_change(req)
         member = await self.store.member(org, member_id)
@@ -66,7 +67,7 @@ class LimitRules:
                                                member_role=member["role"]))
         return await self._write(org, "member", member_id, change, actor)
 
-    async def set_org(self, org: str, req: dict, actor: Actor = CLI) -> dict:
+    async def set_org_limits(self, org: str, req: dict, actor: Actor = CLI) -> dict:
         change = parse_change(req)
         await self.store.org(org)
         check(actor, "organization.limits", Resource("organization", org, id=org))

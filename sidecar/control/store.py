@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..schema import names
 from ..schema.keys import KeyHasher
+from .admin_keys import AdminKeys
 from .audit import AuditLog
 from .budgets import Budgets
 from .checks import parse_when
@@ -64,6 +65,20 @@ class ControlStore:
         self.subscriptions = Subscriptions(redis, self.audit, self.keystore, self.entities)
         self.webhooks = Webhooks(redis, self.audit, self.entities)
         self.limits = LimitRules(self, Budgets(redis, hasher, budget_timezone))
+        self.admin_keys = AdminKeys(redis, hasher, self.entities)
+
+    # -- budgets and concurrency limits, every level --------------------------------------
+    key_limits = _Op("limits")
+    set_key_limits = _Op("limits")
+    project_limits = _Op("limits")
+    set_project_limits = _Op("limits")
+    member_limits = _Op("limits")
+    set_member_limits = _Op("limits")
+    org_limits = _Op("limits")
+    set_org_limits = _Op("limits")
+
+    # -- who calls the admin API -----------------------------------------------------------
+    authenticate = _Op("admin_keys")
 
     # -- organizations, members, projects, service accounts ------------------------------
     create_org = _Op("entities")

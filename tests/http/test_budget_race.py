@@ -59,12 +59,12 @@ async def race(cars, keys: list[str]) -> collections.Counter:
 async def project_budget_race(cars, plane: ControlStore) -> None:
     org = (await plane.create_org("racers"))["id"]
     project = (await plane.create_project(org, "shared"))["id"]
-    await plane.limits.set_project(org, project, {"budget": "0.037"})
+    await plane.set_project_limits(org, project, {"budget": "0.037"})
     keys = [(await plane.create_key(org, {"owner": "project", "project_id": project,
                                           "unlimited": True}))[1] for _ in range(20)]
     counts = await race(cars, keys)
     assert counts == {200: 37, 402: CALLS - 37}
-    shown = await plane.limits.of_project(org, project)
+    shown = await plane.project_limits(org, project)
     assert (shown["reserved"], shown["remaining"]) == ("0.037", "0.00")
 
 

@@ -93,23 +93,23 @@ async def test_each_level_running_out_first_refuses_and_names_itself(plane, runn
     tight = {"budget": "1.00"}
     key_id, caller = await user_key(plane, runner, org,
                                     **(tight if where == "key" else roomy))
-    await plane.limits.set_project(org_id, project, tight if where == "project" else roomy)
-    await plane.limits.set_org(org_id, tight if where == "organization" else roomy)
-    await plane.limits.set_member(org_id, member, tight if where == "member" else roomy)
+    await plane.set_project_limits(org_id, project, tight if where == "project" else roomy)
+    await plane.set_org_limits(org_id, tight if where == "organization" else roomy)
+    await plane.set_member_limits(org_id, member, tight if where == "member" else roomy)
     now = mid_window()
     for _ in range(2):
         assert code((await caller.authorize(40 * USD // 100, now))[0]) == Code.allow
-    before = {"key": await plane.limits.of_key(org_id, key_id),
-              "project": await plane.limits.of_project(org_id, project),
-              "organization": await plane.limits.of_org(org_id),
-              "member": await plane.limits.of_member(org_id, member)}
+    before = {"key": await plane.key_limits(org_id, key_id),
+              "project": await plane.project_limits(org_id, project),
+              "organization": await plane.org_limits(org_id),
+              "member": await plane.member_limits(org_id, member)}
     denied, _ = await caller.authorize(40 * USD // 100, now)
     assert code(denied) == Code.budget_exhausted
     assert level(denied) == where
-    after = {"key": await plane.limits.of_key(org_id, key_id),
-             "project": await plane.limits.of_project(org_id, project),
-             "organization": await plane.limits.of_org(org_id),
-             "member": await plane.limits.of_member(org_id, member)}
+    after = {"key": await plane.key_limits(org_id, key_id),
+             "project": await plane.project_limits(org_id, project),
+             "organization": await plane.org_limits(org_id),
+             "member": await plane.member_limits(org_id, member)}
     assert after == before                                    # nothing reserved anywhere
     assert before[where]["reserved"] == "0.80"
     assert before[where]["remaining"] == "0.20"
@@ -117,7 +117,7 @@ async def test_each_level_running_out_first_refuses_and_names_itself(plane, runn
 
 async def test_settle_charges_the_actual_price_and_releases_the_rest(plane, runner, org):
     org_id, project, _ = org
-    await plane.limits.set_project(org_id, project, {"budget": "1.00"})
+    await plane.set_project_limits(org_id, project, {"budget": "1.00"})
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
     reply, rid = await caller.authorize(90 * USD // 100, now)
@@ -125,11 +125,11 @@ async def test_settle_charges_the_actual_price_and_releases_the_rest(plane, runn
     assert code((await caller.authorize(20 * USD // 100, now))[0]) == Code.budget_exhausted
     settled = await caller.settle(rid, 15 * USD // 100, now + 1000)
     assert settled[0] == 0 and settled[4:6] == [90 * USD // 100, 15 * USD // 100]
-    shown = await plane.limits.of_project(org_id, project)
+    shown = await plane.project_limits(org_id, project)
     assert (shown["spent"], shown["reserved"], shown["remaining"]) == ("0.15", "0.00", "0.85")
     # Settled once: a second report changes nothing.
     assert (await caller.settle(rid, 10 * USD // 100, now + 2000))[0] == 2
-    assert (await plane.limits.of_project(org_id, project))["spent"] == "0.15"
+    assert (await plane.project_limits(org_id, project))["spent"] == "0.15"
     assert code((await caller.authorize(80 * USD // 100, now + 3000))[0]) == Code.allow
 
 
@@ -137,13 +137,13 @@ async def test_a_settlement_over_the_reservation_is_charged_in_full(plane, runne
     """The upstream used more than the worst case (a wrong estimate): all of it is spent,
     the budget goes past its limit and the next call is refused."""
     org_id, _, _ = org
-    await plane.limits.set_org(org_id, {"budget": "1.00"})
+    await plane.set_org_limits(org_id, {"budget": "1.00"})
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
     reply, rid = await caller.authorize(50 * USD // 100, now)
     assert code(reply) == Code.allow
     assert (await caller.settle(rid, 130 * USD // 100, now))[0] == 0
-    shown = await plane.limits.of_org(org_id)
+    shown = await plane.org_limits(org_id)
     assert (shown["spent"], shown["remaining"]) == ("1.30", "0.00")
     denied, _ = await caller.authorize(1, now)
     assert code(denied) == Code.budget_exhausted and level(denied) == "organization"
@@ -154,9 +154,9 @@ async def test_a_settlement_over_the_reservation_is_charged_in_full(plane, runne
 async def test_periods_roll_over(plane, runner, org, period, roll):
     """A day or month budget starts from nothing in the next period; a total one never."""
     org_id, project, _ = org
-    await plane.limits.set_project(org_id, project, {"budget": "1.00",
+    await plane.set_project_limits(org_id, project, {"budget": "1.00",
                                                      "budget_period": period})
-    await plane.limits.set_org(org_id, {"budget": "1.00"})          # total
+    await plane.set_org_limits(org_id, {"budget": "1.00"})          # total
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
     reply, rid = await caller.authorize(60 * USD // 100, now)
@@ -176,7 +176,7 @@ async def test_an_unsettled_reservation_expires_by_the_policy(plane, runner, org
     """Past its ttl a reservation is charged what it reserved (policy charge) or
     released; its report then gets 'no such reservation' and its slot is free again."""
     org_id, project, _ = org
-    await plane.limits.set_project(org_id, project, {"budget": "1.00",
+    await plane.set_project_limits(org_id, project, {"budget": "1.00",
                                                      "max_concurrency": 1})
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
@@ -187,11 +187,11 @@ async def test_an_unsettled_reservation_expires_by_the_policy(plane, runner, org
     # After the ttl the next call sweeps the lease first, then is decided.
     reply, rid2 = await caller.authorize(10 * USD // 100, now + 10_001, expiry=policy)
     assert code(reply) == Code.allow
-    shown = await plane.limits.of_project(org_id, project)
+    shown = await plane.project_limits(org_id, project)
     assert (shown["spent"], shown["reserved"], shown["in_flight"]) == (spent, "0.10", 1)
     assert (await caller.settle(rid, 0, now + 10_002, expiry=policy))[0] == 3
     assert (await caller.settle(rid2, 10 * USD // 100, now + 10_003))[0] == 0
-    assert (await plane.limits.of_project(org_id, project))["in_flight"] == 0
+    assert (await plane.project_limits(org_id, project))["in_flight"] == 0
 
 
 async def test_a_late_report_of_an_expired_lease_applies_the_policy_itself(plane, runner,
@@ -199,13 +199,13 @@ async def test_a_late_report_of_an_expired_lease_applies_the_policy_itself(plane
     """No call swept the lease: its own late report ends it by the policy (charged), and
     gets 'no such reservation', not a settlement at the reported price."""
     org_id, project, _ = org
-    await plane.limits.set_project(org_id, project, {"budget": "1.00"})
+    await plane.set_project_limits(org_id, project, {"budget": "1.00"})
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
     reply, rid = await caller.authorize(40 * USD // 100, now, ttl_ms=10_000)
     assert code(reply) == Code.allow
     assert (await caller.settle(rid, 1, now + 20_000))[0] == 3
-    shown = await plane.limits.of_project(org_id, project)
+    shown = await plane.project_limits(org_id, project)
     assert (shown["spent"], shown["reserved"]) == ("0.40", "0.00")
 
 
@@ -233,27 +233,27 @@ async def test_observe_only_budget_counts_but_never_refuses(plane, runner, org):
     """An observe-only budget: the call that would cross it goes through, the denial it
     would have made is reported (authorize.lua's observed), and it is still counted."""
     org_id, project, _ = org
-    await plane.limits.set_project(org_id, project, {"budget": "1.00", "observe": ["budget"]})
+    await plane.set_project_limits(org_id, project, {"budget": "1.00", "observe": ["budget"]})
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
     assert code((await caller.authorize(80 * USD // 100, now))[0]) == Code.allow
     reply, _ = await caller.authorize(80 * USD // 100, now)
     assert code(reply) == Code.allow
     assert reply[13] in (b",11", ",11")
-    assert (await plane.limits.of_project(org_id, project))["reserved"] == "1.60"
+    assert (await plane.project_limits(org_id, project))["reserved"] == "1.60"
 
 
 async def test_a_budget_without_settlement_is_charged_at_once(plane, runner, org):
     """Without /settle (no reservation key) the worst case is spent at authorize time and
     no slot is taken (nothing would end it)."""
     org_id, project, _ = org
-    await plane.limits.set_project(org_id, project, {"budget": "1.00", "max_concurrency": 1})
+    await plane.set_project_limits(org_id, project, {"budget": "1.00", "max_concurrency": 1})
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
     for _ in range(2):
         reply = await authorize(runner, plane.keystore, caller.key, now=now, money=USD // 2)
         assert code(reply) == Code.allow
-    shown = await plane.limits.of_project(org_id, project)
+    shown = await plane.project_limits(org_id, project)
     assert (shown["spent"], shown["reserved"], shown["in_flight"]) == ("1.00", "0.00", 0)
     reply = await authorize(runner, plane.keystore, caller.key, now=now, money=1)
     assert code(reply) == Code.budget_exhausted
@@ -303,6 +303,6 @@ async def test_observe_only_key_limits_count_but_never_refuse(plane, runner, org
     # Counted as usual: the observed call is one unit over the quota, owed.
     assert (await plane.key(org_id, view["id"]))["quota_remaining"] == -1
     # Enforced again: the third call is refused by the quota.
-    await plane.limits.set_key(org_id, view["id"], {"observe": []})
+    await plane.set_key_limits(org_id, view["id"], {"observe": []})
     assert (await authorize(runner, plane.keystore, caller.key, now=now + 2))[0] == \
         Code.quota_exhausted

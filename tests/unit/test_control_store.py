@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 
 from sidecar.control import store
+from sidecar.control.admin_keys import AdminKeys
 from sidecar.control.entities import Entities
 from sidecar.control.key_ops import KeyOps
+from sidecar.control.limit_rules import LimitRules
 from sidecar.control.subscriptions import Subscriptions
 from sidecar.control.webhooks import Webhooks
 
 SERVICES = {"entities": Entities, "keys": KeyOps, "subscriptions": Subscriptions,
-            "webhooks": Webhooks}
+            "webhooks": Webhooks, "limits": LimitRules, "admin_keys": AdminKeys}
 
 
 def test_every_operation_is_a_service_coroutine():
