@@ -35,50 +35,80 @@ var DETAILS = ['prompt_tokens_details', 'input_tokens_details'];
 var state = null;
 
 function watch(r, data, flags) {
-    r.sendBuffer(data, flags);
-    if (state === false) {
+    if (state === null) {
+        state = begin(r);
+    }
+    if (state === false || !state.added) {
+        r.sendBuffer(data, flags);                     // first: the client never waits
+        if (state && data.length) {
+            lines(state, data, null);
+            keep(r, state);
+        }
         return;
     }
-    if (state === null) {
-        var type = r.headersOut['Content-Type'] || '';
-        if (r.status !== 200 || !r.variables.sidecar_reservation_id ||
-                type.toLowerCase().indexOf('text/event-stream') !== 0) {
-            state = false;   // not a stream that a report could settle
-            return;
-        }
-        state = {tail: Buffer.alloc(0), usage: {}, seen: false, final: false, model: '',
-                 bytes: 0, deltas: 0};
-    }
+    // The gateway asked for the usage chunk (withUsage): the client gets every line but
+    // that chunk's, whole lines only (a partial line waits for its end, as an SSE client
+    // must anyway).
+    var kept = [];
     if (data.length) {
-        lines(state, data);
-        r.variables.sidecar_stream = JSON.stringify({
-            usage: state.usage, seen: state.seen, final: state.final, model: state.model,
-            bytes: state.bytes, deltas: state.deltas});
+        lines(state, data, kept);
+        keep(r, state);
     }
+    if (flags.last && state.tail.length) {
+        kept.push(state.tail);
+        state.tail = Buffer.alloc(0);
+    }
+    r.sendBuffer(kept.length ? Buffer.concat(kept) : Buffer.alloc(0), flags);
 }
 
-function lines(st, data) {
+function begin(r) {
+    var type = r.headersOut['Content-Type'] || '';
+    if (r.status !== 200 || !r.variables.sidecar_reservation_id ||
+            type.toLowerCase().indexOf('text/event-stream') !== 0) {
+        return false;        // not a stream that a report could settle
+    }
+    return {tail: Buffer.alloc(0), usage: {}, seen: false, final: false, model: '',
+            bytes: 0, deltas: 0, added: r.variables.sidecar_usage_added === '1'};
+}
+
+function keep(r, st) {
+    r.variables.sidecar_stream = JSON.stringify({
+        usage: st.usage, seen: st.seen, final: st.final, model: st.model,
+        bytes: st.bytes, deltas: st.deltas});
+}
+
+// Reads the complete lines of the stream so far; with `kept`, collects the bytes the
+// client gets (every line but the added usage chunk's).
+function lines(st, data, kept) {
     var buf = st.tail.length ? Buffer.concat([st.tail, data]) : data;
     var start = 0, end;
     while ((end = buf.indexOf(10, start)) >= 0) {
-        event(st, buf.slice(start, end).toString('utf8'));
+        if (!event(st, buf.slice(start, end).toString('utf8')) && kept) {
+            kept.push(buf.slice(start, end + 1));
+        }
         start = end + 1;
     }
-    st.tail = buf.length - start > MAX_LINE ? Buffer.alloc(0) : buf.slice(start);
+    st.tail = buf.slice(start);
+    if (st.tail.length > MAX_LINE) {       // not an SSE line we read: passed on as it is
+        if (kept) {
+            kept.push(st.tail);
+        }
+        st.tail = Buffer.alloc(0);
+    }
 }
 
 function event(st, line) {
     if (line.slice(0, 5) !== 'data:') {
-        return;
+        return false;
     }
     var ev;
     try {
         ev = JSON.parse(line.slice(5));
     } catch (e) {
-        return;                       // [DONE], or not JSON
+        return false;                 // [DONE], or not JSON
     }
     if (ev === null || typeof ev !== 'object') {
-        return;
+        return false;
     }
     var holder = ev.type === 'message_start' ? ev.message :
         ev.type === 'response.completed' ? ev.response : ev;
@@ -94,6 +124,8 @@ function event(st, line) {
         }
     }
     delivered(st, ev);
+    // OpenAI's usage chunk: no choices, only the usage (withUsage drops it if it asked)
+    return Array.isArray(ev.choices) && ev.choices.length === 0 && !!ev.usage;
 }
 
 function merge(into, usage) {
@@ -164,8 +196,57 @@ function report(r) {
                            model: v.sidecar_model || st.model, usage: usage});
 }
 
+// The body for the upstream when the gateway adds stream_options.include_usage, else ''
+// (the client's body goes as it is, $request_body). Only a streamed OpenAI (legacy)
+// Completions or Chat Completions call whose JSON body has, for sure, one top-level
+// "stream": true and no "stream_options"; the text is kept byte for byte, the member
+// is inserted after the opening brace. $sidecar_usage_added tells watch() to drop the
+// usage chunk the client did not ask for.
+function withUsage(r) {
+    var body, doc;
+    if (r.method !== 'POST' || !/\/(chat\/)?completions$/.test(r.uri)) {
+        return '';
+    }
+    try {
+        body = r.requestText;
+        doc = JSON.parse(body);
+    } catch (e) {
+        return '';
+    }
+    if (doc === null || typeof doc !== 'object' || Array.isArray(doc) ||
+            doc.stream !== true || 'stream_options' in doc ||
+            Buffer.byteLength(body) !== r.requestBuffer.length ||
+            topLevel(body, 'stream') !== 1 || topLevel(body, 'stream_options') !== 0) {
+        return '';
+    }
+    var at = body.indexOf('{') + 1;
+    r.variables.sidecar_usage_added = '1';
+    return body.slice(0, at) + '"stream_options":{"include_usage":true},' + body.slice(at);
+}
+
+// How many top-level keys of a valid JSON object text decode to `name`.
+var TOKEN = /"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?|[{}\[\]]/g;
+function topLevel(text, name) {
+    var depth = 0, count = 0, m, c;
+    TOKEN.lastIndex = 0;
+    while ((m = TOKEN.exec(text)) !== null) {
+        c = m[0].charAt(0);
+        if (c === '"') {
+            if (depth === 1 && m[1] &&
+                    JSON.parse(m[0].slice(0, m[0].length - m[1].length)) === name) {
+                count++;
+            }
+        } else if (c === '{' || c === '[') {
+            depth++;
+        } else {
+            depth--;
+        }
+    }
+    return count;
+}
+
 function auth(r) {
     return 'Bearer ' + (process.env.SIDECAR_SETTLEMENT_TOKEN || '');
 }
 
-export default {watch, report, auth};
+export default {watch, report, auth, withUsage};

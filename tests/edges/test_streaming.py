@@ -60,8 +60,9 @@ class SseUpstream:
         return self
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.calls.append({"path": request.path, "body": body,
+        raw = await request.read()
+        body = json.loads(raw)
+        self.calls.append({"path": request.path, "body": body, "raw": raw,
                            "headers": {k.lower(): v for k, v in request.headers.items()}})
         anthropic = request.path.startswith("/v1/messages")
         if not body.get("stream"):
@@ -168,11 +169,14 @@ async def settled(plane, key_id: str) -> dict:
     return limits(plane, key_id)
 
 
-async def stream(url: str, path: str, key: str, body: dict) -> tuple[int, bytes, bool]:
+async def stream(url: str, path: str, key: str,
+                 body: dict | bytes) -> tuple[int, bytes, bool]:
     """(status, the bytes delivered, whether the stream ended cleanly)."""
-    headers = {"Authorization": f"Bearer {key}", "x-api-key": key}
+    headers = {"Authorization": f"Bearer {key}", "x-api-key": key,
+               "Content-Type": "application/json"}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiohttp.ClientSession() as http, http.post(
-            url + path, json=body, headers=headers, timeout=TIMEOUT) as resp:
+            url + path, data=data, headers=headers, timeout=TIMEOUT) as resp:
         got = b""
         try:
             async for chunk in resp.content.iter_any():
@@ -203,6 +207,45 @@ async def test_nginx_settles_an_openai_stream_at_its_final_usage(plane, upstream
     assert "authorization" not in upstream.calls[-1]["headers"]
     shown = await settled(plane, key_id)
     assert (shown["spent"], shown["reserved"]) == (OPENAI_SPENT, "0.00")
+
+
+async def test_nginx_asks_for_the_usage_and_keeps_it_from_a_client_that_did_not(
+        plane, upstream, nginx):
+    """A streamed Chat Completions call without stream_options: NGINX adds
+    include_usage (the rest of the body byte for byte), settles the last chunk's usage,
+    and the client gets the stream it asked for, without that chunk."""
+    key_id, key = budgeted_key(plane)
+    raw = b'{ "model": "gpt-s",\n "stream": true, "max_tokens": 100, "n": 1.50,' \
+          b' "messages": [{"role": "user", "content": "h\\u00e9 \xc3\xa9"}]}'
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http, http.post(
+            nginx.url + "/v1/chat/completions", data=raw, headers=headers,
+            timeout=TIMEOUT) as resp:
+        got = await resp.read()
+    assert resp.status == 200 and got.count(DELTA.encode()) == 3
+    assert b'"choices": []' not in got and b'"prompt_tokens"' not in got
+    assert got.endswith(b"data: [DONE]\n\n")
+    sent = upstream.calls[-1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}
+    assert upstream.calls[-1]["raw"] == b'{"stream_options":{"include_usage":true},' + raw[1:]
+    shown = await settled(plane, key_id)
+    assert (shown["spent"], shown["reserved"]) == (OPENAI_SPENT, "0.00")
+
+
+async def test_nginx_leaves_other_bodies_as_they_came(plane, upstream, nginx):
+    _, key = budgeted_key(plane)
+    bodies = [chat(stream_options={"include_usage": False}),   # the client's choice
+              {**chat(), "stream": False}, {**chat(), "stream": "true"}]
+    raws = [json.dumps(body).encode() for body in bodies] + [
+        # a repeated "stream": not certain which one the upstream reads
+        b'{"model": "gpt-s", "stream": false, "messages": [{"role": "user",'
+        b' "content": "x"}], "stream": true}']
+    for raw in raws:
+        await stream(nginx.url, "/v1/chat/completions", key, raw)
+        assert upstream.calls[-1]["raw"] == raw
+    raw = json.dumps(message()).encode()
+    await stream(nginx.url, "/v1/messages", key, raw)
+    assert upstream.calls[-1]["raw"] == raw
 
 
 async def test_nginx_settles_an_anthropic_stream_at_message_delta(plane, nginx):
