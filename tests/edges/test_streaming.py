@@ -6,9 +6,12 @@ stream off mid-way), and in front the shipped NGINX (deploy/nginx/, njs usage.js
 Envoy (deploy/envoy/*.yaml, the Lua filter) configurations, rendered with only their
 addresses swapped. What a client and the operator observe: the budget's `spent`
 (admin API GET /admin/v1/keys/{id}/limits) is the priced usage of the final chunk; a
-stream cut off mid-way is settled by the rule (Anthropic: the prompt tokens seen and the
-output delivered; OpenAI: no prompt count, so nothing is reported and the reservation
-stays held until expired_reservation ends it); a non-streamed call still works.
+stream cut off mid-way (by the upstream, or by a client going away) is settled by the
+rule through NGINX (Anthropic: the prompt tokens seen and the output delivered; OpenAI:
+no prompt count, so nothing is reported and the reservation stays held until
+expired_reservation ends it) and left to expiry through Envoy; NGINX asks for the usage
+of a Chat Completions stream itself and keeps that chunk from the client; a non-streamed
+call still works and is left to the upstream's own report.
 """
 
 from __future__ import annotations
@@ -72,11 +75,14 @@ class SseUpstream:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         cut = body["messages"][-1]["content"] == "cut"
+        stall = body["messages"][-1]["content"] == "stall"
         events = anthropic_events(body) if anthropic else openai_events(body)
         for number, event in enumerate(events):
             if cut and number == 4:
                 request.transport.close()          # mid-stream, no final chunk
                 return resp
+            if stall and number == 4:
+                await asyncio.sleep(3)             # the client gives up meanwhile
             await resp.write(event)
         await resp.write_eof()
         return resp
@@ -261,6 +267,20 @@ async def test_nginx_settles_what_a_cut_anthropic_stream_delivered(plane, nginx)
     status, got, clean = await stream(nginx.url, "/v1/messages", key, message("cut"))
     assert status == 200 and not clean and got.count(DELTA.encode()) == 3
     assert b"message_delta" not in got
+    shown = await settled(plane, key_id)
+    assert (shown["spent"], shown["reserved"]) == (ANTHROPIC_CUT_SPENT, "0.00")
+
+
+async def test_nginx_settles_what_was_delivered_to_a_client_that_went_away(plane, nginx):
+    key_id, key = budgeted_key(plane)
+    headers = {"x-api-key": key, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(nginx.url + "/v1/messages", data=json.dumps(message("stall")),
+                               headers=headers, timeout=TIMEOUT)
+        got = b""
+        while got.count(DELTA.encode()) < 3:
+            got += await resp.content.readany()
+        resp.close()                                # gone, mid-stream
     shown = await settled(plane, key_id)
     assert (shown["spent"], shown["reserved"]) == (ANTHROPIC_CUT_SPENT, "0.00")
 
