@@ -350,6 +350,10 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
                 f"NGINX + sidecar keeps **{e['authz_over_plain']:.0%}** of the same NGINX's "
                 "throughput without auth (anchor: Kong keeps 76% with key-auth + "
                 f"rate-limiting). {e['note']} Config: benchmarks/edge/nginx.conf."]
+    if "budgets" in results:
+        from .budgets import markdown
+        out += markdown(results["budgets"], lambda m, s, k: _ratio_cell(m, s, k, n),
+                        _run_row)
     if "traefik" in results:
         out += traefik_markdown(results["traefik"])
     if "envoy" in results:
@@ -508,6 +512,11 @@ def summary_lines(results: dict) -> list[str]:
                            if n > 1 else "")
                         if peer else "")
                      + f"  ({row['authorize']['saturation']['verdict']})")
+    if "budgets" in results:
+        b = results["budgets"]
+        lines.append(f"  budgets/plain req/s {b['ratios']['rps']}  CPU/call plain/budgets "
+                     f"{b['ratios']['cpu_plain_over_budgets']}  commands/call "
+                     f"{b['budgets'].get('redis_commands_per_call')}")
     if "edge" in results:
         lines.append(f"  edge: auth_request keeps {results['edge']['authz_over_plain']:.0%}")
     if "traefik" in results:

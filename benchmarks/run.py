@@ -54,6 +54,7 @@ from .load import Load, run_wrk  # noqa: E402
 from .procs import Nginx, Processes, Sidecar, free_port, rss_bytes  # noqa: E402
 from .repeat import combine, median_ratios  # noqa: E402
 from .stats import (  # noqa: E402
+    redis_commands,
     redis_cpu_seconds,
     round_trip_figures,
     saturation,
@@ -63,7 +64,7 @@ from .stats import (  # noqa: E402
 HERE = Path(__file__).resolve().parent
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
-SECTIONS = ("peer", "profile", "edge", "workers", "script")
+SECTIONS = ("peer", "budgets", "profile", "edge", "workers", "script")
 ONLY = ("traefik", "envoy")    # sections run alone (--only), merged into results.json on publish
 
 # What issue 5 asks for; reported next to the figures, never asserted by tests.
@@ -281,18 +282,21 @@ class Bench:
         return groups
 
     def measure(self, stack: Stack, name: str, connections: int,
-                duration: float | None = None, label: str = "") -> dict:
+                duration: float | None = None, label: str = "",
+                key_file: Path | None = None) -> dict:
         url, path = stack.target(name)
         client = self.redis.client()
         counters = sidecar_counters(stack.sidecar.metrics()) if name == "authorize" else None
+        commands = redis_commands(client)
         redis_cpu = redis_cpu_seconds(client)
         try:
-            run = run_wrk(url, path, self.key_file,
+            run = run_wrk(url, path, key_file or self.key_file,
                           Load(connections, duration or self.args.duration,
                                self.args.wrk_threads), self.cpu_groups(stack))
         except RuntimeError as exc:
             raise SystemExit(f"benchmarks: {name}: {exc}\n{self.procs.log_tails()}") from None
         redis_used = redis_cpu_seconds(client) - redis_cpu
+        commands = redis_commands(client, commands)
         run["target"] = name
         run["workers"] = stack.workers
         server = "nginx_lua" if name == "nginx_lua" else "sidecar"
@@ -304,6 +308,9 @@ class Bench:
                 run["cpu_percent"].get(server, 0.0) + run["cpu_percent"].get("redis", 0.0))
         if name in ("authorize", "nginx_lua") and run["requests"]:
             run["redis_cpu_us_per_decision"] = round(redis_used / run["requests"] * 1e6, 2)
+            # one round trip per decision: every command Redis ran, per answered call
+            run["redis_commands_per_call"] = round(commands["all"] / run["requests"], 3)
+            run["evalsha_per_call"] = round(commands["evalsha"] / run["requests"], 3)
         if counters is not None:
             run.update(round_trip_figures(counters,
                                           sidecar_counters(stack.sidecar.metrics())))
@@ -340,6 +347,11 @@ class Bench:
             run["saturation"] = self.saturation(stack, run)
             combined[t] = run
         return combined, rounds
+
+    def warm_one(self, stack: Stack, name: str, key_file: Path | None = None) -> None:
+        url, path = stack.target(name)
+        run_wrk(url, path, key_file or self.key_file,
+                Load(self.args.main_concurrency, self.args.warmup, self.args.wrk_threads))
 
     def warm(self, stack: Stack) -> None:
         if self.args.warmup > 0:
@@ -408,6 +420,9 @@ class Bench:
             results["memory"]["nginx_lua_rss_bytes"] = sum(
                 rss_bytes(p) for p in stack.peer.worker_pids())
 
+        if "budgets" not in args.skip:
+            from . import budgets
+            results["budgets"] = budgets.section(self, stack, Stack)
         if args.profile:
             results["profile"] = self.profile(stack)
         if "edge" not in args.skip:

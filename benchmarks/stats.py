@@ -47,6 +47,15 @@ def redis_cpu_seconds(client) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+def redis_commands(client, before: dict | None = None) -> dict:
+    """Commands Redis ran so far (INFO commandstats, INFO itself left out): all and
+    EVALSHA; with `before`, the difference since then."""
+    stats = client.info("commandstats")
+    now = {"all": sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info"),
+           "evalsha": stats.get("cmdstat_evalsha", {}).get("calls", 0)}
+    return {k: v - before[k] for k, v in now.items()} if before else now
+
+
 def saturation(run: dict, processes: dict[str, int], cores: int) -> dict:
     """Which process held its core(s) during a run.
 

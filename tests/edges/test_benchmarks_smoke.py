@@ -73,6 +73,16 @@ def test_tiny_run_writes_complete_results(tmp_path):
     assert (memory["record_after_traffic"]["fields_avg"]
             > results["keys"]["record_after_load"]["fields_avg"])
 
+    budgets = results["budgets"]   # the full hierarchy against plain (issue 11)
+    for name in ("plain", "budgets"):
+        run = budgets[name]
+        assert run["rps"] > 0 and run["non_2xx"] == 0, (name, run)
+        assert run["evalsha_per_call"] >= 1, (name, run)
+    assert set(budgets["levels_after_one_call"]) == {"key", "project", "organization"}
+    assert all(v > 0 for v in budgets["levels_after_one_call"].values())
+    assert budgets["ratios"]["rps"] > 0
+    assert "## Budgets" in (out / "RESULTS.md").read_text()
+
     edge = results["edge"]
     assert edge["plain"]["rps"] > 0 and edge["authz"]["rps"] > 0
     assert edge["authz"]["non_2xx"] == 0
