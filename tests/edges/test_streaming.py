@@ -254,6 +254,19 @@ async def test_nginx_leaves_other_bodies_as_they_came(plane, upstream, nginx):
     assert upstream.calls[-1]["raw"] == raw
 
 
+async def test_nginx_keeps_concurrent_streams_apart(plane, nginx):
+    """Each call's stream is read on its own: eight at once, of both dialects, each
+    key ends with its own call's price."""
+    keys = [budgeted_key(plane) for _ in range(8)]
+    calls = [stream(nginx.url, "/v1/messages", key, message()) if n % 2 else
+             stream(nginx.url, "/v1/chat/completions", key, chat())
+             for n, (_, key) in enumerate(keys)]
+    assert all(done[0] == 200 and done[2] for done in await asyncio.gather(*calls))
+    for n, (key_id, _) in enumerate(keys):
+        shown = await settled(plane, key_id)
+        assert shown["spent"] == (ANTHROPIC_SPENT if n % 2 else OPENAI_SPENT), n
+
+
 async def test_nginx_settles_an_anthropic_stream_at_message_delta(plane, nginx):
     key_id, key = budgeted_key(plane)
     status, got, clean = await stream(nginx.url, "/v1/messages", key, message())
