@@ -25,6 +25,7 @@ import pytest
 from admin_helpers import start_plane, stop_plane
 from aiohttp import web
 from conftest import free_port, stop_process
+from live import metric_value
 from proxies import ENVOY_GRPC_YAML, ENVOY_YAML, start_envoy
 from test_nginx import start_nginx
 
@@ -388,3 +389,18 @@ async def test_envoy_non_streamed_calls_are_left_to_the_upstream(plane, upstream
     assert upstream.calls[-1]["body"] == body
     shown = limits(plane, key_id)
     assert shown["spent"] == "0.00" and shown["reserved"] != "0.00"
+
+
+def test_every_report_the_proxies_sent_was_accepted(plane):
+    """Run last in this module: every report NGINX and Envoy sent above was well-formed,
+    carried the right token, named a known key and an open reservation, and none came
+    twice (a refused report would show here, not as a wrong `spent`)."""
+    import urllib.request
+    with urllib.request.urlopen(plane.car.admin_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    name = "sidecar_settlements_total"
+    assert sum(metric_value(text, name, {"result": accepted})
+               for accepted in ("refund", "charge", "exact")) >= 10
+    for refused in ("unauthorized", "rejected", "unknown_key", "unknown_reservation",
+                    "duplicate", "unavailable"):
+        assert metric_value(text, name, {"result": refused}) == 0, refused
