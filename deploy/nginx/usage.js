@@ -209,7 +209,8 @@ function withUsage(r) {
     }
     try {
         body = r.requestText;
-        doc = JSON.parse(body);
+        // most calls are not streamed: no second parse of their body (model() did one)
+        doc = body && body.indexOf('"stream"') >= 0 ? JSON.parse(body) : null;
     } catch (e) {
         return '';
     }

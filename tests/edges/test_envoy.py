@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 from conftest import ROOT
-from proxies import ENVOY_YAML, deployed_max_body
+from proxies import ENVOY_GRPC_YAML, ENVOY_YAML, deployed_max_body
 
 from sidecar.dataplane.request import AUTHZ_PREFIX
 
@@ -65,6 +65,27 @@ def test_authz_service_matches_the_sidecar_route_and_port():
     sidecar = next(c for c in load()["static_resources"]["clusters"] if c["name"] == "sidecar")
     endpoint = sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert endpoint["address"]["socket_address"]["port_value"] == port == 8080
+
+
+def test_both_files_settle_streams_with_the_same_lua_filter():
+    """envoy.yaml and envoy-grpc.yaml carry one Lua filter (the streamed-usage report),
+    between ext_authz and the router, and a `sidecar` cluster on the HTTP data port it
+    POSTs /settle to."""
+    codes = []
+    for path in (ENVOY_YAML, ENVOY_GRPC_YAML):
+        doc = load(path)
+        filters = [f for f in walk(doc, "http_filters")][0]
+        assert [f["name"].rsplit(".", 1)[1] for f in filters] == ["ext_authz", "lua", "router"]
+        code = filters[1]["typed_config"]["default_source_code"]["inline_string"]
+        assert 'httpCall("sidecar"' in code and '":path"] = "/settle"' in code
+        codes.append(code)
+        sidecar = next(c for c in doc["static_resources"]["clusters"]
+                       if c["name"] == "sidecar")
+        endpoint = sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["address"]["socket_address"] == {"address": "sidecar",
+                                                         "port_value": 8080}
+        assert "http_protocol_options" in str(sidecar)     # HTTP/1.1, not the gRPC one
+    assert codes[0] == codes[1]
 
 
 def test_timeouts_and_body_limits_agree_with_the_sidecar():
