@@ -204,7 +204,8 @@ function report(r) {
 // usage chunk the client did not ask for.
 function withUsage(r) {
     var body, doc;
-    if (r.method !== 'POST' || !/\/(chat\/)?completions$/.test(r.uri)) {
+    if (r.variables.sidecar_ask_for_usage !== 'on' || r.method !== 'POST' ||
+            !/\/(chat\/)?completions$/.test(r.uri)) {
         return '';
     }
     try {
