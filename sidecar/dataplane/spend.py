@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import orjson
-
 from ..schema.money import MAX_TOKENS, PriceList, Usage, prompt_estimate, reservation
+from .request import json_doc
 
 UNPRICED = -1                   # authorize.lua: the model has no price
 PROMPT_HEADER = "x-prompt-tokens"
@@ -64,10 +63,7 @@ def output_cap(body: bytes) -> int | None:
     """The largest output cap the JSON body sets at its top level, or None."""
     if b"max_" not in body:
         return None
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
+    doc = json_doc(body)      # parsed once with the model rule's read (request.py)
     if not isinstance(doc, dict):
         return None
     caps = [v for k in _CAPS if isinstance(v := doc.get(k), int) and not isinstance(v, bool)
