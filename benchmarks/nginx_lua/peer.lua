@@ -244,11 +244,11 @@ local function limit_headers(reply, out)
   return out
 end
 
-local function evalsha(red, ...)   -- the 4 KEYS, then ARGV
-  local reply, err = red:evalsha(SCRIPT_SHA, 4, ...)
+local function evalsha(red, ...)   -- the 7 KEYS, then ARGV
+  local reply, err = red:evalsha(SCRIPT_SHA, 7, ...)
   if not reply and err and err:find("NOSCRIPT", 1, true) then
     red:script("load", SCRIPT_SRC)
-    reply, err = red:evalsha(SCRIPT_SHA, 4, ...)
+    reply, err = red:evalsha(SCRIPT_SHA, 7, ...)
   end
   return reply, err
 end
@@ -293,10 +293,16 @@ function M.authorize()
     -- the benchmark's keys have no budget).
     local now = math.floor(ngx.now() * 1000)
     local tag = "{" .. shard .. "}"
+    -- Alerts and usage history as the sidecar's defaults (alert_thresholds,
+    -- usage_retention_days), unless run.py's options say otherwise.
+    local day = math.floor(now / 86400000)
     reply, err = evalsha(red, "k:" .. tag .. ":" .. key_hash, "w:" .. tag, "b:" .. tag,
-                         "l:" .. tag, now, cfg.cost, ip_hex(ip), ip, model,
+                         "l:" .. tag, "ev:" .. tag, "u:" .. tag .. ":d:" .. day,
+                         "u:" .. tag .. ":h:" .. math.floor(now / 3600000),
+                         now, cfg.cost, ip_hex(ip), ip, model,
                          call[1], call[2], call[3], "0", cfg.pool_prefix, 0, -1,
-                         math.floor(now / 86400000), 0, "c")
+                         day, 0, "c", cfg.thresholds or "0.2,0.05,0",
+                         cfg.usage_days or 90)
   end
   if not reply then
     ngx.log(ngx.WARN, "redis unavailable: ", err)

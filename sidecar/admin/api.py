@@ -39,10 +39,12 @@ def routes() -> list[Route]:
         routes_limits,
         routes_org,
         routes_subscriptions,
+        routes_usage,
         routes_webhooks,
     )
     return [*routes_org.ROUTES, *routes_keys.ROUTES, *routes_limits.ROUTES,
-            *routes_subscriptions.ROUTES, *routes_audit.ROUTES, *routes_webhooks.ROUTES]
+            *routes_subscriptions.ROUTES, *routes_audit.ROUTES, *routes_webhooks.ROUTES,
+            *routes_usage.ROUTES]
 
 
 def endpoint(route: Route, app: web.Application) -> Callable:
@@ -87,7 +89,7 @@ def setup_admin_api(app: web.Application, settings) -> None:
         app["control_hasher"] = KeyHasher(settings.key_pepper)
         app["control_store"] = ControlStore(client, app["control_hasher"],
                                             settings.budget_timezone)
-        app["control_store"].webhooks.webhook_networks = settings.webhook_networks()
+        app["control_store"].configure(settings)
 
     async def stop(app: web.Application) -> None:
         store = app.get("control_store")

@@ -22,6 +22,8 @@ _ERRORS = {"400": "invalid request: unknown field, wrong type, bad value, confli
            "503": "Redis did not answer"}
 _TAGS = {"organization": "The organization the admin key belongs to",
          "limits": "Budgets in money and concurrency limits, at every level",
+         "usage": "Alert thresholds and usage history of keys, projects and the "
+                  "organization",
          "members": "People of the organization and their roles",
          "projects": "Projects: the owners of keys and service accounts",
          "service_accounts": "Non-person identities of a project",

@@ -29,7 +29,7 @@ from ..control.input_limits import (
 from ..control.policy import ROLES
 from ..schema.events import TYPES as EVENT_TYPES
 from ..schema.keys import KeyType
-from ..schema.limits import MAX_CONCURRENCY, OBSERVABLE, PERIODS
+from ..schema.limits import MAX_CONCURRENCY, MAX_THRESHOLDS, OBSERVABLE, PERIODS
 from ..schema.record import PERMISSIONS
 from ..schema.webhooks import MAX_URL
 
@@ -92,6 +92,13 @@ LIMIT_FIELDS = {
                 "items": {"type": "string", "enum": list(OBSERVABLE)}},
 }
 LIMITS = obj(LIMIT_FIELDS, min_properties=1)
+THRESHOLDS = obj({"thresholds": {
+    "type": ["array", "null"], "maxItems": MAX_THRESHOLDS,
+    "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+    "description": "fractions of the quota or budget left, e.g. [0.2, 0.05, 0]; [] none, "
+                   "null the deployment's default (alert_thresholds)"}}, ("thresholds",))
+USAGE_QUERY = obj({"since": {"type": "string", "format": "date", "maxLength": 10,
+                             "description": "first day, YYYY-MM-DD"}})
 KEY_CREATE = obj({
     "type": {"type": "string", "enum": ["standard", "org", "admin"], "default": "org"},
     "name": NAME,
@@ -206,6 +213,19 @@ RESPONSES = {
                               "reserved": _S, "remaining": _SN,
                               "max_concurrency": _IN, "in_flight": _I,
                               "observe": _STRS}},
+    "Thresholds": {"type": "object", "required": ["thresholds", "default"],
+                   "properties": {"thresholds": {"type": "array",
+                                                 "items": {"type": "number"}},
+                                  "default": _B}},
+    "Usage": {"type": "object", "required": ["total", "daily", "hourly"], "properties": {
+        "object": {"const": "usage"}, "key_id": _S, "project_id": _S,
+        "organization_id": _S, "since": _SN,
+        "total": {"$ref": "#/components/schemas/UsageRow"},
+        "daily": {"type": "array", "items": {"$ref": "#/components/schemas/UsageRow"}},
+        "hourly": {"type": "array", "items": {"$ref": "#/components/schemas/UsageRow"}}}},
+    "UsageRow": {"type": "object", "required": ["requests", "tokens", "spend"],
+                 "properties": {"date": _S, "hour": _S, "requests": _I, "tokens": _I,
+                                "spend": {**_S, "description": "decimal amount"}}},
     "Deleted": {"type": "object", "required": ["id", "deleted"],
                 "properties": {"id": _S, "deleted": {"const": True},
                                "disabled_keys": _STRS}},

@@ -47,6 +47,12 @@ def register_for(actions, level: str, parents: list) -> None:
                      f"set {what}'s budget, concurrency limit and observe-only limits")
     limits.add_argument(target)
     add_limit_arguments(limits)
+    if level != "member":
+        th = command(actions, "set-thresholds", _thresholds(level), control, parents,
+                     f"set {what}'s alert thresholds (fractions of quota or budget left)")
+        th.add_argument(target)
+        th.add_argument("thresholds", metavar="LIST",
+                        help="e.g. 0.5,0.1,0; 'default' (alert_thresholds) or 'none'")
 
 
 def _run(level: str):
@@ -60,4 +66,25 @@ def _run(level: str):
         if level == "project":
             return await store.set_project_limits(org, args.id, req)
         return await store.set_member_limits(org, args.id, req)
+    return run
+
+
+def threshold_request(text: str) -> dict:
+    """The API's body: a list the control plane checks, [] for none, null for default."""
+    if text == "default":
+        return {"thresholds": None}
+    if text == "none":
+        return {"thresholds": []}
+    return {"thresholds": text}   # a text '0.5,0.1,0': parsed and checked there
+
+
+def _thresholds(level: str):
+    async def run(args: argparse.Namespace, store) -> dict:
+        req = threshold_request(args.thresholds)
+        if level == "key":
+            return await store.set_key_thresholds(None, args.id, req)
+        org = await store.resolve_org(args.org)
+        if level == "organization":
+            return await store.set_thresholds(org, "organization", org, req)
+        return await store.set_thresholds(org, "project", args.id, req)
     return run

@@ -29,6 +29,7 @@ from . import (
     serve,
     service_accounts,
     subscriptions,
+    usage,
     webhooks,
 )
 from .parsing import CliError, _Parser, common_options, config_path
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     common = common_options()
     for module in (keys, accounts, admin, orgs, members, projects, service_accounts,
-                   subscriptions, audit, webhooks):
+                   subscriptions, audit, webhooks, usage):
         module.register(sub, common)
     return parser
 

@@ -30,7 +30,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             store = ControlStore(client, KeyHasher(settings.key_pepper),
                                  settings.budget_timezone)
-            store.webhooks.webhook_networks = settings.webhook_networks()
+            store.configure(settings)
             result = await args.run(args, store)
         except (InvalidKeySpec, KeyError_) as exc:   # a key store error passed through
             raise from_key_error(exc) from None

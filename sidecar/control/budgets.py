@@ -22,12 +22,16 @@ from ..schema.limits import (
     OBSERVABLE_NAMES,
     PERIOD_NAMES,
     PERIODS,
+    BadThresholds,
     Calendar,
     Limits,
     observe_letters,
+    pack_thresholds,
+    parse_thresholds,
+    unpack_thresholds,
 )
 from ..schema.money import MAX_AMOUNT, BadAmount, format_amount, parse_amount
-from ..schema.record import now_ms
+from ..schema.record import FIELD, QUOTA_FIRED, now_ms
 from ..schema.scripts import SET_LIMITS
 from .errors import Invalid, NotFound
 
@@ -103,13 +107,34 @@ def limits_view(state: Limits | None, now: tuple[int, int]) -> dict:
     }
 
 
+def parse_threshold_change(req: dict) -> tuple[float, ...] | None:
+    """{"thresholds": [0.5, 0.1, 0]} ([] none) or {"thresholds": null} (the default)."""
+    if "thresholds" not in req:
+        raise Invalid("thresholds: a list of fractions, or null for the default",
+                      "thresholds")
+    value = req["thresholds"]
+    if value is None:
+        return None
+    try:
+        return parse_thresholds(value)
+    except BadThresholds as exc:
+        raise Invalid(str(exc), "thresholds") from None
+
+
+def thresholds_view(text: str | None, default: tuple[float, ...]) -> dict:
+    own = text not in (None, "", "-")
+    return {"thresholds": list(unpack_thresholds(text, default)), "default": not own}
+
+
 class Budgets:
     """Reads and writes the limits of one level; the caller has checked who may."""
 
-    def __init__(self, redis, hasher: KeyHasher, timezone: str = "UTC"):
+    def __init__(self, redis, hasher: KeyHasher, timezone: str = "UTC",
+                 thresholds: tuple[float, ...] = (0.2, 0.05, 0.0)):
         self.redis = redis
         self.hasher = hasher
         self.calendar = Calendar(timezone)
+        self.default_thresholds = thresholds
 
     def where(self, level: str, org: str, entity_id: str) -> tuple[str, str]:
         """(hash, field) of a project's, organization's or member's state."""
@@ -149,3 +174,32 @@ class Budgets:
         """Whether a key of `org` sits on the organization's tag (every key minted since
         budgets exist): only those see the levels above them."""
         return shard_of(key_hash) == self.hasher.org_tag(org)
+
+    # -- alert thresholds (issue 12): a key's in its record (th), a level's in its state --
+
+    async def thresholds(self, hash_: str, field_: str) -> dict:
+        if field_ == "lim":
+            return thresholds_view(_s(await self.redis.hget(hash_, FIELD["thresholds"])),
+                                   self.default_thresholds)
+        state = Limits.unpack(await self.redis.hget(hash_, field_))
+        return thresholds_view(state and state.thresholds, self.default_thresholds)
+
+    async def set_thresholds(self, hash_: str, field_: str,
+                             thresholds: tuple[float, ...] | None) -> dict:
+        """Store them and re-arm the alerts (none has fired for the new list)."""
+        packed = pack_thresholds(thresholds)
+        if field_ == "lim":
+            await self.redis.hset(hash_, FIELD["thresholds"], packed)
+            await self.redis.hdel(hash_, QUOTA_FIRED)
+            state = Limits.unpack(await self.redis.hget(hash_, "lim"))
+            if state and state.fired:
+                await run_script(self.redis, SET_LIMITS, (hash_,),
+                                 SetLimitsArgs(hash_, "lim", thresholds="-").argv())
+        else:
+            await run_script(self.redis, SET_LIMITS, (hash_,),
+                             SetLimitsArgs(hash_, field_, thresholds=packed).argv())
+        return await self.thresholds(hash_, field_)
+
+
+def _s(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from ..schema import names
 from ..schema.keys import KeyHasher, KeyType, mint, new_id, shard_of
-from ..schema.record import CASCADE_REASONS, FIELD, MAX_QUOTA, RESTRICTED, KeyRecord
+from ..schema.record import (
+    CASCADE_REASONS,
+    FIELD,
+    MAX_QUOTA,
+    QUOTA_FIRED,
+    RESTRICTED,
+    KeyRecord,
+)
 from ..schema.record import _text as _s
 from .events import key_disabled
 from .key_spec import EDITABLE, InvalidKeySpec, KeyConflict, KeyError_, KeySpec, validate_spec
@@ -202,6 +209,8 @@ class KeyStore:
         else:
             await self.redis.hset(rkey, mapping=KeyRecord.fields(
                 **{attr: quota}, unlimited=False))
+        if quota > 0 or not add:   # raised or set anew: the quota alerts re-arm
+            await self.redis.hdel(rkey, QUOTA_FIRED)
         return await self.get(key_id)
 
     async def delete(self, key_id: str) -> None:

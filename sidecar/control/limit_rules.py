@@ -1,12 +1,15 @@
-"""Who may change the budgets and concurrency limits of a key, a project, a member or
-the organization, and the audit trail of every change. The state itself: budgets.py."""
+"""Who may change the budgets, concurrency limits and alert thresholds of a key, a
+project, a member or the organization, and the audit trail of every change; who may read
+their usage history. The state itself: budgets.py, usage.py."""
 
 from __future__ import annotations
 
+from ..schema import names
 from ..schema.keys import KeyType
-from .budgets import Budgets, parse_change
+from .budgets import Budgets, parse_change, parse_threshold_change
 from .errors import Conflicting
 from .policy import CLI, Actor, Resource, check
+from .usage import UsageHistory
 
 
 class LimitRules:
@@ -14,9 +17,10 @@ class LimitRules:
     `store` gives it the entity lookups,
     the key's policy resource and the audit log."""
 
-    def __init__(self, store, budgets: Budgets):
+    def __init__(self, store, budgets: Budgets, usage: UsageHistory):
         self.store = store
         self.budgets = budgets
+        self.usage = usage
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -81,3 +85,65 @@ class LimitRules:
         await self.store.audit.record(org, actor, f"{level}.limits_changed", level,
                                       entity_id, before, after)
         return after
+
+    # -- alert thresholds (issue 12) -------------------------------------------------------
+
+    async def thresholds_of_key(self, org: str | None, key_id: str) -> dict:
+        await self.store.keys.org_key(org, key_id)
+        return await self.budgets.thresholds(
+            names.record(await self.budgets.key_hash(key_id)), "lim")
+
+    async def thresholds_of(self, org: str, level: str, entity_id: str) -> dict:
+        await self._entity(org, level, entity_id)
+        return await self.budgets.thresholds(*self.budgets.where(level, org, entity_id))
+
+    async def set_key_thresholds(self, org: str | None, key_id: str, req: dict,
+                                 actor: Actor = CLI) -> dict:
+        thresholds = parse_threshold_change(req)
+        rec = await self.store.keys.org_key(org, key_id)
+        check(actor, "key.limits", await self.store.keys.resources.resource(rec))
+        if rec.type is KeyType.admin:
+            raise Conflicting("thresholds: admin keys make no calls to alert on",
+                              "thresholds")
+        where = (names.record(await self.budgets.key_hash(key_id)), "lim")
+        before = await self.budgets.thresholds(*where)
+        after = await self.budgets.set_thresholds(*where, thresholds)
+        if rec.org:
+            await self.store.audit.record(rec.org, actor, "key.thresholds_changed", "key",
+                                          key_id, before, after)
+        return after
+
+    async def set_thresholds(self, org: str, level: str, entity_id: str, req: dict,
+                             actor: Actor = CLI) -> dict:
+        """A project's or the organization's thresholds."""
+        thresholds = parse_threshold_change(req)
+        await self._entity(org, level, entity_id)
+        check(actor, f"{level}.limits", Resource(level, org, id=entity_id))
+        where = self.budgets.where(level, org, entity_id)
+        before = await self.budgets.thresholds(*where)
+        after = await self.budgets.set_thresholds(*where, thresholds)
+        await self.store.audit.record(org, actor, f"{level}.thresholds_changed", level,
+                                      entity_id, before, after)
+        return after
+
+    async def _entity(self, org: str, level: str, entity_id: str) -> None:
+        if level == "project":
+            await self.store.project(org, entity_id)
+        else:
+            await self.store.org(org)
+
+    # -- usage history (issue 12) ----------------------------------------------------------
+
+    async def usage_of_key(self, org: str | None, key_id: str,
+                           since: str | None = None) -> dict:
+        await self.store.keys.org_key(org, key_id)     # another organization's: 404
+        tag = self.usage.key_tag(await self.budgets.key_hash(key_id))
+        return {"key_id": key_id, **await self.usage.history(tag, key_id, since)}
+
+    async def usage_of(self, org: str, level: str, entity_id: str,
+                       since: str | None = None) -> dict:
+        """A project's or the organization's (the keys minted on its tag)."""
+        await self._entity(org, level, entity_id)
+        out = await self.usage.history(self.usage.org_tag(org),
+                                       names.level_field(level, entity_id), since)
+        return {f"{level}_id": entity_id, **out}

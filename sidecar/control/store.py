@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..schema import names
 from ..schema.keys import KeyHasher
+from ..schema.limits import parse_thresholds
 from .admin_keys import AdminKeys
 from .audit import AuditLog
 from .budgets import Budgets
@@ -33,6 +34,7 @@ from .key_resources import KeyResources
 from .keystore import KeyStore
 from .limit_rules import LimitRules
 from .subscriptions import Subscriptions
+from .usage import UsageHistory
 from .views import text
 from .webhooks import Webhooks
 
@@ -64,8 +66,17 @@ class ControlStore:
         self.keys = KeyOps(redis, self.audit, self.keystore, self.entities, resources)
         self.subscriptions = Subscriptions(redis, self.audit, self.keystore, self.entities)
         self.webhooks = Webhooks(redis, self.audit, self.entities)
-        self.limits = LimitRules(self, Budgets(redis, hasher, budget_timezone))
+        self.limits = LimitRules(self, Budgets(redis, hasher, budget_timezone),
+                                 UsageHistory(redis, hasher, budget_timezone))
         self.admin_keys = AdminKeys(redis, hasher, self.entities)
+
+    def configure(self, settings) -> None:
+        """The deployment's settings the control plane applies (runtime/config.Settings):
+        webhook networks, default alert thresholds, days of usage history."""
+        self.webhooks.webhook_networks = settings.webhook_networks()
+        self.limits.budgets.default_thresholds = parse_thresholds(
+            ",".join(settings.alert_thresholds))
+        self.limits.usage.retention_days = settings.usage_retention_days
 
     # -- budgets and concurrency limits, every level --------------------------------------
     key_limits = _Op("limits")
@@ -76,6 +87,14 @@ class ControlStore:
     set_member_limits = _Op("limits")
     org_limits = _Op("limits")
     set_org_limits = _Op("limits")
+
+    # -- alert thresholds and usage history (issue 12) -------------------------------------
+    thresholds_of_key = _Op("limits")
+    thresholds_of = _Op("limits")
+    set_key_thresholds = _Op("limits")
+    set_thresholds = _Op("limits")
+    usage_of_key = _Op("limits")
+    usage_of = _Op("limits")
 
     # -- who calls the admin API -----------------------------------------------------------
     authenticate = _Op("admin_keys")

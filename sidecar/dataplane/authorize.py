@@ -52,6 +52,8 @@ class Authorizer:
         self.calendar = Calendar(settings.budget_timezone)
         self.expiry = "c" if settings.expired_reservation == "charge" else "r"
         self.concurrency_retry = str(settings.concurrency_retry_after_s)
+        self.thresholds = settings.default_thresholds()
+        self.usage_days = settings.usage_retention_days
 
     async def __call__(self, call: Call) -> Answer:
         """An authorize call on the HTTP edge: the original method, path and client IP by
@@ -97,11 +99,13 @@ class Authorizer:
         # an IP list are refused, and recent activity records no junk.
         keys, args = AuthorizeArgs.pack(
             names.record(key_hash), names.wallet(shard), names.budgets(shard),
-            names.leases(shard), reservation and names.reservation(key_hash, reservation),
+            names.leases(shard), names.events(shard), names.usage_day(shard, day),
+            names.usage_hour(shard, now // 3_600_000),
+            reservation and names.reservation(key_hash, reservation),
             now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,
             1 if endpoint.write else 0, 0 if certain else 1, names.POOL_PREFIX,
             self.reservation_ms, self.estimator.worst_case(model, call.body, headers, trusted),
-            day, month, self.expiry)
+            day, month, self.expiry, self.thresholds, self.usage_days)
         try:
             reply = AuthorizeReply.parse(await self.runner.run(AUTHORIZE, keys, args))
         except RedisUnavailable as exc:

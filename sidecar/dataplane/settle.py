@@ -136,6 +136,8 @@ class Settler:
         self.prices = price_list(settings)
         self.calendar = Calendar(settings.budget_timezone)
         self.expiry = "c" if settings.expired_reservation == "charge" else "r"
+        self.thresholds = settings.default_thresholds()
+        self.usage_days = settings.usage_retention_days
         self._token = ("Bearer " + settings.settlement_token).encode()
         self._redis_url = settings.redis_url
         self._timeout = settings.redis_timeout_ms / 1000
@@ -180,10 +182,12 @@ class Settler:
         day, month = self.calendar.numbers(now)
         args = SettleArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
                           names.leases(shard),
-                          names.reservation(key_hash, report.reservation_id), now,
+                          names.reservation(key_hash, report.reservation_id),
+                          names.events(shard), names.usage_day(shard, day),
+                          names.usage_hour(shard, now // 3_600_000), now,
                           "" if actual is None else actual, report.tokens, SETTLED_TTL_MS,
                           names.POOL_PREFIX, "" if money is None else money, day, month,
-                          self.expiry)
+                          self.expiry, self.thresholds, self.usage_days)
         reply = SettleReply.parse(await self.runner.run(SETTLE, args.keys(), args.argv()))
         rid = report.reservation_id
         if reply.code == SettleReply.UNKNOWN_KEY:

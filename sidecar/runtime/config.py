@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ..schema.limits import BadThresholds, pack_thresholds, parse_thresholds
 from ..schema.money import MAX_TOKENS, BadAmount, PriceList
 from ..schema.webhooks import InvalidEndpoint, WebhookEndpoint, parse_endpoint
 
@@ -77,6 +78,11 @@ class Settings:
     prompt_bytes_per_token: int = 2      # prompt tokens reserved = body bytes / this
     expired_reservation: str = "charge"  # unsettled past the ttl: charge | release it
     concurrency_retry_after_s: int = 1   # Retry-After of a concurrency_limited 429
+    # Alerts and usage history (docs/usage.md): the fractions of quota or budget left
+    # that raise quota.* / budget.* events where a key or level sets none ([] none), and
+    # the days of daily usage buckets kept (hourly ones: 48 h; 0 keeps no history).
+    alert_thresholds: tuple[str, ...] = ("0.2", "0.05", "0")
+    usage_retention_days: int = 90
     log_level: str = "info"
     # Webhooks (docs/webhooks.md): global endpoints, each {url, secret, events}; an
     # organization adds its own through the admin API.
@@ -100,6 +106,10 @@ class Settings:
     @property
     def embedded_redis(self) -> bool:
         return self.redis_url is None
+
+    def default_thresholds(self) -> str:
+        """alert_thresholds in the scripts' form (schema/limits.pack_thresholds)."""
+        return pack_thresholds(parse_thresholds(",".join(self.alert_thresholds)))
 
     def webhook_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False)
@@ -354,6 +364,12 @@ def _validate_money(s: Settings) -> None:
         raise ConfigError("expired_reservation: 'charge' or 'release'")
     if not 1 <= s.concurrency_retry_after_s <= 3600:
         raise ConfigError("concurrency_retry_after_s: must be between 1 and 3600")
+    try:
+        parse_thresholds(",".join(s.alert_thresholds))
+    except BadThresholds as exc:
+        raise ConfigError("alert_" + str(exc)) from None
+    if not 0 <= s.usage_retention_days <= 3660:
+        raise ConfigError("usage_retention_days: must be between 0 (none) and 3660")
 
 
 def price_list(s: Settings) -> PriceList:

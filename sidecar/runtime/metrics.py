@@ -47,6 +47,13 @@ WEBHOOK_LAG = Histogram("sidecar_webhook_delivery_lag_seconds",
 WEBHOOK_DEAD_LETTERS = Counter("sidecar_webhook_dead_letters",
                                "Deliveries moved to the dead-letter stream after their "
                                "retry window")
+# Alerts (issue 12): crossings the scripts appended, counted by the webhook worker as it
+# takes each event (once per deployment), by kind (the event type) and threshold: a
+# common fraction as itself, any other as "other", so no key or level shows.
+THRESHOLD_CROSSINGS = Counter("sidecar_threshold_crossings",
+                              "Quota and budget thresholds crossed, and keys first refused "
+                              "as expired", ["kind", "threshold"])
+COMMON_THRESHOLDS = frozenset({"0", "0.01", "0.05", "0.1", "0.2", "0.25", "0.5", "0.75"})
 
 # Pre-bound children: .labels() costs a dict lookup and a lock per call.
 _decision_children: dict[tuple[int, str], Counter] = {}
@@ -117,3 +124,9 @@ def exposition() -> bytes:
 def shadow_denial(code: str) -> None:
     """A denial an observe-only limit would have made (the contract's code)."""
     SHADOW_DENIALS.labels(code).inc()
+
+
+def threshold_crossing(kind: str, threshold: str | None) -> None:
+    label = "" if threshold is None else (
+        threshold if threshold in COMMON_THRESHOLDS else "other")
+    THRESHOLD_CROSSINGS.labels(kind, label).inc()

@@ -208,6 +208,9 @@ class Worker:
         keep = asyncio.get_running_loop().create_task(self._keep(stream, entry_id))
         try:
             event = events.from_entry(tag, entry_id, fields)
+            if event is not None and not event.target and event.type != "key.disabled":
+                # a script's alert, counted as it is taken (a takeover counts it again)
+                metrics.threshold_crossing(event.type, fields.get("th"))
             if event is not None:
                 deadline = (events.entry_ms(entry_id) / 1000
                             + self.settings.webhook_retry_window_s)

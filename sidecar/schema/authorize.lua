@@ -10,7 +10,12 @@
 --                              above the key, field = a word of the record's lv
 -- KEYS[4]  leases              sorted set l:{tag}: reservation name -> expiry ms, for
 --                              the reservations that hold money or a slot
--- KEYS[5]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
+-- KEYS[5]  events              stream ev:{tag}: threshold crossings and key.expired
+--                              (schema/events.py), appended only when one happens
+-- KEYS[6]  usage_day           hash u:{tag}:d:<day>: usage history, field '<who>:n'
+--                              requests (who = key id or a word of the record's lv)
+-- KEYS[7]  usage_hour          hash u:{tag}:h:<hour>: the same per hour
+-- KEYS[8]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
 --                              on (without it, no reservation is kept)
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  cost                units this call reserves
@@ -25,12 +30,15 @@
 --                              be read whole (request.py read_model)
 -- ARGV[10] pool_prefix         names.POOL_PREFIX: the wallet field of the record's
 --                              quota pool 'qp' is ARGV[10] .. qp (names.pool_field)
--- ARGV[11] reservation_ttl     ms a reservation (KEYS[5]) awaits its report; 0 without
+-- ARGV[11] reservation_ttl     ms a reservation (KEYS[8]) awaits its report; 0 without
 -- ARGV[12] money               micro-units the call may cost at most; -1: the model has
 --                              no price (refused where a budget applies)
 -- ARGV[13] day                 number of the budget day now (budget_timezone)
 -- ARGV[14] month               number of the budget month now
 -- ARGV[15] expiry              'c' charge / 'r' release an expired reservation
+-- ARGV[16] thresholds          the default alert thresholds ('0.2,0.05,0', 'n' none):
+--                              for a key or level whose own are '-' (limits.lua)
+-- ARGV[17] usage_days          days of usage history kept; 0: none is written
 --
 -- Returns {code, key_id, type, org, project, rpm, rpm_remaining, tpm, tpm_remaining,
 --          rpm_reset_ms, tpm_reset_ms, retry_ms, level, observed}
@@ -43,7 +51,12 @@
 -- code: 0 allow, 1 unknown key, 2 disabled, 3 expired, 4 admin key, 5 ip, 6 model,
 --       7 permission, 8 quota, 9 requests/min, 10 tokens/min, 11 budget,
 --       12 concurrency, 13 model not priced, 14 requests/day, 15 tokens/day.
--- Nothing is written unless the code is 0. An allowed call with KEYS[5] also records its
+-- Nothing is written unless the code is 0, except alerts: the first refusal of an expired
+-- key appends key.expired and marks the record (xn = the expiry it was noticed for).
+-- An allowed call that makes the key's quota (left = qr or its pool, of qr + qu; a
+-- subscription's cq - cu of cq) or a budget (left = budget - spent - reserved) cross a
+-- threshold appends one event (quota.low / quota.exhausted, budget.low / .exhausted).
+-- An allowed call with KEYS[8] also records its
 -- reservation there, '<units> <source>' (limits.lua: more when it holds money or a
 -- slot), for settle.lua: source 'q' the key's quota (own or shared pool), 'u' nothing
 -- (unlimited), 'c<cycle end ms>' a subscription cycle, 'w' the PAYG wallet.
@@ -53,14 +66,24 @@ local f = redis.call('HMGET', KEYS[1],
   'ul', 'qr', 'rpm', 'ra', 'tpm', 'ta',                  -- 9..14
   'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'org', 'prj',      -- 15..22
   'qu', 'n', 'pu', 'qp', 'lim', 'lv', 'rpd', 'rd',       -- 23..30
-  'tpd', 'td')                                            -- 31..32
+  'tpd', 'td', 'th', 'qf', 'xn')                          -- 31..35
 local id = f[1]
 if not id then return {1} end
 local now = tonumber(ARGV[1])
 
 if f[3] ~= 'a' then return {2} end
 local ex = tonumber(f[4] or '0')
-if ex > 0 and now >= ex then return {3} end
+local function alert(typ, level, fields)   -- one event on the tag's stream
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', id,
+             'o', f[21] or '', 'p', f[22] or '', 'l', level, unpack(fields or {}))
+end
+if ex > 0 and now >= ex then
+  if f[35] ~= f[4] then   -- noticed once per expiry: a small write on the first refusal
+    redis.call('HSET', KEYS[1], 'xn', f[4])
+    alert('key.expired', 'k', {'why', 'expired'})
+  end
+  return {3}
+end
 if f[2] == 'a' then return {4} end
 
 -- Allowed networks: 'hex/bits,...'; compare whole hex digits, then the leftover bits.
@@ -166,10 +189,12 @@ local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f[10] or '0'
 local cq, cu = tonumber(f[15] or '0'), tonumber(f[16] or '0')
 local ce, cp = tonumber(f[17] or '0'), tonumber(f[18] or '0')
 local pay_wallet = false
+local qf = tonumber(f[34] or '0')   -- quota thresholds fired (re-armed when raised)
 if typ == 'b' then
   if cp > 0 and now >= ce then   -- the cycle renewed: skip whole periods, start at zero
     ce = ce + (math.floor((now - ce) / cp) + 1) * cp
     cu = 0
+    qf = 0
   end
   if f[9] ~= '1' and cu + cost > cq then   -- an unlimited key only counts its use
     local balance = 0
@@ -199,7 +224,7 @@ if tpd > 0 and td_wait > 0 and enforced(15, 't') then return answer(15, 0, wait_
 
 -- Budgets and concurrency, at the key and every level above it (limits.lua): all are
 -- checked before anything is written, so a refused call reserves nothing anywhere.
--- Concurrency is counted only with a reservation (KEYS[5]): its settle ends the call.
+-- Concurrency is counted only with a reservation (KEYS[8]): its settle ends the call.
 local money, day, month = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local held = {}                       -- {where, state} of the levels with limits
 if own or f[28] then
@@ -216,7 +241,9 @@ if own or f[28] then
     end
   end
 end
-local slots = KEYS[5] ~= nil
+local slots = KEYS[8] ~= nil
+local default_th = ARGV[16]
+local key_th = th_list(f[33], default_th)
 for _, h in ipairs(held) do
   local l = h[2]
   lim_roll(l, day, month)
@@ -238,8 +265,10 @@ local set = {'la', ARGV[1], 'lip', ARGV[4], 'lm', model,
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 if rpm > 0 then put('ra', now_us + r_level + r_step) end
 if rpd > 0 then put('rd', now_us + rd_level + rd_step) end
+local q_left, q_total   -- the quota after this call, for its thresholds
 if typ == 'b' then
   put('ce', ce)
+  if not pay_wallet and f[9] ~= '1' then q_left, q_total = cq - cu - cost, cq end
   if pay_wallet then
     redis.call('HINCRBY', KEYS[2], f[20], -cost)
     put('cu', cu)
@@ -253,6 +282,31 @@ elseif f[9] ~= '1' then
   else
     put('qr', qr - cost)
   end
+  q_left, q_total = qr - cost, qr + tonumber(f[23] or '0')
+end
+if q_left and q_total > 0 then
+  local th
+  th, qf = th_cross(key_th, qf, q_left, q_total)
+  if th then
+    alert(tonumber(th) == 0 and 'quota.exhausted' or 'quota.low', 'k',
+          {'th', th, 'r', string.format('%d', math.max(q_left, 0)),
+           'lim', string.format('%d', q_total)})
+  end
+  put('qf', qf)
+end
+-- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
+-- a bucket's time to live is set when this key first counts in it.
+local usage_days = tonumber(ARGV[17])
+if usage_days > 0 then
+  for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
+    local bucket = KEYS[5 + i]
+    if redis.call('HINCRBY', bucket, id .. ':n', 1) == 1 then
+      redis.call('EXPIRE', bucket, ttl)
+    end
+    for where in string.gmatch(f[28] or '', '%S+') do
+      redis.call('HINCRBY', bucket, where .. ':n', 1)
+    end
+  end
 end
 -- Each level with limits holds the money (spent at once without a reservation to
 -- settle) and a slot; the reservation names what it holds, for settle and expiry.
@@ -263,6 +317,11 @@ for _, h in ipairs(held) do
     if slots then l.r = l.r + money; flags = 'b' else l.s = l.s + money end
   end
   if slots and l.mc > 0 then l.fl = l.fl + 1; flags = flags .. 'c' end
+  local crossed = lim_cross(l, where == 'k' and key_th or th_list(l.th, default_th))
+  if crossed then
+    alert(crossed[1], string.sub(where, 1, 1),
+          {'th', crossed[2], 'r', crossed[3], 'lim', crossed[4]})
+  end
   if where == 'k' then put('lim', lim_text(l)) else
     redis.call('HSET', KEYS[3], where, lim_text(l))
   end
@@ -273,12 +332,12 @@ if slots then
   local source = (typ ~= 'b' and (f[9] == '1' and 'u' or 'q'))
                  or (pay_wallet and 'w') or ('c' .. ce)
   if #words > 0 then   -- a lease: it ends at settle, or expires (limits.lua)
-    redis.call('SET', KEYS[5], table.concat({ARGV[2], source,
+    redis.call('SET', KEYS[8], table.concat({ARGV[2], source,
                string.format('%d', math.max(money, 0)), KEYS[1],
                table.concat(words, ' ')}, ' '), 'PX', 2 * tonumber(ARGV[11]))
-    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[11]), KEYS[5])
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[11]), KEYS[8])
   else
-    redis.call('SET', KEYS[5], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
+    redis.call('SET', KEYS[8], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
   end
 end
 return answer(0, 1)

@@ -5,7 +5,7 @@ stream of the key's shard tag, with flat string fields (short names, as in recor
 
   t    type (TYPES), required          k    key id          o    organization id
   id   event id; absent: the worker    p    project id      l    level: k(ey), p(roject),
-       derives it from the tag and                               o(rganization)
+       derives it from the tag and                               o(rganization), m(ember)
        the entry id (scripts need no   th   threshold crossed, a fraction ('0.2', '0')
        random id)                      r    remaining after the call (units, or the
   at   when, ms; absent: the entry id       budget's money as a decimal string)
@@ -33,7 +33,7 @@ import orjson
 
 TYPES = ("quota.low", "quota.exhausted", "budget.low", "budget.exhausted", "key.disabled",
          "key.expired")
-LEVELS = {"k": "key", "p": "project", "o": "organization"}
+LEVELS = {"k": "key", "p": "project", "o": "organization", "m": "member"}
 STREAM_MAXLEN = 100_000          # entries kept per tag stream (approximate trim)
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -116,13 +116,15 @@ def _iso(ms: int) -> str:
 def payload(event: Event) -> dict:
     """The JSON a webhook receives (docs/webhooks.md)."""
     f = event.fields
+    # money stays a decimal string ("2.50"); units and fractions are numbers
+    number = (lambda v: v or None) if event.type.startswith("budget.") else _number
     return {"id": event.id, "object": "event", "type": event.type,
             "occurred_at": _iso(event.occurred_ms),
             "data": {"key_id": f.get("k") or None, "organization_id": f.get("o") or None,
                      "project_id": f.get("p") or None,
                      "level": LEVELS.get(f.get("l", "k"), "key"),
-                     "threshold": _number(f.get("th")), "remaining": _number(f.get("r")),
-                     "limit": _number(f.get("lim")), "reason": f.get("why") or None}}
+                     "threshold": _number(f.get("th")), "remaining": number(f.get("r")),
+                     "limit": number(f.get("lim")), "reason": f.get("why") or None}}
 
 
 def body(event: Event) -> bytes:

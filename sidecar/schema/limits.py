@@ -5,7 +5,13 @@ Each has at most one budget (money, micro-units, over a period) and one concurre
 limit, and either may be observe-only (evaluated and counted, never enforced). The
 state is one string, so a script reads a level with one field:
 
-    '<budget> <spent> <reserved> <window> <period> <max_conc> <in_flight> <observe>'
+    '<budget> <spent> <reserved> <window> <period> <max_conc> <in_flight> <observe>
+     <thresholds> <fired>'
+
+thresholds: the alert thresholds (fractions of the budget left, highest first,
+'0.2,0.05,0'; '-' the deployment's default, 'n' none); fired: how many have fired since
+the budget was set or its period rolled over (limits.lua th_cross). A state of 8 words
+(written before thresholds) reads as '- 0'.
 
 The control plane writes the settings (budget, period, max_conc, observe) through
 set_limits.lua, which keeps the counters the hot path moves (spent, reserved, window,
@@ -27,7 +33,10 @@ OBSERVABLE = {"budget": "b", "concurrency": "c", "quota": "q", "requests": "r",
               "tokens": "t"}
 OBSERVABLE_NAMES = {v: k for k, v in OBSERVABLE.items()}
 MAX_CONCURRENCY = 100_000
-_PACKED = re.compile(r"(\d+) (\d+) (\d+) (\d+) ([tdm]) (\d+) (\d+) (\S+)")
+_PACKED = re.compile(r"(\d+) (\d+) (\d+) (\d+) ([tdm]) (\d+) (\d+) (\S+)"
+                     r"(?: (\S+) (\d+))?")
+DEFAULT_THRESHOLDS = (0.2, 0.05, 0.0)
+MAX_THRESHOLDS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +49,13 @@ class Limits:
     max_concurrency: int = 0   # 0 = no limit
     in_flight: int = 0
     observe: str = "-"         # letters of OBSERVABLE, '-' none
+    thresholds: str = "-"      # pack_thresholds(...): '-' default, 'n' none
+    fired: int = 0
 
     def pack(self) -> str:
         return (f"{self.budget} {self.spent} {self.reserved} {self.window} {self.period} "
-                f"{self.max_concurrency} {self.in_flight} {self.observe or '-'}")
+                f"{self.max_concurrency} {self.in_flight} {self.observe or '-'} "
+                f"{self.thresholds or '-'} {self.fired}")
 
     @classmethod
     def unpack(cls, text: str | bytes | None) -> Limits | None:
@@ -52,20 +64,65 @@ class Limits:
         match = _PACKED.fullmatch(text.decode() if isinstance(text, bytes) else text)
         if not match:
             return None
-        b, s, r, w, p, mc, fl, ob = match.groups()
-        return cls(int(b), int(s), int(r), int(w), p, int(mc), int(fl), ob)
+        b, s, r, w, p, mc, fl, ob, th, tf = match.groups()
+        return cls(int(b), int(s), int(r), int(w), p, int(mc), int(fl), ob, th or "-",
+                   int(tf or 0))
 
     def empty(self) -> bool:
         """Nothing set: the level can be dropped."""
-        return not self.budget and not self.max_concurrency and self.observe == "-"
+        return (not self.budget and not self.max_concurrency and self.observe == "-"
+                and self.thresholds == "-")
 
     def now(self, day: int, month: int) -> Limits:
         """As the next call sees it: a new day or month starts with nothing spent."""
         window = {"d": day, "m": month}.get(self.period, 0)
-        return self if window == self.window else replace(self, spent=0, window=window)
+        return self if window == self.window else replace(self, spent=0, window=window,
+                                                          fired=0)
 
     def observes(self, what: str) -> bool:
         return OBSERVABLE[what] in self.observe
+
+
+class BadThresholds(ValueError):
+    pass
+
+
+def parse_thresholds(value) -> tuple[float, ...]:
+    """Thresholds from a list of numbers or a text '0.5,0.1,0': each a fraction of the
+    quota or budget left, 0 <= t < 1, at most MAX_THRESHOLDS; sorted highest first."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            value = [float(p) for p in parts]
+        except ValueError:
+            raise BadThresholds("thresholds: numbers between 0 and 1, e.g. 0.2,0.05,0") \
+                from None
+    if not isinstance(value, list | tuple) or not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < 1
+            for t in value):
+        raise BadThresholds("thresholds: numbers from 0 up to (not including) 1")
+    if len(value) > MAX_THRESHOLDS:
+        raise BadThresholds(f"thresholds: at most {MAX_THRESHOLDS}")
+    return tuple(sorted({float(t) for t in value}, reverse=True))
+
+
+def _fraction(t: float) -> str:
+    return f"{t:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def pack_thresholds(thresholds: tuple[float, ...] | None) -> str:
+    """The scripts' form: None the default ('-'), () none ('n'), else '0.2,0.05,0'."""
+    if thresholds is None:
+        return "-"
+    return ",".join(_fraction(t) for t in thresholds) or "n"
+
+
+def unpack_thresholds(text: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
+    if not text or text == "-":
+        return default
+    if text == "n":
+        return ()
+    return tuple(float(t) for t in text.split(","))
 
 
 def observe_letters(names: list[str] | tuple[str, ...]) -> str:

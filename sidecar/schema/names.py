@@ -185,3 +185,27 @@ ALL_TAGS = tuple(f"{i:0{SHARD_HEX}x}" for i in range(16 ** SHARD_HEX))
 def events(tag: str) -> str:
     """Stream: the undelivered events of shard tag `tag` (fields: schema/events.py)."""
     return f"ev:{{{tag}}}"
+
+
+# Usage history (issue 12): per shard tag, one hash per day and one per hour, written by
+# authorize.lua (requests) and settle.lua (tokens, money) of the keys of that tag. Field
+# '<who>:<n|t|m>', who = the key id or a level field of the record's lv (level_field:
+# 'p:<project>', 'o:<org>', 'm:<member>'), so an organization's keys (minted on its tag)
+# add up per project and organization in one slot. Day = the budget day number
+# (limits.Calendar, budget_timezone); hour = hours since the epoch (UTC).
+USAGE_KINDS = {"n": "requests", "t": "tokens", "m": "spend"}
+
+
+def usage_day(tag: str, day: int) -> str:
+    """Hash: one day's usage of the keys of tag `tag` (kept usage_retention_days)."""
+    return f"u:{{{tag}}}:d:{day}"
+
+
+def usage_hour(tag: str, hour: int) -> str:
+    """Hash: one hour's usage of the keys of tag `tag` (kept 49 hours)."""
+    return f"u:{{{tag}}}:h:{hour}"
+
+
+def usage_field(who: str, kind: str) -> str:
+    """Field of a usage bucket: who (key id or level field) and kind (USAGE_KINDS)."""
+    return f"{who}:{kind}"

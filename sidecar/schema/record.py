@@ -26,6 +26,10 @@ that calls them, use the same fields by their short names:
   lv                    the levels above it with budgets: fields of the tag's budgets
                         hash, 'p:<project> o:<org> m:<member>' (names.level_field)
   sub                   the subscription (plan) an sk-sub- key belongs to
+  th                    alert thresholds of the key's quota and budget (limits.py
+                        pack_thresholds; absent = the deployment's default)
+  qf, xn                alerts: quota thresholds fired (reset when the quota is raised),
+                        the expiry a key.expired event was sent for (authorize.lua)
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ CASCADE_REASONS = frozenset({"member_removed", "service_account_deleted", "proje
                              "subscription_cancelled"})
 # Settings a rotated key keeps (copied to its successor); counters and activity start anew.
 ROTATION_COPIED = ("t", "nm", "ex", "ul", "qr", "ips", "m", "pm", "sc", "rpm", "tpm", "rpd",
-                   "tpd", "lv", "cq",
+                   "tpd", "lv", "cq", "th",
                    "cu", "ce", "cp", "pg", "ow", "org", "prj", "mem", "sa", "sub")
 
 
@@ -67,6 +71,7 @@ def now_ms() -> int:
 
 
 ACTIVE, DISABLED = "a", "d"     # status codes (st)
+QUOTA_FIRED = "qf"              # the scripts' alert state: deleted to re-arm the alerts
 
 
 def _f(name: str, kind: str = "s", default=None):
@@ -124,6 +129,7 @@ class KeyRecord:
     member: str = _f("mem")
     service_account: str = _f("sa")
     subscription: str = _f("sub")
+    thresholds: str = _f("th")                     # limits.pack_thresholds
     rotated_to: str = _f("rt")
     rotated_from: str = _f("rf")
     last_used_ms: int | None = _f("la", "i")

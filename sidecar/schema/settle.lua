@@ -12,6 +12,10 @@
 -- KEYS[4]  leases              sorted set l:{tag} (reservation name -> expiry ms)
 -- KEYS[5]  reservation         r:{tag}:<hash16>:<reservation id>  as authorize.lua wrote
 --                              it, 's' once settled, 'x' once expired
+-- KEYS[6]  events              stream ev:{tag} (see authorize.lua KEYS[5])
+-- KEYS[7]  usage_day           hash u:{tag}:d:<day>: fields '<who>:t' tokens and
+--                              '<who>:m' money (micro-units) of the settled calls
+-- KEYS[8]  usage_hour          hash u:{tag}:h:<hour>: the same per hour
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  actual              units the call really cost; '' = what it reserved
 -- ARGV[3]  tokens              prompt + completion tokens, for tokens per minute / day
@@ -21,6 +25,8 @@
 -- ARGV[7]  day                 number of the budget day now (budget_timezone)
 -- ARGV[8]  month               number of the budget month now
 -- ARGV[9]  expiry              'c' charge / 'r' release an expired reservation
+-- ARGV[10] thresholds          the default alert thresholds (authorize.lua ARGV[16])
+-- ARGV[11] usage_days          days of usage history kept; 0: none is written
 --
 -- Returns {code, reserved, delta, from_wallet, money_reserved, money_actual}
 -- code: 0 settled, 1 unknown (or deleted) key, 2 already settled, 3 no such reservation
@@ -42,11 +48,13 @@
 --   from the owner's wallet when PAYG fallback is on (pu grows), else cu passes cq and
 --   the next call is refused until the cycle renews.
 -- Every type: qu (units used) += delta, floored at zero.
+-- An extra charge that makes the quota or a budget cross a threshold appends one event,
+-- as authorize.lua does; a refund re-arms nothing (only raising or renewing does).
 
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'ul', 'qu', 'tpm', 'ta',                     -- 1..6
   'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp', 'tpd',  -- 7..15
-  'td')                                                   -- 16
+  'td', 'org', 'prj', 'lv', 'th', 'qf')                  -- 16..21
 if not f[1] then return {1} end
 local now, day, month = tonumber(ARGV[1]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local marked_ms = tonumber(ARGV[4])
@@ -83,15 +91,31 @@ end
 
 -- Money held at the key's levels (limits.lua): the reserved amount is released and
 -- the actual one spent, in the window running now; slots are given back.
+local function alert(typ, level, fields)   -- one event on the tag's stream
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', f[1],
+             'o', f[17] or '', 'p', f[18] or '', 'l', level, unpack(fields))
+end
+local default_th = ARGV[10]
+local key_th = th_list(f[20], default_th)
+local function budget_alert(where, l)
+  local crossed = lim_cross(l, where == 'k' and key_th or th_list(l.th, default_th))
+  if crossed then
+    alert(crossed[1], string.sub(where, 1, 1),
+          {'th', crossed[2], 'r', crossed[3], 'lim', crossed[4]})
+  end
+end
 local money_reserved, money_actual = 0, 0
 local held_money, _, levels = string.match(rest, '^ (%d+) (%S+) (.*)$')
 if held_money then
   money_reserved = tonumber(held_money)
   money_actual = ARGV[6] == '' and money_reserved or tonumber(ARGV[6])
-  lim_release(KEYS[1], KEYS[3], levels, money_reserved, money_actual, day, month)
+  lim_release(KEYS[1], KEYS[3], levels, money_reserved, money_actual, day, month,
+              budget_alert)
   redis.call('ZREM', KEYS[4], KEYS[5])
 end
 
+local q_left, q_total   -- the quota after an extra charge, for its thresholds
+local qf = tonumber(f[21] or '0')
 if f[2] == 'b' then
   local cq, cu = tonumber(f[7] or '0'), tonumber(f[8] or '0')
   local ce, cp = tonumber(f[9] or '0'), tonumber(f[10] or '0')
@@ -99,6 +123,7 @@ if f[2] == 'b' then
   if cp > 0 and now >= ce then
     ce = ce + (math.floor((now - ce) / cp) + 1) * cp
     cu = 0
+    qf = 0
     same_cycle = false
     put('ce', ce)
   end
@@ -109,6 +134,7 @@ if f[2] == 'b' then
       put('pu', tonumber(f[13] or '0') + from_wallet)
     end
     cu = cu + delta - from_wallet
+    if f[3] ~= '1' then q_left, q_total = cq - cu, cq end
   elseif source == 'w' and f[12] then
     redis.call('HINCRBY', KEYS[2], f[12], refund)
     put('pu', math.max(tonumber(f[13] or '0') - refund, 0))
@@ -117,10 +143,39 @@ if f[2] == 'b' then
   end
   put('cu', cu)
 elseif f[3] ~= '1' and (delta > 0 or (refund > 0 and source == 'q')) then
+  local left
   if f[14] then   -- a rotated key's shared quota pool (see authorize.lua)
-    redis.call('HINCRBY', KEYS[2], ARGV[5] .. f[14], -delta)
+    left = redis.call('HINCRBY', KEYS[2], ARGV[5] .. f[14], -delta)
   else
-    redis.call('HINCRBY', KEYS[1], 'qr', -delta)
+    left = redis.call('HINCRBY', KEYS[1], 'qr', -delta)
+  end
+  if delta > 0 then q_left, q_total = left, left + set[2] end
+end
+if q_left and q_total > 0 then
+  local th
+  th, qf = th_cross(key_th, qf, q_left, q_total)
+  if th then
+    alert(tonumber(th) == 0 and 'quota.exhausted' or 'quota.low', 'k',
+          {'th', th, 'r', string.format('%d', math.max(q_left, 0)),
+           'lim', string.format('%d', q_total)})
+  end
+end
+if qf ~= tonumber(f[21] or '0') then put('qf', qf) end
+
+-- Usage history (authorize.lua counts the requests): tokens and money, per bucket and
+-- holder; a bucket this call is the first to write gets its time to live here.
+local usage_days = tonumber(ARGV[11])
+local spend = tonumber(ARGV[6]) or money_actual
+if usage_days > 0 and (tokens > 0 or spend > 0) then
+  local holders = {f[1]}
+  for where in string.gmatch(f[19] or '', '%S+') do holders[#holders + 1] = where end
+  for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
+    local bucket = KEYS[6 + i]
+    for _, who in ipairs(holders) do
+      if tokens > 0 then redis.call('HINCRBY', bucket, who .. ':t', tokens) end
+      if spend > 0 then redis.call('HINCRBY', bucket, who .. ':m', spend) end
+    end
+    if redis.call('TTL', bucket) == -1 then redis.call('EXPIRE', bucket, ttl) end
   end
 end
 

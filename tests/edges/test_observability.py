@@ -28,7 +28,7 @@ from live import CLIENT_TIMEOUT, authz, make
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sidecar.json"
 PROMETHEUS_SYNTHETIC = {"up"}       # Prometheus's own per-target series, not exported
-ALLOWED_LABELS = {"status", "code", "kind", "result", "outcome", "le"}
+ALLOWED_LABELS = {"status", "code", "kind", "result", "outcome", "threshold", "le"}
 SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus to every scraped series
 TOKEN = "observability-token-0123456789"
 

@@ -211,7 +211,9 @@ def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenan
     ids["key_id"] = a_key_made["id"]
     bodies = {"PATCH": {"name": "mine"}, "POST": {}, "PUT": {"budget": "1.00"}}
     body_for = {"/keys/{key_id}/quota": {"set": 0}, "/members/{member_id}": {"role": "member"},
-                "/subscriptions/{subscription_id}": {"plan": "mine"}}
+                "/subscriptions/{subscription_id}": {"plan": "mine"},
+                "/keys/{key_id}/thresholds": {"thresholds": [0.5]},
+                "/projects/{project_id}/thresholds": {"thresholds": [0.5]}}
     doc = plane.ok("GET", "/openapi.json")
     tried = 0
     for path, ops in doc["paths"].items():
@@ -219,15 +221,17 @@ def test_no_id_of_another_organization_is_readable_or_usable(plane: Plane, tenan
             continue
         local = path.removeprefix("/admin/v1")
         for method in ops:
-            body = body_for.get(local, bodies.get(method.upper()))
+            body = bodies.get(method.upper())
+            if body is not None:
+                body = body_for.get(local, body)
             reply = plane.admin(method.upper(), local.format(**ids), body, key=b_key)
             assert (reply.status, reply.code) == (404, "not_found"), (method, path, reply.body)
             text = str(reply.body)
             for secret in ("secret", plane.org, "alice"):
                 assert secret not in text, (method, path, reply.body)
             tried += 1
-    assert tried == 28   # members 5, projects 5, service accounts 3, keys 10, subs 3,
-    #                      webhooks 2
+    assert tried == 34   # members 5, projects 8, service accounts 3, keys 13, subs 3,
+    #                      webhooks 2 (projects and keys: thresholds 2, usage 1)
     # Ids of A in B's request bodies and filters: not found either.
     for body in ({"project_id": prj["id"]}, {"service_account_id": ids["service_account_id"]},
                  {"owner": "user", "member_id": ids["member_id"]}):

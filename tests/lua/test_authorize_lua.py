@@ -42,7 +42,8 @@ async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str
                     ip: str = "127.0.0.1", cost: int = 1, certain: bool = True,
                     reservation: str | None = None, reservation_ms: int = 60_000,
                     money: int = 0, day: int = 20_000, month: int = 24_300,
-                    expiry: str = "c") -> list:
+                    expiry: str = "c", thresholds: str = "0.2,0.05,0",
+                    usage_days: int = 0) -> list:
     """One authorize call, KEYS and ARGV as sidecar/dataplane/authorize.py builds them (with a
     reservation id when /settle is on)."""
     key_hash = store.hasher(key)
@@ -50,23 +51,28 @@ async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str
     hexed = ip_hex(ip)
     shard = shard_of(key_hash)
     args = AuthorizeArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
-                         names.leases(shard),
+                         names.leases(shard), names.events(shard),
+                         names.usage_day(shard, day), names.usage_hour(shard, now // 3_600_000),
                          names.reservation(key_hash, reservation) if reservation else "",
                          now, cost, hexed, ip if hexed else "", model, endpoint.scope,
                          endpoint.granting, 1 if endpoint.write else 0, 0 if certain else 1,
                          names.POOL_PREFIX, reservation_ms if reservation else 0, money,
-                         day, month, expiry)
+                         day, month, expiry, thresholds, usage_days)
     return await runner.run(AUTHORIZE, args.keys(), args.argv())
 
 
 async def settle_call(runner, key_hash: str, rid: str, *, now: int, actual="", tokens=0,
                       money="", day: int = 20_000, month: int = 24_300,
-                      expiry: str = "c") -> list:
+                      expiry: str = "c", thresholds: str = "0.2,0.05,0",
+                      usage_days: int = 0) -> list:
     """One settle call, KEYS and ARGV as sidecar/dataplane/settle.py builds them."""
     shard = shard_of(key_hash)
     args = SettleArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
-                      names.leases(shard), names.reservation(key_hash, rid), now, actual,
-                      tokens, 60_000, names.POOL_PREFIX, money, day, month, expiry)
+                      names.leases(shard), names.reservation(key_hash, rid),
+                      names.events(shard), names.usage_day(shard, day),
+                      names.usage_hour(shard, now // 3_600_000), now, actual,
+                      tokens, 60_000, names.POOL_PREFIX, money, day, month, expiry,
+                      thresholds, usage_days)
     return await runner.run(SETTLE, args.keys(), args.argv())
 
 
@@ -89,8 +95,10 @@ async def make(store, **spec) -> tuple[dict, str]:
 
 
 async def snapshot(store, key: str, account: str | None = None) -> tuple[dict, int]:
-    """Everything a call could change: the whole record and the account's wallet."""
+    """Everything a call could change: the whole record and the account's wallet (but
+    xn, the one write of a refusal: an expired key's first, test_expired)."""
     rec = await store.redis.hgetall(names.record(store.hasher(key)))
+    rec.pop(b"xn", None)
     return rec, (await store.balance(account) if account else 0)
 
 
@@ -129,8 +137,13 @@ async def test_expired(call, store):
     _, key = await make(store, quota=5, expires_at=expires)
     ex_ms = int(expires.timestamp() * 1000)
     assert (await call(key, now=ex_ms - 1))[0] == Code.allow
-    await assert_denied_untouched(call, store, key, Code.key_expired, now=ex_ms)
+    # The first refusal notes the expiry it saw (xn) and appends key.expired, once.
+    assert (await call(key, now=ex_ms))[0] == Code.key_expired
+    assert await store.redis.hget(names.record(store.hasher(key)), "xn") == str(ex_ms).encode()
+    await assert_denied_untouched(call, store, key, Code.key_expired, now=ex_ms + 1)
     await assert_denied_untouched(call, store, key, Code.key_expired, now=ex_ms + DAY_MS)
+    stream = names.events(shard_of(store.hasher(key)))
+    assert [e[1][b"t"] for e in await store.redis.xrange(stream)] == [b"key.expired"]
 
 
 @pytest.mark.parametrize("call_", [CHAT, MODELS])

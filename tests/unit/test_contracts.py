@@ -126,3 +126,23 @@ def test_pool_prefix_is_spelled_once():
         code = "\n".join(line for line in source_of(name).splitlines()
                          if not line.lstrip().startswith("--"))
         assert "'q:'" not in code and '"q:"' not in code, name
+
+
+def test_alert_and_usage_keys_are_passed_and_share_the_records_slot():
+    """The events stream and the usage buckets come to the scripts in KEYS (names.py),
+    on the record's hash tag: authorize and settle stay single-slot on Redis Cluster."""
+    from redis.crc import key_slot
+
+    from sidecar.schema.keys import shard_of
+    key_hash = "abc" + "d" * 61
+    tag = shard_of(key_hash)
+    slots = {key_slot(k.encode()) for k in (
+        names.record(key_hash), names.events(tag), names.usage_day(tag, 20_000),
+        names.usage_hour(tag, 480_000), names.budgets(tag))}
+    assert len(slots) == 1
+    for script in ("authorize", "settle"):
+        args = contracts.CONTRACTS[script][0]
+        assert {"events", "usage_day", "usage_hour"} <= set(args.KEYS)
+        code = "\n".join(line for line in source_of(script).splitlines()
+                         if not line.lstrip().startswith("--"))
+        assert "'ev:" not in code and "'u:" not in code, script
