@@ -296,7 +296,7 @@ if q_left and q_total > 0 then
 end
 -- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
 -- a bucket's time to live is set when this key first counts in it.
-local usage_days = tonumber(ARGV[17])
+local usage_days = tonumber(ARGV[17] or '0')   -- a caller of the 15-ARGV form: off
 if usage_days > 0 then
   for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
     local bucket = KEYS[5 + i]
