@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from admin_helpers import cli, cli_json, request, start_plane, stop_plane
 from conftest import PEPPER, start_sidecar, stop_process, wait_for
@@ -17,6 +19,9 @@ from webhook_receiver import Receiver, drained, endpoints
 
 from sidecar.control.store import ControlStore
 from sidecar.schema.keys import KeyHasher
+
+TOKEN = "usage-settle-token-0123456789"
+PRICES = json.dumps({"gpt-p": {"input": "2.00", "output": "10.00"}})
 
 
 @pytest.fixture
@@ -51,9 +56,10 @@ async def test_each_crossing_is_delivered_once_across_two_sidecars(
         wait_for(lambda: drained(redis_server.client()), 20, "the streams to drain")
         got = receiver.events()
         assert all(c["valid"] for c in receiver.calls)
-        assert [(e["type"], e["data"]["threshold"], e["data"]["remaining"],
-                 e["data"]["limit"]) for e in got] == [
-            ("quota.low", 0.2, 2, 10), ("quota.exhausted", 0, 0, 10)]
+        # (delivered concurrently: in any order)
+        assert sorted((e["type"], e["data"]["threshold"], e["data"]["remaining"],
+                       e["data"]["limit"]) for e in got) == [
+            ("quota.exhausted", 0, 0, 10), ("quota.low", 0.2, 2, 10)]
         assert {e["data"]["key_id"] for e in got} == {view["id"]}
         assert {e["data"]["organization_id"] for e in got} == {org}
         assert {e["data"]["project_id"] for e in got} == {project}
@@ -63,8 +69,10 @@ async def test_each_crossing_is_delivered_once_across_two_sidecars(
         assert [authz(cars[0].port, key) for _ in range(6)] == [200] * 6   # 4 left: 0.2
         wait_for(lambda: len(receiver.calls) == 3, 20, "the re-armed alert")
         wait_for(lambda: drained(redis_server.client()), 20, "the streams to drain")
-        assert [e["type"] for e in receiver.events()] == [
-            "quota.low", "quota.exhausted", "quota.low"]
+        assert sorted(e["type"] for e in receiver.events()) == [
+            "quota.exhausted", "quota.low", "quota.low"]
+        assert [e["data"]["remaining"] for e in receiver.events()
+                if e["data"]["remaining"] == 4] == [4]
         assert roomy["id"] not in {e["data"]["key_id"] for e in receiver.events()}
     finally:
         for car in cars:
@@ -72,20 +80,29 @@ async def test_each_crossing_is_delivered_once_across_two_sidecars(
 
 
 def test_usage_and_thresholds_through_the_cli_and_the_admin_api(tmp_path):
-    plane = start_plane(tmp_path, usage_retention_days="30")
+    plane = start_plane(tmp_path, usage_retention_days="30", settlement_token=TOKEN,
+                        prices=PRICES)
     try:
         prj = plane.ok("POST", "/projects", {"name": "web"})["id"]
         made = plane.ok("POST", "/keys", {"project_id": prj, "quota": 100})
         other = plane.ok("POST", "/keys", {"project_id": prj, "quota": 100})
-        assert [plane.authz(made["key"]).status for _ in range(4)] == [200] * 4
+        for _ in range(4):      # each reported: 1100 tokens, 0.003 (1000 x 2.00 + 100 x 10.00
+            answer = plane.authz(made["key"], "gpt-p")        # per million tokens)
+            assert answer.status == 200
+            settled = request(plane.car.port, "POST", "/settle", {
+                "reservation_id": answer.headers["x-reservation-id"], "key": made["key"],
+                "model": "gpt-p", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}},
+                headers={"Authorization": f"Bearer {TOKEN}"})
+            assert settled.status == 200, settled.body
         assert [plane.authz(other["key"]).status for _ in range(3)] == [200] * 3
 
         key_usage = plane.ok("GET", f"/keys/{made['id']}/usage")
         assert key_usage["key_id"] == made["id"]
-        assert key_usage["total"] == {"requests": 4, "tokens": 0, "spend": "0.00"}
+        assert key_usage["total"] == {"requests": 4, "tokens": 4400, "spend": "0.012"}
         assert [r["requests"] for r in key_usage["daily"]] == [4]
         assert [r["requests"] for r in key_usage["hourly"]] == [4]
-        assert plane.ok("GET", f"/projects/{prj}/usage")["total"]["requests"] == 7
+        assert plane.ok("GET", f"/projects/{prj}/usage")["total"] == {
+            "requests": 7, "tokens": 4400, "spend": "0.012"}
         assert plane.ok("GET", "/organization/usage")["total"]["requests"] == 7
         today = key_usage["daily"][0]["date"]
         assert plane.ok("GET", f"/keys/{made['id']}/usage?since={today}")["total"][
@@ -101,7 +118,7 @@ def test_usage_and_thresholds_through_the_cli_and_the_admin_api(tmp_path):
         assert cli_json(plane.redis.url, "usage", "orgs", plane.org, "--json")["total"][
             "requests"] == 7
         text = cli(plane.redis.url, "usage", "keys", made["id"])
-        assert text.returncode == 0 and "4 requests" in text.stdout
+        assert text.returncode == 0 and "4 requests, 4400 tokens, 0.012 spent" in text.stdout
         missing = cli(plane.redis.url, "usage", "keys", "key_nope")
         assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
 
