@@ -160,7 +160,7 @@ def render_markdown(summary: dict, command: str, machine: str,
         return f"# Profile of the authorize path\n\nNot recorded: {summary['error']}\n"
     w = summary["wrk"]
     per_call = []
-    for name, label in (("bare", "bare handler"), ("baseline", "baseline (no Redis)"),
+    for name, label in (("bare", "bare handler"), ("baseline", "baseline (authorize minus Redis)"),
                         ("authorize", "authorize"), ("nginx_lua", "NGINX + Lua peer")):
         run = (main or {}).get(name)
         if run and run.get("server_cpu_us_per_call") is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LABELS = {"authorize": "sidecar authorize", "baseline": "baseline (no Redis)",
+LABELS = {"authorize": "sidecar authorize", "baseline": "baseline (authorize minus Redis)",
           "bare": "bare handler", "nginx_lua": "NGINX + Lua peer"}
 ENVOY_LABELS = {"alone": "Envoy alone (direct_response, no ext_authz)",
                 "sidecar": "Envoy + ext_authz → sidecar",
@@ -260,15 +260,22 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
         out.append(f"| authorize / NGINX+Lua, 1 worker | {cell('authorize_over_nginx_lua')} "
                    f"| ≥ {targets['authorize_over_nginx_lua']} with all workers (below) |")
     for key, label in (("cpu_baseline_over_authorize", "baseline / authorize"),
+                       ("server_cpu_baseline_over_authorize",
+                        "sidecar process only, baseline / authorize (< 1: the baseline "
+                        "is authorize's work minus Redis)"),
                        ("cpu_bare_over_authorize", "bare / authorize"),
                        ("cpu_nginx_lua_over_authorize", "NGINX+Lua / authorize")):
         if ratios.get(key) is not None:
             out.append(f"| CPU per call, {label} | {cell(key)} | reported |")
     out += [
         "",
-        "Baseline: `/bench/baseline/...` runs the same `Authorizer` (body read, key hash, "
-        "model extraction, the same response headers and metrics) against a fixed record "
-        "instead of Redis. Bare: `/bench/bare`, a 200 \"ok\" from the same process, same "
+        "Baseline: `/bench/baseline/...` is authorize's work minus the Redis call: the same "
+        "`Authorizer` (body read, key hash, model extraction, the EVALSHA packed and "
+        "batched per tick in the production `Pipeline`, callers resumed by their batch's "
+        "future, the same response headers and metrics); only the write to Redis, Redis "
+        "and the reply's read and parse are left out (each batch is answered on the next "
+        "loop tick with a fixed allow reply, benchmarks/serve.py). Bare: `/bench/bare`, "
+        "a 200 \"ok\" from the same process, same "
         "request bytes. The NGINX + Lua peer runs the same `authorize.lua` with the same "
         "KEYS/ARGV, one EVALSHA per request (benchmarks/nginx_lua/). µs CPU/call: CPU "
         "the serving process(es) and redis-server used during the run (/proc), per answered "
@@ -337,6 +344,18 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
             out.append(
                 f"| {row['workers']} | {_rps(a)} | {peer_rps} | {ratio} | "
                 f"{_rps(row['bare'])} | {a['saturation']['verdict']} | {_cpu(a)} |")
+        out += ["", "Where the machine saturates (authorize runs): the req/s the cores left "
+                "by other processes could carry at the CPU per call measured, all our "
+                "processes together (sidecar + Redis + wrk); near 100% of it, the cores "
+                "are the limit and a second worker cannot add one.", "",
+                "| workers | µs CPU per call, all processes | cores left (%) | ceiling req/s "
+                "| measured / ceiling |", "|---:|---:|---:|---:|---:|"]
+        for row in results["workers"]:
+            ceil = row.get("ceiling")
+            if ceil:
+                out.append(f"| {row['workers']} | {ceil['us_per_call_all_processes']} | "
+                           f"{ceil['cores_left_percent']} | {ceil['ceiling_rps']:,} | "
+                           f"{ceil['of_ceiling']} |")
         out += ["", "CPU% is per process group, 100% = one core (sidecar = all its workers; "
                 "nginx_lua = the peer's workers; wrk = the load generator). A single-threaded "
                 "process at ≥ 85% is named as saturated."]
@@ -350,6 +369,8 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
                 f"NGINX + sidecar keeps **{e['authz_over_plain']:.0%}** of the same NGINX's "
                 "throughput without auth (anchor: Kong keeps 76% with key-auth + "
                 f"rate-limiting). {e['note']} Config: benchmarks/edge/nginx.conf."]
+    from .estimate import million, million_markdown
+    out += million_markdown(million(results))
     if "budgets" in results:
         from .budgets import markdown
         out += markdown(results["budgets"], lambda m, s, k: _ratio_cell(m, s, k, n),

@@ -7,7 +7,7 @@
 
 It starts its own redis-server (temp dir, free port), loads N keys, starts the sidecar
 (`--workers 1`, bench routes on) and the NGINX + Lua peer, then drives each with wrk:
-  sweep    authorize, baseline (same request work, fixed record, no Redis), bare handler
+  sweep    authorize, baseline (authorize's work minus the Redis call), bare handler
            and the NGINX + Lua peer at each concurrency
   repeat   the sweep (which holds the main c64 comparison) and the workers runs measure
            each cell --repeat N times, interleaved (A B C D, A B C D, ...); figures are
@@ -49,6 +49,7 @@ from sidecar.schema import names  # noqa: E402
 from sidecar.schema.keys import TYPE_OF_CODE, KeyHasher, shard_of  # noqa: E402
 from sidecar.schema.scripts import AUTHORIZE  # noqa: E402
 
+from .estimate import machine_ceiling  # noqa: E402
 from .keyload import load_keys, write_key_file  # noqa: E402
 from .load import Load, run_wrk  # noqa: E402
 from .procs import Nginx, Processes, Sidecar, free_port, rss_bytes  # noqa: E402
@@ -544,6 +545,8 @@ class Bench:
                     self.stop_stack(other)
                 runs["sidecar_rss_bytes"] = rss
             row = {"workers": workers, **runs}
+            row["ceiling"] = machine_ceiling(runs["authorize"], os.cpu_count() or 1,
+                                             ("sidecar", "redis", "wrk"))
             if "nginx_lua" in runs:
                 # the median of the per-round ratios, like the main comparison
                 medians, spread = median_ratios(
@@ -578,6 +581,10 @@ def ratios(main: dict) -> dict:
     # The same comparisons by CPU per call (server + Redis): less sensitive to what other
     # processes do to the machine meanwhile than req/s is. > 1 means authorize is cheaper.
     cost = {n: r.get("server_and_redis_cpu_us_per_call") for n, r in main.items()}
+    server = {n: r.get("server_cpu_us_per_call") for n, r in main.items()}
+    if server.get("authorize") and server.get("baseline"):
+        out["server_cpu_baseline_over_authorize"] = _ratio(server["baseline"],
+                                                           server["authorize"])
     if cost.get("authorize"):
         out["cpu_baseline_over_authorize"] = _ratio(cost.get("baseline") or 0, cost["authorize"])
         out["cpu_bare_over_authorize"] = _ratio(cost.get("bare") or 0, cost["authorize"])

@@ -1,8 +1,11 @@
 """`python -m benchmarks.serve serve ...`: `sidecar serve` plus two benchmark-only routes.
 
-    /bench/baseline/...  the whole authorize request work (body read, key hash, model
-                         extraction, the same headers and metrics) against a fixed record,
-                         without Redis: what the sidecar costs apart from Redis
+    /bench/baseline/...  authorize's work minus the Redis call: the same Authorizer (body
+                         read, key hash, model extraction, the EVALSHA packed, batched per
+                         tick in the same Pipeline, the callers resumed by their batch's
+                         future, the same headers and metrics); only the socket write to
+                         Redis, Redis itself and the reply's read and parse are left out:
+                         each batch resolves on the next loop tick with a fixed allow reply
     /bench/bare          200 "ok" from the same process: what the edge alone costs
 
 They wrap the router of the production data plane from outside, so no production module
@@ -17,25 +20,37 @@ import sys
 from sidecar.cli.main import main
 from sidecar.dataplane.authorize import Authorizer
 from sidecar.dataplane.http_messages import Answer, Call
+from sidecar.redis.pipeline import Pipeline, RedisEndpoint
+from sidecar.redis.runner import PipelineRunner
 from sidecar.runtime import server
 from sidecar.schema.contracts import AuthorizeReply
 from sidecar.schema.keys import KeyHasher
 
+REPLY = list(AuthorizeReply(code=0, key_id=b"key_baseline", type=b"s", org=b"", project=b"",
+                            rpm=600, rpm_remaining=599, rpm_reset_ms=100))
 
-class FixedRecordRunner:
-    """The script's allow reply for a fixed record, without Redis."""
 
-    REPLY = list(AuthorizeReply(code=0, key_id=b"key_baseline", type=b"s", org=b"",
-                                project=b"", rpm=600, rpm_remaining=599, rpm_reset_ms=100))
+class NoRedisPipeline(Pipeline):
+    """The production Pipeline (submit, batches of max_batch, flush per tick), whose
+    batches are answered on the next loop tick with the fixed allow reply instead of
+    being written to Redis. The first connect is skipped: there is no server."""
 
-    async def run(self, script, keys, args) -> list:
-        return self.REPLY
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._loop.call_soon(_answer, pending)
 
-    async def ping(self) -> bool:
-        return True
 
-    async def close(self) -> None:
-        return None
+def _answer(pending) -> None:
+    for commands, future in pending:
+        if not future.done():
+            future.set_result([REPLY] * len(commands))
+
+
+class FixedRecordRunner(PipelineRunner):
+    """authorize's runner minus Redis: the command is packed and batched as in production."""
+
+    def __init__(self) -> None:
+        super().__init__(NoRedisPipeline(RedisEndpoint(), timeout=1.0))
 
 
 async def _ok(_: Call) -> Answer:
