@@ -14,15 +14,20 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     for name, run, text in (("keys", _key, "a key's usage"),
                             ("projects", _project, "a project's usage (its keys)"),
                             ("orgs", _org, "an organization's usage (its keys)")):
-        parents = [common] if name != "projects" else [common, org_option()]
+        parents = [common, org_option()] if name == "projects" else [common]
         p = command(usage, name, run, show, parents, text)
+        if name == "keys":
+            p.add_argument("--org", help="only if the key is this organization's "
+                           "(id or name)")
         p.add_argument("id", metavar="ORG" if name == "orgs" else "ID")
         p.add_argument("--since", metavar="DATE", help="first day, YYYY-MM-DD (default: "
                        "as far back as usage_retention_days keeps)")
 
 
 async def _key(args: argparse.Namespace, store) -> dict:
-    return await store.usage_of_key(None, args.id, args.since)
+    # --org given: the key must be that organization's (else not found), as in the API
+    org = None if args.org is None else await store.resolve_org(args.org)
+    return await store.usage_of_key(org, args.id, args.since)
 
 
 async def _project(args: argparse.Namespace, store) -> dict:

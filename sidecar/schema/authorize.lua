@@ -292,7 +292,7 @@ if q_left and q_total > 0 then
           {'th', th, 'r', string.format('%d', math.max(q_left, 0)),
            'lim', string.format('%d', q_total)})
   end
-  put('qf', qf)
+  if qf ~= tonumber(f[34] or '0') then put('qf', qf) end
 end
 -- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
 -- a bucket's time to live is set when this key first counts in it.

@@ -1,8 +1,8 @@
 """Alerts and usage history over real sockets (issue 12).
 
-- a key's quota crossing its thresholds reaches a real signed receiver once per
-  crossing, with calls spread over two sidecar processes on one Redis; refused calls
-  after it send nothing more; calls that cross nothing send nothing;
+- a key's quota, or an organization's budget, crossing its thresholds reaches a real
+  signed receiver once per crossing, with calls spread over two sidecar processes on one
+  Redis; refused calls after it send nothing more; calls that cross nothing send nothing;
 - the CLI (`sidecar keys set-thresholds`, `sidecar usage ...`) and the admin API
   (`/thresholds`, `/usage`) show what the calls made, and another organization's ids
   are 404.
@@ -79,6 +79,34 @@ async def test_each_crossing_is_delivered_once_across_two_sidecars(
             stop_process(car.proc)
 
 
+async def test_an_organizations_budget_crossing_is_delivered_once(
+        tmp_path, redis_server, redis_url, aredis, receiver):
+    cars = [start_sidecar(tmp_path / f"car{i}", redis_url, webhooks=endpoints(receiver),
+                          prices=PRICES) for i in range(2)]
+    try:
+        control = ControlStore(aredis, KeyHasher(PEPPER))
+        org = (await control.create_org("acme"))["id"]
+        project = (await control.create_project(org, "alerts"))["id"]
+        await control.set_org_limits(org, {"budget": "0.01"})
+        await control.set_thresholds(org, "organization", org, {"thresholds": [0.5]})
+        _, key = await control.create_key(org, {"project_id": project, "unlimited": True})
+        body = {"model": "gpt-p", "messages": [], "max_tokens": 100}   # ~0.001 a call
+        statuses = [request(cars[i % 2].port, "POST", "/authz/v1/chat/completions", body,
+                            key).status for i in range(15)]
+        assert 200 in statuses and statuses[-1] == 402
+        wait_for(lambda: receiver.calls, 20, "the alert")
+        wait_for(lambda: drained(redis_server.client()), 20, "the streams to drain")
+        (event,) = receiver.events()
+        assert event["type"] == "budget.low" and receiver.calls[0]["valid"]
+        data = event["data"]
+        assert (data["level"], data["organization_id"], data["threshold"], data["limit"]) \
+            == ("organization", org, 0.5, "0.01")
+        assert float(data["remaining"]) <= 0.005
+    finally:
+        for car in cars:
+            stop_process(car.proc)
+
+
 def test_usage_and_thresholds_through_the_cli_and_the_admin_api(tmp_path):
     plane = start_plane(tmp_path, usage_retention_days="30", settlement_token=TOKEN,
                         prices=PRICES)
@@ -119,6 +147,10 @@ def test_usage_and_thresholds_through_the_cli_and_the_admin_api(tmp_path):
             "requests"] == 7
         text = cli(plane.redis.url, "usage", "keys", made["id"])
         assert text.returncode == 0 and "4 requests, 4400 tokens, 0.012 spent" in text.stdout
+        assert cli_json(plane.redis.url, "usage", "keys", made["id"], "--org", plane.org,
+                        "--json")["total"]["requests"] == 4
+        elsewhere = cli(plane.redis.url, "usage", "keys", made["id"], "--org", "default")
+        assert elsewhere.returncode != 0 and "no key" in elsewhere.stderr.lower()
         missing = cli(plane.redis.url, "usage", "keys", "key_nope")
         assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
 
