@@ -293,6 +293,11 @@ def _key_rule(actor: Actor, action: str, k: Resource) -> Decision:
             return _deny(f"rotating mints a successor tied to the same owner, which you "
                          f"may not create: {made.reason}", "key_id")
     own = k.member is not None and k.member == actor.member
+    if action == "key.limits" and actor.role not in MANAGERS:
+        # Budgets and concurrency limits are what managers hold members to: a member may
+        # set them on a key they create, never change them after, even on their own key.
+        return _deny(f"budgets and concurrency limits of keys are changed by owners and "
+                     f"admins (your role: {actor.role})", "key_id")
     if admin:
         if own and action in ("key.disable", "key.delete"):
             return ALLOW                       # giving up one's own access

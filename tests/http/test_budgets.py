@@ -244,3 +244,42 @@ async def test_the_sdks_raise_their_own_errors_for_the_new_codes(plane):
             await busy_claude.messages.create(model="claude-p", max_tokens=8, messages=[])
     finally:
         await runner.cleanup()
+
+
+def test_only_managers_set_budgets_and_a_member_cannot_raise_their_own(plane):
+    """A member's admin key (all scopes) may read, not change, the budgets above it: its
+    own member budget, its project's and the organization's stay as a manager set them."""
+    member = plane.ok("POST", "/members", {"user": "budget-member@example.com",
+                                           "role": "member"})
+    prj = project(plane, budget="1.00")
+    plane.ok("PUT", f"/members/{member['id']}/limits", {"budget": "2.00"})
+    made = plane.cli("admin", "create-key", "--org", plane.org, "--member", member["id"],
+                     "--json")
+    assert made.returncode == 0, made.stderr
+    own = json.loads(made.stdout)["key"]
+    for path in (f"/members/{member['id']}/limits", f"/projects/{prj}/limits",
+                 "/organization/limits"):
+        assert plane.admin("GET", path, key=own).status == 200
+        refused = plane.admin("PUT", path, {"budget": "1000000"}, key=own)
+        assert (refused.status, refused.code) == (403, "permission_denied"), path
+    assert plane.ok("GET", f"/members/{member['id']}/limits")["budget"] == "2.00"
+    assert plane.ok("GET", f"/projects/{prj}/limits")["budget"] == "1.00"
+
+
+def test_a_member_cannot_raise_the_budget_of_their_own_user_key(plane):
+    """A member may put a budget on a user key they make, never raise it after: budgets
+    are what managers hold members to (the owner can)."""
+    member = plane.ok("POST", "/members", {"user": "key-owner@example.com", "role": "member"})
+    prj = project(plane)
+    made = plane.cli("admin", "create-key", "--org", plane.org, "--member", member["id"],
+                     "--json")
+    own = json.loads(made.stdout)["key"]
+    user_key = plane.ok("POST", "/keys", {"owner": "user", "project_id": prj,
+                                          "unlimited": True, "budget": "1.00"},
+                        key=own, status=201)
+    refused = plane.admin("PUT", f"/keys/{user_key['id']}/limits", {"budget": "500"},
+                          key=own)
+    assert (refused.status, refused.code) == (403, "permission_denied")
+    assert plane.ok("GET", f"/keys/{user_key['id']}/limits")["budget"] == "1.00"
+    assert plane.ok("PUT", f"/keys/{user_key['id']}/limits",
+                    {"budget": "5.00"})["budget"] == "5.00"
