@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 from admin_helpers import cli, cli_json, request, start_plane, stop_plane
 from conftest import PEPPER, start_sidecar, stop_process, wait_for
+from live import metric_value
 from webhook_receiver import Receiver, drained, endpoints
 
 from sidecar.control.store import ControlStore
@@ -74,6 +76,15 @@ async def test_each_crossing_is_delivered_once_across_two_sidecars(
         assert [e["data"]["remaining"] for e in receiver.events()
                 if e["data"]["remaining"] == 4] == [4]
         assert roomy["id"] not in {e["data"]["key_id"] for e in receiver.events()}
+        # Counted once per deployment by kind and threshold, with no key in any label.
+        shown = [urllib.request.urlopen(car.admin_url + "/metrics", timeout=5).read().decode()
+                 for car in cars]
+        name = "sidecar_threshold_crossings_total"
+        assert sum(metric_value(t, name, {"kind": "quota.low", "threshold": "0.2"})
+                   for t in shown) == 2
+        assert sum(metric_value(t, name, {"kind": "quota.exhausted", "threshold": "0"})
+                   for t in shown) == 1
+        assert all(view["id"] not in t and key not in t for t in shown)
     finally:
         for car in cars:
             stop_process(car.proc)
