@@ -213,6 +213,11 @@ def decide(actor: Actor, action: str, resource: Resource) -> Decision:
     if actor.role is None:
         return _deny("this admin key is tied to no member; make one with "
                      "`sidecar admin create-key --member`", "key")
+    if action == "key.limits" and actor.role not in MANAGERS:
+        # Budgets and concurrency limits are what managers hold members to: a member may
+        # set them on a key they create, never change them after, even on their own key.
+        return _deny(f"budgets and concurrency limits of keys are changed by owners and "
+                     f"admins (your role: {actor.role})", "key_id")
     if action.startswith("key."):
         return _key_rule(actor, action, resource)
     if action.startswith("member.") and action != "member.limits":
@@ -293,11 +298,6 @@ def _key_rule(actor: Actor, action: str, k: Resource) -> Decision:
             return _deny(f"rotating mints a successor tied to the same owner, which you "
                          f"may not create: {made.reason}", "key_id")
     own = k.member is not None and k.member == actor.member
-    if action == "key.limits" and actor.role not in MANAGERS:
-        # Budgets and concurrency limits are what managers hold members to: a member may
-        # set them on a key they create, never change them after, even on their own key.
-        return _deny(f"budgets and concurrency limits of keys are changed by owners and "
-                     f"admins (your role: {actor.role})", "key_id")
     if admin:
         if own and action in ("key.disable", "key.delete"):
             return ALLOW                       # giving up one's own access
