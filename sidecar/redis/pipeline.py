@@ -116,11 +116,13 @@ class Pipeline:
     its batch, the caller takes its own by index. One future per batch of up to
     `max_batch` calls, not per call: small batches let the first answers go out while
     Redis still runs the later scripts of the same write (measured: better than one big
-    batch per tick, whose callers all waited for its last script).
+    batch per tick, whose callers all waited for its last script). 16, not 8: half the
+    writes to Redis and per-batch work (timer, future, metrics) for the same overlap;
+    measured -7% sidecar CPU per call at c64, p99 unchanged (OPTIMIZATIONS.md).
     """
 
     def __init__(self, endpoint: RedisEndpoint | Callable[[], Awaitable[RedisEndpoint]],
-                 timeout: float, on_connect: list[tuple] | None = None, max_batch: int = 8):
+                 timeout: float, on_connect: list[tuple] | None = None, max_batch: int = 16):
         # A fixed endpoint, or a coroutine that finds one (Sentinel: the current master).
         self.endpoint = endpoint
         self.timeout = timeout
