@@ -138,6 +138,8 @@ def all_runs(results: dict, alone: bool = True) -> list[dict]:
         runs += list(row.values())
     for row in results.get("envoy", {}).get("rounds", []) if alone else []:
         runs += list(row.values())
+    for row in results.get("cluster", {}).get("rounds", []) if alone else []:
+        runs += list(row.values())
     runs += [results["edge"][k] for k in ("plain", "authz") if k in results.get("edge", {})]
     for row in results.get("workers", []):
         runs += [v for v in row.values() if isinstance(v, dict) and "rps" in v]
@@ -375,6 +377,9 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
         from .budgets import markdown
         out += markdown(results["budgets"], lambda m, s, k: _ratio_cell(m, s, k, n),
                         _run_row)
+    if "cluster" in results:
+        from .cluster import markdown as cluster_markdown
+        out += cluster_markdown(results["cluster"])
     if "traefik" in results:
         out += traefik_markdown(results["traefik"])
     if "envoy" in results:
@@ -491,7 +496,9 @@ def summary_lines(results: dict) -> list[str]:
     if "main" not in results:   # sections run alone
         lines = [f"  !! INVALID: {p}" for p in results.get("problems", [])]
         return lines + (traefik_lines(results["traefik"]) if "traefik" in results else []) \
-            + (envoy_lines(results["envoy"]) if "envoy" in results else [])
+            + (envoy_lines(results["envoy"]) if "envoy" in results else []) \
+            + ([f"  cluster/one Redis req/s {results['cluster']['cluster_over_one_rps']}"]
+               if "cluster" in results else [])
     main = results["main"]
     r = main["ratios"]
     n = main.get("repeat", 1)

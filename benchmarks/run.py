@@ -20,6 +20,8 @@ It starts its own redis-server (temp dir, free port), loads N keys, starts the s
   envoy    only with --only envoy: real Envoy on the shipped envoy.yaml alone, with
            ext_authz -> sidecar and with ext_authz -> the NGINX + Lua peer
            (benchmarks/envoy.py)
+  cluster  only with --only cluster: authorize on a 3-node Redis Cluster against one
+           Redis, per-node Redis CPU per decision (benchmarks/cluster.py)
 Results: results/<timestamp>.json always; with --publish (default for full runs) also
 results.json, plot.png, RESULTS.md and PROFILE.md beside this file.
 """
@@ -66,7 +68,8 @@ HERE = Path(__file__).resolve().parent
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
 SECTIONS = ("peer", "budgets", "profile", "edge", "workers", "script")
-ONLY = ("traefik", "envoy")    # sections run alone (--only), merged into results.json on publish
+# sections run alone (--only), merged into results.json on publish
+ONLY = ("traefik", "envoy", "cluster")
 
 # What issue 5 asks for; reported next to the figures, never asserted by tests.
 TARGET_RATIOS = {"authorize_over_baseline": 0.8, "p99_authorize_over_baseline_max": 1.5,
@@ -372,6 +375,9 @@ class Bench:
         if "envoy" in self.args.only:
             from . import envoy
             out["envoy"] = envoy.section(self, stack)
+        if "cluster" in self.args.only:
+            from . import cluster
+            out["cluster"] = cluster.section(self, stack)
         return out
 
     def run(self) -> dict:

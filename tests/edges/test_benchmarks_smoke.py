@@ -175,3 +175,21 @@ def test_envoy_section_alone_merges_into_the_published_results(tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "## Behind real Envoy (HTTP and gRPC ext_authz, POST, c32)" in text
     assert "## The authorize path" in text
+
+
+def test_tiny_cluster_section(tmp_path):
+    """--only cluster: a real 3-node Redis Cluster behind a sidecar, against one Redis;
+    every node decided calls and none was denied."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "cluster", "--keys", "300",
+         "--duration", "1", "--repeat", "1", "--main-concurrency", "4", "--warmup", "0",
+         "--results-dir", str(tmp_path), "--no-publish"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (stamped,) = [p for p in tmp_path.glob("*.json")]
+    results = json.loads(stamped.read_text())
+    assert results["problems"] == []
+    cluster = results["cluster"]
+    assert cluster["one"]["rps"] > 0 and cluster["cluster"]["rps"] > 0
+    assert sum(cluster["keys_per_node"]) == 300
+    assert all(n["decisions_share"] > 0 for n in cluster["cluster"]["per_node"])
