@@ -13,6 +13,8 @@ import pytest
 from conftest import start_redis, start_sidecar, stop_process
 from live import CHAT, MESSAGES, authz, metric_value
 
+from sidecar.runtime.metrics import COMMON_THRESHOLDS
+
 QUICK = aiohttp.ClientTimeout(total=5)
 CLIENT_IPS = ("10.20.30.40", "2001:db8::42", "192.168.77.1")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -105,4 +107,7 @@ async def test_no_plaintext_in_logs_or_metrics(tmp_path, own_redis, http):
     assert not any(v.startswith("sk-") or re.fullmatch(r"key_[0-9a-f]{16}", v) for v in values)
     ours = "\n".join(line for line in metrics.splitlines() if line.startswith("sidecar_"))
     names = {name for name, _ in LABEL.findall(ours)}
-    assert names <= {"status", "code", "kind", "le", "result"}, names   # bounded enums
+    assert names <= {"status", "code", "kind", "le", "result", "threshold"}, names   # bounded enums
+    # A crossing's threshold label is a common fraction or "other", never a key's own level.
+    thresholds = {value for name, value in LABEL.findall(ours) if name == "threshold"}
+    assert thresholds <= COMMON_THRESHOLDS | {"other", ""}, thresholds
