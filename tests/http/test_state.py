@@ -67,6 +67,14 @@ def start_sidecar_env(tmp: Path, env: dict[str, str], *args: str, **settings: st
     return start_sidecar(tmp, None, *args, env=env, **settings)
 
 
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def redis_children(pid: int) -> list[int]:
     return [p for p in children(pid)
             if Path(f"/proc/{p}/comm").read_text().strip() == "redis-server"]
@@ -262,6 +270,7 @@ def test_two_servers_with_their_own_stores_cannot_share_a_port(tmp_path, cleanup
                               "--workers", "2", listen=f"127.0.0.1:{port}")
     procs.append(first.proc)
     wait_for(lambda: len(children(first.proc.pid)) >= 3, 20, "two workers")
+    wait_for(lambda: listening(port), 20, "the workers' port")   # bound, not just forked
     second = serve_once({**env, "SIDECAR_STATE_DIR": str(tmp_path / "s2")}, cwd=tmp_path,
                         listen=f"127.0.0.1:{port}",
                         admin_listen=f"127.0.0.1:{free_port()}")
