@@ -8,8 +8,9 @@ limit), so every call reads, checks and reserves at three levels. Both are drive
 interleaved rounds (plain, budgets, plain, budgets, ...), same body, same wrk.
 
 The report that would end each reservation (POST /settle) is its own call and is not
-part of this figure: leases expire after `reservation_ttl_s` (2 s here) and the scripts
-sweep them, so the run holds a steady number of reservations and slots in flight.
+part of this figure: reservations expire after `reservation_ttl_s` (2 s here, up to a
+quarter more: limits.lua's holds) and the levels' holds end by the expiry policy, so
+the run holds a steady number of reservations and slots in flight.
 EVALSHA per call comes from INFO commandstats around each run: the hierarchy must
 still be one script call per decision (commandstats also counts the script's own
 redis.call()s: reported as the work per call, not as round trips).
@@ -194,10 +195,10 @@ def markdown(b: dict, cell, run_row) -> list[str]:
         "concurrency limit (1,000), its project a monthly budget, its organization a daily "
         "budget and a concurrency limit; prices for the benchmark's model "
         f"({', '.join(f'{m}: {p}' for m, p in b['prices'].items())}); settlement on, so "
-        "each allowed call writes its reservation and a lease. The `/settle` report is a "
-        "separate call, not counted: leases expire after "
-        f"{b['reservation_ttl_s']} s and the scripts sweep them (charging), which keeps "
-        "reservations and slots in flight steady. The levels one call reserved at "
+        "each allowed call writes its reservation and joins a hold at each level. The "
+        "`/settle` report is a separate call, not counted: reservations expire after "
+        f"{b['reservation_ttl_s']} s (up to a quarter more) and their holds end charged, "
+        "which keeps reservations and slots in flight steady. The levels one call reserved at "
         f"(micro-units): {b['levels_after_one_call']}. Plain: the main sidecar and keys. "
         "See benchmarks/budgets.py.",
     ]

@@ -91,9 +91,11 @@ def initial_limits(req: dict) -> str:
                   observe=observe_letters(change.observe or ())).pack()
 
 
-def limits_view(state: Limits | None, now: tuple[int, int]) -> dict:
-    """What is set, spent, reserved and left, as the next call would see it."""
-    lim = (state or Limits()).now(*now)
+def limits_view(state: Limits | None, now: tuple[int, int], now_ms: int = 0,
+                charge: bool = True) -> dict:
+    """What is set, spent, reserved and left, as the next call would see it (at `now_ms`,
+    holds that ended charged or released by the expiry policy, `charge`)."""
+    lim = (state or Limits()).now(*now, now_ms, charge)
     left = max(lim.budget - lim.spent - lim.reserved, 0) if lim.budget else None
     return {
         "budget": format_amount(lim.budget) if lim.budget else None,
@@ -135,6 +137,11 @@ class Budgets:
         self.hasher = hasher
         self.calendar = Calendar(timezone)
         self.default_thresholds = thresholds
+        self.charge_expired = True   # expired_reservation: charge (else release)
+
+    def view(self, state: Limits | None) -> dict:
+        now = now_ms()
+        return limits_view(state, self.calendar.numbers(now), now, self.charge_expired)
 
     def where(self, level: str, org: str, entity_id: str) -> tuple[str, str]:
         """(hash, field) of a project's, organization's or member's state."""
@@ -148,8 +155,7 @@ class Budgets:
         return found.decode() if isinstance(found, bytes) else found
 
     async def read(self, hash_: str, field_: str) -> dict:
-        return limits_view(Limits.unpack(await self.redis.hget(hash_, field_)),
-                           self.calendar.numbers(now_ms()))
+        return self.view(Limits.unpack(await self.redis.hget(hash_, field_)))
 
     async def write(self, hash_: str, field_: str, change: LimitChange) -> dict:
         if change.empty():
@@ -162,7 +168,7 @@ class Budgets:
             "" if change.observe is None else observe_letters(change.observe))
         stored = SetLimitsReply.parse(await run_script(self.redis, SET_LIMITS, args.keys(),
                                                        args.argv()))
-        return limits_view(Limits.unpack(stored.state), self.calendar.numbers(now_ms()))
+        return self.view(Limits.unpack(stored.state))
 
     async def of_key(self, key_id: str) -> dict:
         return await self.read(names.record(await self.key_hash(key_id)), "lim")

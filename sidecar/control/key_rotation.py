@@ -39,7 +39,7 @@ class KeyRotation:
         new.quota_used, new.rotated_from = 0, key_id
         own = Limits.unpack(old.limits)
         if own:   # the budget goes on (what was spent counts); the old key keeps its calls
-            new.limits = replace(own, reserved=0, in_flight=0).pack()
+            new.limits = replace(own, reserved=0, in_flight=0, holds=()).pack()
         # The successor shares the old key's hash tag, so both records and their shared
         # quota pool (in the tag's wallet hash) sit in one slot: during the grace window
         # the two keys draw on one remaining quota, not two copies of it.

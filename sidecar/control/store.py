@@ -77,6 +77,7 @@ class ControlStore:
         self.limits.budgets.default_thresholds = parse_thresholds(
             ",".join(settings.alert_thresholds))
         self.limits.usage.retention_days = settings.usage_retention_days
+        self.limits.budgets.charge_expired = settings.expired_reservation == "charge"
 
     # -- budgets and concurrency limits, every level --------------------------------------
     key_limits = _Op("limits")

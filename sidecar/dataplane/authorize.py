@@ -99,7 +99,7 @@ class Authorizer:
         # an IP list are refused, and recent activity records no junk.
         keys, args = AuthorizeArgs.pack(
             names.record(key_hash), names.wallet(shard), names.budgets(shard),
-            names.leases(shard), names.events(shard), names.usage_day(shard, day),
+            names.events(shard), names.usage_day(shard, day),
             names.usage_hour(shard, now // 3_600_000),
             reservation and names.reservation(key_hash, reservation),
             now, cost, hexed, ip if hexed else "", model, endpoint.scope, endpoint.granting,

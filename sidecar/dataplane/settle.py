@@ -181,7 +181,6 @@ class Settler:
         now = int(time.time() * 1000)
         day, month = self.calendar.numbers(now)
         args = SettleArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
-                          names.leases(shard),
                           names.reservation(key_hash, report.reservation_id),
                           names.events(shard), names.usage_day(shard, day),
                           names.usage_hour(shard, now // 3_600_000), now,

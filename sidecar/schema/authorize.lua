@@ -8,14 +8,12 @@
 --                              and quota pools, field = ARGV[10] .. pool id)
 -- KEYS[3]  budgets             budgets hash b:{tag}: the limits.lua state of the levels
 --                              above the key, field = a word of the record's lv
--- KEYS[4]  leases              sorted set l:{tag}: reservation name -> expiry ms, for
---                              the reservations that hold money or a slot
--- KEYS[5]  events              stream ev:{tag}: threshold crossings and key.expired
+-- KEYS[4]  events              stream ev:{tag}: threshold crossings and key.expired
 --                              (schema/events.py), appended only when one happens
--- KEYS[6]  usage_day           hash u:{tag}:d:<day>: usage history, field '<who>:n'
+-- KEYS[5]  usage_day           hash u:{tag}:d:<day>: usage history, field '<who>:n'
 --                              requests (who = key id or a word of the record's lv)
--- KEYS[7]  usage_hour          hash u:{tag}:h:<hour>: the same per hour
--- KEYS[8]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
+-- KEYS[6]  usage_hour          hash u:{tag}:h:<hour>: the same per hour
+-- KEYS[7]  reservation         r:{tag}:<hash16>:<reservation id>; only when /settle is
 --                              on (without it, no reservation is kept)
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  cost                units this call reserves
@@ -30,7 +28,7 @@
 --                              be read whole (request.py read_model)
 -- ARGV[10] pool_prefix         names.POOL_PREFIX: the wallet field of the record's
 --                              quota pool 'qp' is ARGV[10] .. qp (names.pool_field)
--- ARGV[11] reservation_ttl     ms a reservation (KEYS[8]) awaits its report; 0 without
+-- ARGV[11] reservation_ttl     ms a reservation (KEYS[7]) awaits its report; 0 without
 -- ARGV[12] money               micro-units the call may cost at most; -1: the model has
 --                              no price (refused where a budget applies)
 -- ARGV[13] day                 number of the budget day now (budget_timezone)
@@ -56,7 +54,7 @@
 -- An allowed call that makes the key's quota (left = qr or its pool, of qr + qu; a
 -- subscription's cq - cu of cq) or a budget (left = budget - spent - reserved) cross a
 -- threshold appends one event (quota.low / quota.exhausted, budget.low / .exhausted).
--- An allowed call with KEYS[8] also records its
+-- An allowed call with KEYS[7] also records its
 -- reservation there, '<units> <source>' (limits.lua: more when it holds money or a
 -- slot), for settle.lua: source 'q' the key's quota (own or shared pool), 'u' nothing
 -- (unlimited), 'c<cycle end ms>' a subscription cycle, 'w' the PAYG wallet.
@@ -74,7 +72,7 @@ local now = tonumber(ARGV[1])
 if f[3] ~= 'a' then return {2} end
 local ex = tonumber(f[4] or '0')
 local function alert(typ, level, fields)   -- one event on the tag's stream
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', id,
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', id,
              'o', f[21] or '', 'p', f[22] or '', 'l', level, unpack(fields or {}))
 end
 if ex > 0 and now >= ex then
@@ -224,29 +222,22 @@ if tpd > 0 and td_wait > 0 and enforced(15, 't') then return answer(15, 0, wait_
 
 -- Budgets and concurrency, at the key and every level above it (limits.lua): all are
 -- checked before anything is written, so a refused call reserves nothing anywhere.
--- Concurrency is counted only with a reservation (KEYS[8]): its settle ends the call.
+-- Concurrency is counted only with a reservation (KEYS[7]): its settle ends the call.
 local money, day, month = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local held = {}                       -- {where, state} of the levels with limits
-if own or f[28] then
-  lim_sweep(KEYS[4], KEYS[3], now, ARGV[15], day, month, tonumber(ARGV[11]))
-  own = lim_read(redis.call('HGET', KEYS[1], 'lim'))   -- the sweep may have changed it
-  if own then held[1] = {'k', own} end
-  if f[28] then
-    local fields = {}
-    for where in string.gmatch(f[28], '%S+') do fields[#fields + 1] = where end
-    local states = redis.call('HMGET', KEYS[3], unpack(fields))
-    for i, where in ipairs(fields) do
-      local l = lim_read(states[i])
-      if l then held[#held + 1] = {where, l} end
-    end
-  end
+local above = {}                      -- the words of lv: the levels above the key
+for where in string.gmatch(f[28] or '', '%S+') do above[#above + 1] = where end
+if own then held[1] = {'k', own} end
+local states = lim_load(KEYS[3], above, {})
+for _, where in ipairs(above) do
+  if states[where] then held[#held + 1] = {where, states[where]} end
 end
-local slots = KEYS[8] ~= nil
+local slots = KEYS[7] ~= nil
 local default_th = ARGV[16]
-local key_th = th_list(f[33], default_th)
+local key_th = th_text(f[33], default_th)
 for _, h in ipairs(held) do
   local l = h[2]
-  lim_roll(l, day, month)
+  lim_now(l, now, day, month, ARGV[15])
   level = h[1]
   if l.b > 0 and money < 0 and enforced(13, 'b', l.ob) then return answer(13, 0) end
   if l.b > 0 and money > 0 and l.s + l.r + money > l.b and enforced(11, 'b', l.ob) then
@@ -299,45 +290,47 @@ end
 local usage_days = tonumber(ARGV[17] or '0')   -- a caller of the 15-ARGV form: off
 if usage_days > 0 then
   for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
-    local bucket = KEYS[5 + i]
+    local bucket = KEYS[4 + i]
     if redis.call('HINCRBY', bucket, id .. ':n', 1) == 1 then
       redis.call('EXPIRE', bucket, ttl)
     end
-    for where in string.gmatch(f[28] or '', '%S+') do
-      redis.call('HINCRBY', bucket, where .. ':n', 1)
-    end
+    for _, where in ipairs(above) do redis.call('HINCRBY', bucket, where .. ':n', 1) end
   end
 end
 -- Each level with limits holds the money (spent at once without a reservation to
--- settle) and a slot; the reservation names what it holds, for settle and expiry.
+-- settle) and a slot, in the hold its reservation expires with (limits.lua); the
+-- reservation names what it holds and where, for settle.
+local ttl = tonumber(ARGV[11])
+local hold = slots and hold_end(now, ttl)
 local words = {}
 for _, h in ipairs(held) do
-  local where, l, flags = h[1], h[2], ''
-  if l.b > 0 and money > 0 then
-    if slots then l.r = l.r + money; flags = 'b' else l.s = l.s + money end
+  local where, l = h[1], h[2]
+  local b = (l.b > 0 and money > 0) and money or 0
+  local c = (slots and l.mc > 0) and 1 or 0
+  if slots and (b > 0 or c > 0) then
+    hold_add(l, hold, b, c)
+    words[#words + 1] = (b > 0 and 'b' or '') .. (c > 0 and 'c' or '') .. ':' .. where
+  elseif not slots then
+    l.s = l.s + b
   end
-  if slots and l.mc > 0 then l.fl = l.fl + 1; flags = flags .. 'c' end
-  local crossed = lim_cross(l, where == 'k' and key_th or th_list(l.th, default_th))
+  local crossed = lim_cross(l, where == 'k' and key_th or th_text(l.th, default_th))
   if crossed then
     alert(crossed[1], string.sub(where, 1, 1),
           {'th', crossed[2], 'r', crossed[3], 'lim', crossed[4]})
   end
-  if where == 'k' then put('lim', lim_text(l)) else
-    redis.call('HSET', KEYS[3], where, lim_text(l))
-  end
-  if flags ~= '' then words[#words + 1] = flags .. ':' .. where end
+  if where == 'k' then put('lim', lim_text(l)) end
 end
+lim_store(KEYS[3], above, states)
 redis.call('HSET', KEYS[1], unpack(set))
 if slots then
   local source = (typ ~= 'b' and (f[9] == '1' and 'u' or 'q'))
                  or (pay_wallet and 'w') or ('c' .. ce)
-  if #words > 0 then   -- a lease: it ends at settle, or expires (limits.lua)
-    redis.call('SET', KEYS[8], table.concat({ARGV[2], source,
-               string.format('%d', math.max(money, 0)), KEYS[1],
-               table.concat(words, ' ')}, ' '), 'PX', 2 * tonumber(ARGV[11]))
-    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[11]), KEYS[8])
+  if #words > 0 then   -- it holds money or a slot until settled or its hold ends
+    redis.call('SET', KEYS[7], table.concat({ARGV[2], source,
+               string.format('%d', math.max(money, 0)), table.concat(words, ' '),
+               string.format('%d', hold)}, ' '), 'PX', hold - now + ttl)
   else
-    redis.call('SET', KEYS[8], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
+    redis.call('SET', KEYS[7], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
   end
 end
 return answer(0, 1)

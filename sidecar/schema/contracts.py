@@ -25,21 +25,20 @@ def _text(value: object) -> str:
 
 
 class AuthorizeArgs(NamedTuple):
-    KEYS = ("record", "wallet", "budgets", "leases", "events", "usage_day", "usage_hour",
+    KEYS = ("record", "wallet", "budgets", "events", "usage_day", "usage_hour",
             "reservation")
     ARGV = ("now", "cost", "ip_hex", "ip", "model", "scope", "granting", "write",
             "uncertain", "pool_prefix", "reservation_ttl", "money", "day", "month",
             "expiry", "thresholds", "usage_days")
-    OPTIONAL = ("reservation",)   # KEYS[8] only when /settle is on
+    OPTIONAL = ("reservation",)   # KEYS[7] only when /settle is on
 
     record: str
     wallet: str
     budgets: str
-    leases: str
     events: str               # names.events(tag)
     usage_day: str            # names.usage_day(tag, day)
     usage_hour: str           # names.usage_hour(tag, hour)
-    reservation: str          # '' when /settle is off: no KEYS[8]
+    reservation: str          # '' when /settle is off: no KEYS[7]
     now: int
     cost: int
     ip_hex: str
@@ -59,13 +58,13 @@ class AuthorizeArgs(NamedTuple):
     usage_days: int = 0       # usage history kept (days); 0 writes none
 
     def keys(self) -> tuple:
-        return self[:8] if self[7] else self[:7]
+        return self[:7] if self[6] else self[:6]
 
     def argv(self) -> tuple:
-        return self[8:]
+        return self[7:]
 
     @staticmethod
-    def pack(record: str, wallet: str, budgets: str, leases: str, events: str,
+    def pack(record: str, wallet: str, budgets: str, events: str,
              usage_day: str, usage_hour: str, reservation: str, now: int, cost: int,
              ip_hex: str, ip: str, model: str, scope: str, granting: str, write: int,
              uncertain: int, pool_prefix: str, reservation_ttl: int, money: int, day: int,
@@ -77,9 +76,9 @@ class AuthorizeArgs(NamedTuple):
                 pool_prefix, reservation_ttl, money, day, month, expiry, thresholds,
                 usage_days)
         if reservation:
-            return (record, wallet, budgets, leases, events, usage_day, usage_hour,
+            return (record, wallet, budgets, events, usage_day, usage_hour,
                     reservation), argv
-        return (record, wallet, budgets, leases, events, usage_day, usage_hour), argv
+        return (record, wallet, budgets, events, usage_day, usage_hour), argv
 
 
 class AuthorizeReply(NamedTuple):
@@ -129,7 +128,7 @@ class AuthorizeReply(NamedTuple):
 
 
 class SettleArgs(NamedTuple):
-    KEYS = ("record", "wallet", "budgets", "leases", "reservation", "events", "usage_day",
+    KEYS = ("record", "wallet", "budgets", "reservation", "events", "usage_day",
             "usage_hour")
     ARGV = ("now", "actual", "tokens", "settled_ttl", "pool_prefix", "money", "day",
             "month", "expiry", "thresholds", "usage_days")
@@ -138,7 +137,6 @@ class SettleArgs(NamedTuple):
     record: str
     wallet: str
     budgets: str
-    leases: str
     reservation: str
     events: str
     usage_day: str
@@ -156,10 +154,10 @@ class SettleArgs(NamedTuple):
     usage_days: int = 0
 
     def keys(self) -> tuple:
-        return self[:8]
+        return self[:7]
 
     def argv(self) -> tuple:
-        return self[8:]
+        return self[7:]
 
 
 class SettleReply(NamedTuple):

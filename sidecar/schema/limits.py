@@ -6,16 +6,19 @@ limit, and either may be observe-only (evaluated and counted, never enforced). T
 state is one string, so a script reads a level with one field:
 
     '<budget> <spent> <reserved> <window> <period> <max_conc> <in_flight> <observe>
-     <thresholds> <fired>'
+     <thresholds> <fired> <holds>'
 
 thresholds: the alert thresholds (fractions of the budget left, highest first,
 '0.2,0.05,0'; '-' the deployment's default, 'n' none); fired: how many have fired since
-the budget was set or its period rolled over (limits.lua th_cross). A state of 8 words
-(written before thresholds) reads as '- 0'.
+the budget was set or its period rolled over (limits.lua th_cross). holds: the money and
+slots of reservations not yet settled, by when they expire, '<end ms>:<money>:<slots>,…'
+(ends ascending) or '-'; reserved and in_flight are their sums. A hold that has ended
+is charged or released by the expiry policy when the level is next read (limits.lua
+lim_now). Older forms: 8 words read as '- 0 -'; 10 words hold their reserved and
+in-flight in one hold that has ended.
 
 The control plane writes the settings (budget, period, max_conc, observe) through
-set_limits.lua, which keeps the counters the hot path moves (spent, reserved, window,
-in_flight).
+set_limits.lua, which keeps the counters the hot path moves (spent, window, holds).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ OBSERVABLE = {"budget": "b", "concurrency": "c", "quota": "q", "requests": "r",
 OBSERVABLE_NAMES = {v: k for k, v in OBSERVABLE.items()}
 MAX_CONCURRENCY = 100_000
 _PACKED = re.compile(r"(\d+) (\d+) (\d+) (\d+) ([tdm]) (\d+) (\d+) (\S+)"
-                     r"(?: (\S+) (\d+))?")
+                     r"(?: (\S+) (\d+)(?: (\S+))?)?")
+_HOLD = re.compile(r"(\d+):(\d+):(\d+)")
+Hold = tuple[int, int, int]   # (end ms, money, slots)
 DEFAULT_THRESHOLDS = (0.2, 0.05, 0.0)
 MAX_THRESHOLDS = 8
 
@@ -51,11 +56,13 @@ class Limits:
     observe: str = "-"         # letters of OBSERVABLE, '-' none
     thresholds: str = "-"      # pack_thresholds(...): '-' default, 'n' none
     fired: int = 0
+    holds: tuple[Hold, ...] = ()   # reserved and in_flight by when they expire
 
     def pack(self) -> str:
+        holds = ",".join(f"{e}:{m}:{c}" for e, m, c in self.holds) or "-"
         return (f"{self.budget} {self.spent} {self.reserved} {self.window} {self.period} "
                 f"{self.max_concurrency} {self.in_flight} {self.observe or '-'} "
-                f"{self.thresholds or '-'} {self.fired}")
+                f"{self.thresholds or '-'} {self.fired} {holds}")
 
     @classmethod
     def unpack(cls, text: str | bytes | None) -> Limits | None:
@@ -64,20 +71,34 @@ class Limits:
         match = _PACKED.fullmatch(text.decode() if isinstance(text, bytes) else text)
         if not match:
             return None
-        b, s, r, w, p, mc, fl, ob, th, tf = match.groups()
+        b, s, r, w, p, mc, fl, ob, th, tf, hs = match.groups()
+        if hs:
+            holds = tuple((int(e), int(m), int(c)) for e, m, c in _HOLD.findall(hs))
+        else:   # an older form: what it held sits in a hold that has ended
+            holds = ((0, int(r), int(fl)),) if int(r) or int(fl) else ()
         return cls(int(b), int(s), int(r), int(w), p, int(mc), int(fl), ob, th or "-",
-                   int(tf or 0))
+                   int(tf or 0), holds)
 
     def empty(self) -> bool:
         """Nothing set: the level can be dropped."""
         return (not self.budget and not self.max_concurrency and self.observe == "-"
                 and self.thresholds == "-")
 
-    def now(self, day: int, month: int) -> Limits:
-        """As the next call sees it: a new day or month starts with nothing spent."""
+    def now(self, day: int, month: int, now_ms: int = 0, charge: bool = True) -> Limits:
+        """As the next call at `now_ms` sees it (limits.lua lim_now): a new day or month
+        starts with nothing spent; a hold that has ended is charged (or released) and
+        its slots are free."""
         window = {"d": day, "m": month}.get(self.period, 0)
-        return self if window == self.window else replace(self, spent=0, window=window,
-                                                          fired=0)
+        lim = self if window == self.window else replace(self, spent=0, window=window,
+                                                         fired=0)
+        live = tuple(h for h in lim.holds if h[0] > now_ms)   # (ends ascending)
+        if len(live) == len(lim.holds):
+            return lim
+        money = sum(h[1] for h in lim.holds if h[0] <= now_ms)
+        slots = sum(h[2] for h in lim.holds if h[0] <= now_ms)
+        return replace(lim, holds=live, reserved=max(lim.reserved - money, 0),
+                       in_flight=max(lim.in_flight - slots, 0),
+                       spent=lim.spent + (money if charge else 0))
 
     def observes(self, what: str) -> bool:
         return OBSERVABLE[what] in self.observe

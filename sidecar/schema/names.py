@@ -59,15 +59,10 @@ def level_of(where: str) -> str:
     return "key" if where == "k" else LEVEL_OF_PREFIX.get(where[:2], "key")
 
 
-def leases(shard: str) -> str:
-    """Sorted set: reservations that hold money or a concurrency slot (name -> expiry ms),
-    for settle.lua and the sweep of expired ones (limits.lua)."""
-    return f"l:{{{shard}}}"
-
-
 def reservation(key_hash: str, reservation_id: str) -> str:
     """String: what one allowed call reserved, '<units> <source>' (authorize.lua writes
-    it, with a TTL of reservation_ttl_s), until settle.lua replaces it by 's' (settled).
+    it, with a TTL of reservation_ttl_s; more when it holds money or a concurrency slot:
+    limits.lua), until settle.lua replaces it by 's' (settled).
 
     The name carries 16 hex digits of the key hash, so a key's report finds only its own
     reservations; the id is a keys.RESERVATION_ID (random, no ':' or braces).

@@ -1,5 +1,5 @@
 -- set_limits.lua: change one level's budget and concurrency settings, atomically, keeping
--- what the hot path counts there (spent, reserved, window, in flight; limits.lua).
+-- what the hot path counts there (spent, window, the holds of reservations; limits.lua).
 --
 -- KEYS[1]  holder              the hash holding the state: the key record
 --                              k:{tag}:<hash>, or the budgets hash b:{tag}
@@ -15,7 +15,8 @@
 -- Returns state: the packed state as stored (schema/limits.py Limits.unpack).
 
 local l = lim_read(redis.call('HGET', KEYS[1], ARGV[1]))
-  or {b = 0, s = 0, r = 0, w = 0, p = 't', mc = 0, fl = 0, ob = '-', th = '-', tf = 0}
+  or {b = 0, s = 0, r = 0, w = 0, p = 't', mc = 0, fl = 0, ob = '-', th = '-', tf = 0,
+      h = ''}
 if ARGV[2] ~= '' or ARGV[6] ~= '' then l.tf = 0 end
 if ARGV[6] ~= '' then l.th = ARGV[6] end
 if ARGV[2] ~= '' then l.b = tonumber(ARGV[2]) end

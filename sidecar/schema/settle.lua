@@ -9,13 +9,12 @@
 -- KEYS[2]  wallet              wallet hash w:{tag} (PAYG balances, field = account id;
 --                              quota pools, field = ARGV[5] .. pool id)
 -- KEYS[3]  budgets             budgets hash b:{tag} (the levels' limits.lua state)
--- KEYS[4]  leases              sorted set l:{tag} (reservation name -> expiry ms)
--- KEYS[5]  reservation         r:{tag}:<hash16>:<reservation id>  as authorize.lua wrote
---                              it, 's' once settled, 'x' once expired
--- KEYS[6]  events              stream ev:{tag} (see authorize.lua KEYS[5])
--- KEYS[7]  usage_day           hash u:{tag}:d:<day>: fields '<who>:t' tokens and
+-- KEYS[4]  reservation         r:{tag}:<hash16>:<reservation id>  as authorize.lua wrote
+--                              it, 's' once settled
+-- KEYS[5]  events              stream ev:{tag} (see authorize.lua KEYS[4])
+-- KEYS[6]  usage_day           hash u:{tag}:d:<day>: fields '<who>:t' tokens and
 --                              '<who>:m' money (micro-units) of the settled calls
--- KEYS[8]  usage_hour          hash u:{tag}:h:<hour>: the same per hour
+-- KEYS[7]  usage_hour          hash u:{tag}:h:<hour>: the same per hour
 -- ARGV[1]  now                 ms since epoch
 -- ARGV[2]  actual              units the call really cost; '' = what it reserved
 -- ARGV[3]  tokens              prompt + completion tokens, for tokens per minute / day
@@ -30,8 +29,8 @@
 --
 -- Returns {code, reserved, delta, from_wallet, money_reserved, money_actual}
 -- code: 0 settled, 1 unknown (or deleted) key, 2 already settled, 3 no such reservation
--- for this key (never made, expired, or another key's). Codes 1-3 write nothing (but
--- an expired lease is ended by its policy, limits.lua, whoever notices it first).
+-- for this key (never made, expired, or another key's). Codes 1-3 write nothing: an
+-- expired reservation's money and slots are the expiry policy's (limits.lua lim_now).
 -- money_*: what the call held at its levels and what it is charged there (limits.lua).
 -- delta = actual - reserved: < 0 refunded (at most what was reserved), > 0 charged extra;
 -- from_wallet = units of an extra charge taken from the PAYG wallet.
@@ -54,20 +53,17 @@
 local f = redis.call('HMGET', KEYS[1],
   'id', 't', 'ul', 'qu', 'tpm', 'ta',                     -- 1..6
   'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp', 'tpd',  -- 7..15
-  'td', 'org', 'prj', 'lv', 'th', 'qf')                  -- 16..21
+  'td', 'org', 'prj', 'lv', 'th', 'qf', 'lim')           -- 16..22
 if not f[1] then return {1} end
 local now, day, month = tonumber(ARGV[1]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local marked_ms = tonumber(ARGV[4])
-lim_sweep(KEYS[4], KEYS[3], now, ARGV[9], day, month, marked_ms)
-local due = redis.call('ZSCORE', KEYS[4], KEYS[5])
-if due and tonumber(due) <= now then   -- this one's lease ran out before its report
-  lim_expire(KEYS[4], KEYS[3], KEYS[5], ARGV[9], day, month, marked_ms)
-end
-local held = redis.call('GET', KEYS[5])
-if not held or held == 'x' then return {3} end
+local held = redis.call('GET', KEYS[4])
+if not held or held == 'x' then return {3} end   -- ('x': expired, as older versions wrote)
 if held == 's' then return {2} end
 local reserved, source, rest = string.match(held, '^(%d+) (%S+)(.*)$')
 reserved = tonumber(reserved)
+-- What it holds at its levels, until its hold ends (then it is the expiry policy's).
+local held_money, levels, hold = string.match(rest, '^ (%d+) (.-) (%d+)$')
+if rest ~= '' and not (hold and now < tonumber(hold)) then return {3} end
 
 local actual = ARGV[2] == '' and reserved or tonumber(ARGV[2])
 local delta = actual - reserved
@@ -92,26 +88,41 @@ end
 -- Money held at the key's levels (limits.lua): the reserved amount is released and
 -- the actual one spent, in the window running now; slots are given back.
 local function alert(typ, level, fields)   -- one event on the tag's stream
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', f[1],
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', f[1],
              'o', f[17] or '', 'p', f[18] or '', 'l', level, unpack(fields))
 end
 local default_th = ARGV[10]
-local key_th = th_list(f[20], default_th)
+local key_th = th_text(f[20], default_th)
 local function budget_alert(where, l)
-  local crossed = lim_cross(l, where == 'k' and key_th or th_list(l.th, default_th))
+  local crossed = lim_cross(l, where == 'k' and key_th or th_text(l.th, default_th))
   if crossed then
     alert(crossed[1], string.sub(where, 1, 1),
           {'th', crossed[2], 'r', crossed[3], 'lim', crossed[4]})
   end
 end
 local money_reserved, money_actual = 0, 0
-local held_money, _, levels = string.match(rest, '^ (%d+) (%S+) (.*)$')
 if held_money then
   money_reserved = tonumber(held_money)
   money_actual = ARGV[6] == '' and money_reserved or tonumber(ARGV[6])
-  lim_release(KEYS[1], KEYS[3], levels, money_reserved, money_actual, day, month,
-              budget_alert)
-  redis.call('ZREM', KEYS[4], KEYS[5])
+  local states, above = {k = lim_read(f[22])}, {}
+  for where in string.gmatch(levels, '%a+:(%S+)') do
+    if where ~= 'k' then above[#above + 1] = where end
+  end
+  lim_load(KEYS[3], above, states)
+  for flags, where in string.gmatch(levels, '(%a+):(%S+)') do
+    local l = states[where]
+    if l then   -- (a level whose limits were removed since holds nothing any more)
+      lim_now(l, now, day, month, ARGV[9])
+      local b = string.find(flags, 'b', 1, true) and money_reserved or 0
+      hold_take(l, tonumber(hold), b, string.find(flags, 'c', 1, true) and 1 or 0)
+      if b > 0 then
+        l.s = l.s + money_actual
+        budget_alert(where, l)
+      end
+      if where == 'k' then put('lim', lim_text(l)) end
+    end
+  end
+  lim_store(KEYS[3], above, states)
 end
 
 local q_left, q_total   -- the quota after an extra charge, for its thresholds
@@ -170,7 +181,7 @@ if usage_days > 0 and (tokens > 0 or spend > 0) then
   local holders = {f[1]}
   for where in string.gmatch(f[19] or '', '%S+') do holders[#holders + 1] = where end
   for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
-    local bucket = KEYS[6 + i]
+    local bucket = KEYS[5 + i]
     for _, who in ipairs(holders) do
       if tokens > 0 then redis.call('HINCRBY', bucket, who .. ':t', tokens) end
       if spend > 0 then redis.call('HINCRBY', bucket, who .. ':m', spend) end
@@ -180,5 +191,5 @@ if usage_days > 0 and (tokens > 0 or spend > 0) then
 end
 
 redis.call('HSET', KEYS[1], unpack(set))
-redis.call('SET', KEYS[5], 's', 'PX', ARGV[4])
+redis.call('SET', KEYS[4], 's', 'PX', ARGV[4])
 return {0, reserved, delta, from_wallet, money_reserved, money_actual}

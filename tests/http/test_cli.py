@@ -139,8 +139,8 @@ async def test_show_and_list_never_reveal_the_key(env, redis_url):
         endpoint = classify("POST", "/v1/chat/completions")
         tag = key_hash[:3]
         args = AuthorizeArgs(
-            names.record(key_hash), names.wallet(tag), names.budgets(tag), names.leases(tag),
-            names.events(tag), names.usage_day(tag, 0), names.usage_hour(tag, 0), "",
+            names.record(key_hash), names.wallet(tag), names.budgets(tag), names.events(tag),
+            names.usage_day(tag, 0), names.usage_hour(tag, 0), "",
             int(datetime.now(UTC).timestamp() * 1000), 1, ip_hex("10.1.1.1"), "10.1.1.1",
             "gpt-5.5", endpoint.scope, endpoint.granting, 1, 0)
         reply = await runner.run(AUTHORIZE, args.keys(), args.argv())

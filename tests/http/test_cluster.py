@@ -167,7 +167,7 @@ async def test_a_stale_slot_map_follows_moved_and_recovers(cluster_url, plane):
     key_hash = hash_of(key)
     shard = shard_of(key_hash)
     keys = (names.record(key_hash), names.wallet(shard), names.budgets(shard),
-            names.leases(shard), names.events(shard), names.usage_day(shard, 0),
+            names.events(shard), names.usage_day(shard, 0),
             names.usage_hour(shard, 0))
     slot = key_slot(keys[0].encode())
     runner = make_runner(cluster_url, 2.0)

@@ -51,7 +51,7 @@ async def authorize(runner, store, key: str, *, now: int, route=CHAT, model: str
     hexed = ip_hex(ip)
     shard = shard_of(key_hash)
     args = AuthorizeArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
-                         names.leases(shard), names.events(shard),
+                         names.events(shard),
                          names.usage_day(shard, day), names.usage_hour(shard, now // 3_600_000),
                          names.reservation(key_hash, reservation) if reservation else "",
                          now, cost, hexed, ip if hexed else "", model, endpoint.scope,
@@ -68,7 +68,7 @@ async def settle_call(runner, key_hash: str, rid: str, *, now: int, actual="", t
     """One settle call, KEYS and ARGV as sidecar/dataplane/settle.py builds them."""
     shard = shard_of(key_hash)
     args = SettleArgs(names.record(key_hash), names.wallet(shard), names.budgets(shard),
-                      names.leases(shard), names.reservation(key_hash, rid),
+                      names.reservation(key_hash, rid),
                       names.events(shard), names.usage_day(shard, day),
                       names.usage_hour(shard, now // 3_600_000), now, actual,
                       tokens, 60_000, names.POOL_PREFIX, money, day, month, expiry,

@@ -15,6 +15,7 @@ from test_authorize_lua import authorize, mid_window, settle_call
 from sidecar.dataplane.decision import Code
 from sidecar.schema import names
 from sidecar.schema.keys import new_reservation_id, shard_of
+from sidecar.schema.limits import Limits
 from sidecar.schema.money import MICRO
 
 USD = MICRO      # one currency unit in micro-units
@@ -62,6 +63,18 @@ async def user_key(plane, runner, org, **req) -> tuple[str, Caller]:
                                                 "member_id": member, "unlimited": True,
                                                 **req})
     return view["id"], Caller(runner, plane, key)
+
+
+def expires_at(now: int, ttl_ms: int) -> int:
+    """The documented rule (limits.lua hold_end): a reservation made at `now` expires
+    with its hold, at now + ttl rounded up to a grid of a quarter of the ttl (>= 1 s)."""
+    grid = max(-(-ttl_ms // 4), 1000)
+    return -(-(now + ttl_ms) // grid) * grid
+
+
+async def stored_state(plane, org_id: str, field: str) -> Limits:
+    tag = plane.keystore.hasher.org_tag(org_id)
+    return Limits.unpack(await plane.redis.hget(names.budgets(tag), field))
 
 
 def code(reply: list) -> int:
@@ -180,33 +193,68 @@ async def test_an_unsettled_reservation_expires_by_the_policy(plane, runner, org
                                                      "max_concurrency": 1})
     _, caller = await project_key(plane, runner, org)
     now = mid_window()
+    now += 1_234                      # off the grid: the hold ends later than the ttl
+    ends = expires_at(now, 10_000)
+    assert now + 10_000 < ends <= now + 12_500
     reply, rid = await caller.authorize(70 * USD // 100, now, ttl_ms=10_000, expiry=policy)
     assert code(reply) == Code.allow
-    denied, _ = await caller.authorize(1, now + 5_000, expiry=policy)
+    denied, _ = await caller.authorize(1, ends - 1, expiry=policy)
     assert code(denied) == Code.concurrency_limited and level(denied) == "project"
-    # After the ttl the next call sweeps the lease first, then is decided.
-    reply, rid2 = await caller.authorize(10 * USD // 100, now + 10_001, expiry=policy)
+    # From its hold's end on, the next call finds the reservation ended by the policy.
+    reply, rid2 = await caller.authorize(10 * USD // 100, ends, ttl_ms=10_000, expiry=policy)
     assert code(reply) == Code.allow
     shown = await plane.project_limits(org_id, project)
     assert (shown["spent"], shown["reserved"], shown["in_flight"]) == (spent, "0.10", 1)
-    assert (await caller.settle(rid, 0, now + 10_002, expiry=policy))[0] == 3
-    assert (await caller.settle(rid2, 10 * USD // 100, now + 10_003))[0] == 0
+    assert (await caller.settle(rid, 0, ends + 1, expiry=policy))[0] == 3
+    assert (await caller.settle(rid2, 10 * USD // 100, ends + 2))[0] == 0
     assert (await plane.project_limits(org_id, project))["in_flight"] == 0
 
 
-async def test_a_late_report_of_an_expired_lease_applies_the_policy_itself(plane, runner,
-                                                                           org):
-    """No call swept the lease: its own late report ends it by the policy (charged), and
-    gets 'no such reservation', not a settlement at the reported price."""
+async def test_a_report_is_taken_until_the_hold_ends_and_never_after(plane, runner, org):
+    """A report just before its hold ends settles at the reported price; one at the end
+    gets 'no such reservation' and changes nothing: the hold's end charges what was
+    reserved (the policy), for whoever reads the level next."""
     org_id, project, _ = org
     await plane.set_project_limits(org_id, project, {"budget": "1.00"})
+    field = names.level_field("project", project)
     _, caller = await project_key(plane, runner, org)
-    now = mid_window()
-    reply, rid = await caller.authorize(40 * USD // 100, now, ttl_ms=10_000)
+    now = mid_window() + 777
+    ends = expires_at(now, 10_000)
+    _, on_time = await caller.authorize(40 * USD // 100, now, ttl_ms=10_000)
+    _, late = await caller.authorize(30 * USD // 100, now, ttl_ms=10_000)
+    assert (await caller.settle(on_time, 5 * USD // 100, ends - 1))[0] == 0
+    before = await stored_state(plane, org_id, field)
+    assert (await caller.settle(late, 1, ends))[0] == 3
+    assert await stored_state(plane, org_id, field) == before     # nothing written
+    assert (before.spent, before.reserved, before.holds) == (5 * USD // 100, 30 * USD // 100,
+                                                             ((ends, 30 * USD // 100, 0),))
+    seen = before.now(20_000, 24_300, ends)                        # as the next call sees it
+    assert (seen.spent, seen.reserved, seen.holds) == (35 * USD // 100, 0, ())
+    reply, _ = await caller.authorize(10 * USD // 100, ends + 5, ttl_ms=10_000)
     assert code(reply) == Code.allow
-    assert (await caller.settle(rid, 1, now + 20_000))[0] == 3
-    shown = await plane.project_limits(org_id, project)
-    assert (shown["spent"], shown["reserved"]) == ("0.40", "0.00")
+    after = await stored_state(plane, org_id, field)
+    assert (after.spent, after.reserved) == (35 * USD // 100, 10 * USD // 100)
+
+
+async def test_a_level_holds_a_few_holds_whatever_the_traffic(plane, runner, org):
+    """Reservations made every 100 ms for a minute share at most five holds (the TTL
+    over a quarter-TTL grid, plus the one running): the state stays small, expiry costs
+    no command and no index of its own."""
+    org_id, project, _ = org
+    await plane.set_project_limits(org_id, project, {"budget": "1000.00",
+                                                     "max_concurrency": 100_000})
+    field = names.level_field("project", project)
+    _, caller = await project_key(plane, runner, org)
+    now, sizes = mid_window(), []
+    for step in range(600):
+        reply, _ = await caller.authorize(USD // 100, now + step * 100, ttl_ms=20_000)
+        assert code(reply) == Code.allow
+        sizes.append(len((await stored_state(plane, org_id, field)).holds))
+    assert max(sizes) <= 5
+    state = (await stored_state(plane, org_id, field)).now(20_000, 24_300, now + 59_900)
+    # The calls of the last 20 s (200) are held, and at most a quarter more (the grid);
+    # the ones before were charged at expiry.
+    assert 200 <= state.in_flight <= 250 and state.spent + state.reserved == 600 * USD // 100
 
 
 async def test_concurrency_counts_in_flight_calls_and_settle_frees_them(plane, runner, org):

@@ -68,7 +68,7 @@ async def test_only_the_hmac_is_stored(plane, redis_url):
                 shard = shard_of(key_hash)
                 args = AuthorizeArgs(
                     names.record(key_hash), names.wallet(shard), names.budgets(shard),
-                    names.leases(shard), names.events(shard), names.usage_day(shard, 0),
+                    names.events(shard), names.usage_day(shard, 0),
                     names.usage_hour(shard, 0), "", int(time.time() * 1000), 1, ip_hex("10.1.2.3"),
                     "10.1.2.3", "gpt-5.5", endpoint.scope, endpoint.granting, 1, 0)
                 reply = await runner.run(AUTHORIZE, args.keys(), args.argv())

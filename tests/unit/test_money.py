@@ -152,11 +152,33 @@ def test_usage_in_each_upstream_dialect():
 
 def test_the_packed_state_round_trips_and_rejects_junk():
     state = Limits(budget=5 * MICRO, spent=10, reserved=20, window=20_000, period="d",
-                   max_concurrency=3, in_flight=1, observe="bc")
+                   max_concurrency=3, in_flight=1, observe="bc",
+                   holds=((1_000_000, 15, 1), (2_000_000, 5, 0)))
     assert Limits.unpack(state.pack()) == state
     assert Limits.unpack(state.pack().encode()) == state
+    assert Limits.unpack(Limits(budget=7).pack()) == Limits(budget=7)
     assert Limits.unpack("1 2 3") is None and Limits.unpack(None) is None
     assert Limits.unpack("1 2 3 4 w 5 6 -") is None          # no such period
+
+
+def test_older_forms_hold_what_they_reserved_in_a_hold_that_has_ended():
+    ten = Limits.unpack("100 10 20 0 t 3 1 - - 0")
+    eight = Limits.unpack("100 10 20 0 t 3 1 -")
+    for old in (ten, eight):
+        assert old.holds == ((0, 20, 1),) and old.thresholds == "-"
+        assert old.now(0, 0, 5).spent == 30 and old.now(0, 0, 5).in_flight == 0
+        assert old.now(0, 0, 5, charge=False).spent == 10
+
+
+def test_a_hold_that_ended_is_charged_or_released_and_frees_its_slots():
+    lim = Limits(budget=MICRO, spent=100, reserved=50, max_concurrency=5, in_flight=3,
+                 holds=((1_000, 30, 2), (2_000, 20, 1)))
+    assert lim.now(0, 0, 999) == lim                      # nothing has ended yet
+    charged = lim.now(0, 0, 1_000)
+    assert (charged.spent, charged.reserved, charged.in_flight) == (130, 20, 1)
+    assert charged.holds == ((2_000, 20, 1),)
+    released = lim.now(0, 0, 2_500, charge=False)
+    assert (released.spent, released.reserved, released.in_flight) == (100, 0, 0)
 
 
 def test_a_new_period_starts_with_nothing_spent():
