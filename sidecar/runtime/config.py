@@ -83,6 +83,9 @@ class Settings:
     # the days of daily usage buckets kept (hourly ones: 48 h; 0 keeps no history).
     alert_thresholds: tuple[str, ...] = ("0.2", "0.05", "0")
     usage_retention_days: int = 90
+    # How often one sidecar of the deployment counts the keys at or below each of
+    # alert_thresholds, for sidecar_keys_below_threshold (runtime/census.py).
+    threshold_census_interval_s: float = 60.0
     log_level: str = "info"
     # Webhooks (docs/webhooks.md): global endpoints, each {url, secret, events}; an
     # organization adds its own through the admin API.
@@ -323,6 +326,7 @@ def validate(s: Settings) -> Settings:  # noqa: C901 — a flat list, one check 
         raise ConfigError("token_costs: units per 1000 tokens must not be negative")
     _validate_webhooks(s)
     _validate_money(s)
+    _validate_alerts(s)
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
     return s
@@ -364,12 +368,17 @@ def _validate_money(s: Settings) -> None:
         raise ConfigError("expired_reservation: 'charge' or 'release'")
     if not 1 <= s.concurrency_retry_after_s <= 3600:
         raise ConfigError("concurrency_retry_after_s: must be between 1 and 3600")
+
+
+def _validate_alerts(s: Settings) -> None:
     try:
         parse_thresholds(",".join(s.alert_thresholds))
     except BadThresholds as exc:
         raise ConfigError("alert_" + str(exc)) from None
     if not 0 <= s.usage_retention_days <= 3660:
         raise ConfigError("usage_retention_days: must be between 0 (none) and 3660")
+    if not 1 <= s.threshold_census_interval_s <= 86_400:
+        raise ConfigError("threshold_census_interval_s: must be between 1 and 86400 (a day)")
 
 
 def price_list(s: Settings) -> PriceList:

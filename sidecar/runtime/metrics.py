@@ -18,6 +18,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from ..schema.remaining import Census
+
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0)
 
@@ -54,6 +56,23 @@ THRESHOLD_CROSSINGS = Counter("sidecar_threshold_crossings",
                               "Quota and budget thresholds crossed, and keys first refused "
                               "as expired", ["kind", "threshold"])
 COMMON_THRESHOLDS = frozenset({"0", "0.01", "0.05", "0.1", "0.2", "0.25", "0.5", "0.75"})
+# The threshold census (runtime/census.py): one sidecar counts, every sidecar shows the
+# stored result. kind: quota | budget; threshold: one of the deployment's
+# alert_thresholds (at most limits.MAX_THRESHOLDS values). Only the process running the
+# admin listener sets them: with --workers N the most recent value is shown.
+KEYS_BELOW = Gauge("sidecar_keys_below_threshold",
+                   "Keys whose quota (or own budget) left is at or below the threshold, "
+                   "as the last census counted", ["kind", "threshold"],
+                   multiprocess_mode="mostrecent")
+CENSUS_TIME = Gauge("sidecar_threshold_census_timestamp_seconds",
+                    "When the last threshold census began (Unix time; 0: none known yet)",
+                    multiprocess_mode="mostrecent")
+CENSUS_KEYS = Gauge("sidecar_threshold_census_keys",
+                    "Key records the last threshold census examined",
+                    multiprocess_mode="mostrecent")
+CENSUS_COMPLETE = Gauge("sidecar_threshold_census_complete",
+                        "1 when the last threshold census examined every key, 0 when its "
+                        "cap stopped it first", multiprocess_mode="mostrecent")
 
 # Pre-bound children: .labels() costs a dict lookup and a lock per call.
 _decision_children: dict[tuple[int, str], Counter] = {}
@@ -130,3 +149,19 @@ def threshold_crossing(kind: str, threshold: str | None) -> None:
     label = "" if threshold is None else (
         threshold if threshold in COMMON_THRESHOLDS else "other")
     THRESHOLD_CROSSINGS.labels(kind, label).inc()
+
+
+_census_series: set[tuple[str, str]] = set()
+
+
+def threshold_census(census: Census) -> None:
+    """Show a census result (read from Redis): its counts, time, keys and completeness."""
+    for gone in _census_series - census.counts.keys():
+        KEYS_BELOW.remove(*gone)
+        _census_series.discard(gone)
+    for (kind, threshold), count in census.counts.items():
+        KEYS_BELOW.labels(kind, threshold).set(count)
+        _census_series.add((kind, threshold))
+    CENSUS_TIME.set(census.at_ms / 1000)
+    CENSUS_KEYS.set(census.keys)
+    CENSUS_COMPLETE.set(1 if census.complete else 0)

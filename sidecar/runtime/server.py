@@ -58,7 +58,8 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain. redis_url must be set."""
     from ..redis.runner import make_runner
     from .admin_app import admin_app
-    from .webhooks import run_worker  # here: metrics must not load before the env is set
+    from .census import run_census  # here: metrics must not load before the env is set
+    from .webhooks import run_worker
 
     loop = asyncio.get_running_loop()
     stop = stop or _stop_on_signals()
@@ -95,10 +96,12 @@ async def run(settings: Settings, *, data: bool, admin: bool,
                max_connections=edge.max_connections if edge else None)
 
     watch = loop.create_task(_supervise_redis(embedded, stop)) if embedded else None
-    # One delivery worker per sidecar, beside the admin listener; sidecars on one Redis
-    # share the events through a consumer group (webhooks.py).
-    webhooks_stop = asyncio.Event()
-    deliveries = loop.create_task(run_worker(settings, webhooks_stop)) if admin else None
+    # Beside the admin listener: one delivery worker per sidecar (sidecars on one Redis
+    # share the events through a consumer group, webhooks.py) and the threshold census
+    # (one sidecar of the deployment takes it at a time, every one shows it, census.py).
+    background_stop = asyncio.Event()
+    background = [loop.create_task(run_worker(settings, background_stop)),
+                  loop.create_task(run_census(settings, background_stop))] if admin else []
     await stop.wait()
     logs.event("draining", pid=os.getpid(), timeout_s=settings.shutdown_timeout_s)
     drains = []
@@ -107,10 +110,9 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     if grpc_server is not None:
         drains.append(grpc_server.stop(settings.shutdown_timeout_s))
     await asyncio.gather(*drains)
-    webhooks_stop.set()       # deliveries under way stay pending for a takeover
-    if deliveries is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(deliveries, 5)
+    background_stop.set()     # deliveries under way stay pending for a takeover
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asyncio.gather(*background, return_exceptions=True), 5)
     for r in runners:
         await r.cleanup()
     if watch:

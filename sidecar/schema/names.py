@@ -204,3 +204,13 @@ def usage_hour(tag: str, hour: int) -> str:
 def usage_field(who: str, kind: str) -> str:
     """Field of a usage bucket: who (key id or level field) and kind (USAGE_KINDS)."""
     return f"{who}:{kind}"
+
+
+# Threshold census (issue 12): how many keys are at or below each default alert
+# threshold, for the metrics (runtime/census.py; the counting: schema/remaining.py). One
+# sidecar of the deployment at a time takes it, holding THRESHOLD_CENSUS_LOCK (SET NX PX
+# threshold_census_interval_s: so one census per interval), reads the keys through
+# KEY_INDEX (one hash: no keyspace SCAN, on Redis Cluster no per-node SCAN) and writes
+# the result whole to THRESHOLD_CENSUS, which every sidecar reads for its /metrics.
+THRESHOLD_CENSUS = "census:thresholds"        # hash: remaining.Census.to_hash()
+THRESHOLD_CENSUS_LOCK = "census:thresholds:lock"   # string: the census taker's id

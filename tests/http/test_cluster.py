@@ -224,3 +224,35 @@ async def test_webhook_events_on_every_node_are_delivered_once(cluster_url, car,
         await client.aclose()
         receiver.close()
         stop_process(second.proc)
+
+
+async def test_the_threshold_census_counts_the_keys_of_every_node(cluster_url, car, plane,
+                                                                  http):
+    """On a cluster the census reads the key index (one slot) and the records and a
+    rotation's shared pool in pipelines across the three nodes; each key counted once."""
+    from redis.cluster import RedisCluster
+
+    from sidecar.runtime.census import load, store, take_census
+    from sidecar.runtime.config import Settings
+    settings = Settings()
+    before = (await take_census(plane.redis, settings, "test")).counts
+    spent = [await make(plane, quota=1) for _ in range(30)]
+    for _, key in spent:
+        assert await statuses(http, car, key, 1) == [200]     # nothing left
+    old_id, old = await make(plane, quota=2)
+    assert await statuses(http, car, old, 1) == [200]
+    new = (await plane.rotate_key(None, old_id, grace_s=600))["key"]
+    assert await statuses(http, car, new, 2) == [200, 402]  # the pool: 0, counted once
+    sync = RedisCluster.from_url(cluster_url.replace("+cluster", ""))
+    try:
+        assert len({sync.nodes_manager.get_node_from_slot(key_slot(
+            names.record(hash_of(key)).encode())).name for _, key in spent}) == 3
+    finally:
+        sync.close()
+    taken = await take_census(plane.redis, settings, "test")
+    assert taken.complete
+    assert {k: n - before[k] for k, n in taken.counts.items()} == {
+        (kind, t): 31 if kind == "quota" else 0
+        for kind in ("quota", "budget") for t in ("0.2", "0.05", "0")}
+    await store(plane.redis, taken)
+    assert await load(plane.redis) == taken

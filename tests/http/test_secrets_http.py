@@ -108,6 +108,8 @@ async def test_no_plaintext_in_logs_or_metrics(tmp_path, own_redis, http):
     ours = "\n".join(line for line in metrics.splitlines() if line.startswith("sidecar_"))
     names = {name for name, _ in LABEL.findall(ours)}
     assert names <= {"status", "code", "kind", "le", "result", "threshold"}, names   # bounded enums
-    # A crossing's threshold label is a common fraction or "other", never a key's own level.
+    # A crossing's threshold label is a common fraction or "other", never a key's own
+    # level; the census gauge's (sidecar_keys_below_threshold) is one of the deployment's
+    # alert_thresholds, here the default 0.2, 0.05, 0.
     thresholds = {value for name, value in LABEL.findall(ours) if name == "threshold"}
     assert thresholds <= COMMON_THRESHOLDS | {"other", ""}, thresholds

@@ -135,6 +135,10 @@ BAD_VALUES = [
     ("reservation_ttl_s", "604801"),
     ("reservation_ttl_s", "an hour"),
     ("log_level", "verbose"),
+    ("threshold_census_interval_s", "0.5"),
+    ("threshold_census_interval_s", "86401"),
+    ("threshold_census_interval_s", "nan"),
+    ("threshold_census_interval_s", "hourly"),
 ]
 
 
