@@ -247,7 +247,8 @@ def test_tiny_alerts_section_alone_merges_into_the_published_results(tmp_path):
         assert script[kind]["on"]["commands_per_call"]["hincrby"] == 2 * holders
         assert "hincrby" not in script[kind]["off"]["commands_per_call"]
         assert all(script[kind][c]["usec_per_call"] > 0 for c in script[kind])
-        assert script["hincrby"][kind]["usec_per_call"] > 0
+        assert script["hincrby"][kind]["first_field_usec"] > 0
+        assert script["hincrby"][kind]["last_field_usec"] > 0
     assert alerts["buckets"]["daily"]["hashes"] > 0
     assert alerts["meta"]["command"].endswith("--publish " + str(out))
     text = (out / "RESULTS.md").read_text()
