@@ -14,12 +14,15 @@ only on a crossing (the benchmark's quotas are far from any).
 
 Two kinds of keys: the main benchmark keys (standard keys, nothing above them: one
 holder, 2 HINCRBY a call) and keys of 256 organizations under a project each, without
-budgets (3 holders: 6 HINCRBY a call). A round runs the four (on, off, org on, org off),
-the order of each pair alternating between rounds so neither side always goes first.
-Around each run INFO commandstats per command name: the commands the history adds per
-call, and EVALSHA per call (it must stay 1: one round trip per decision). Afterwards
-authorize.lua alone inside Redis (redis-benchmark, one record of each kind) with each
-of the four combinations, so the cost splits into thresholds and history.
+budgets (3 holders: 6 HINCRBY a call). A round runs, for each kind, on and off (their
+order alternating between rounds) with every key already counted in the current day's
+and hour's bucket (a steady hour), then on again right after every bucket was deleted
+(the first calls of an hour: each key's first call makes its fields and sets the
+buckets' time to live). Around each run INFO commandstats per command name: the
+commands the history adds per call, and EVALSHA per call (it must stay 1: one round
+trip per decision). Afterwards authorize.lua alone inside Redis (redis-benchmark, one
+record of each kind) with each of the four combinations, so the cost splits into
+thresholds and history, and one HINCRBY on the first and the last field of a bucket.
 """
 
 from __future__ import annotations
