@@ -47,12 +47,16 @@ def _org_tags(hasher: KeyHasher, count: int) -> dict[str, tuple[str, str]]:
     return out
 
 
-def load_hierarchy(host: str, port: int, pepper: str, count: int) -> list[str]:
+def load_hierarchy(host: str, port: int, pepper: str, count: int,
+                   limits: bool = True) -> list[str]:
     """Keys minted on their organization's tag, as KeyStore.create does, with limits at
-    the key, project and organization; the budgets hashes written as set_limits would."""
+    the key, project and organization; the budgets hashes written as set_limits would.
+    limits=False: the same keys under their project and organization, no limit anywhere
+    (the record's levels only, as an organization's key is made by default)."""
     hasher = KeyHasher(pepper)
     orgs = _org_tags(hasher, ORGS)
-    key_limits = Limits(budget=BIG, period="t", max_concurrency=1000).pack()
+    key_limits = Limits(budget=BIG, period="t", max_concurrency=1000).pack() \
+        if limits else ""
     prefix = PREFIX_OF[KeyType.standard]
     base = {}
     commands = []
@@ -79,7 +83,7 @@ def load_hierarchy(host: str, port: int, pepper: str, count: int) -> list[str]:
             keys.append(key)
     project = Limits(budget=BIG, period="m").pack()
     org_limits = Limits(budget=BIG, period="d", max_concurrency=MAX_CONCURRENCY).pack()
-    for tag, (org, prj) in orgs.items():
+    for tag, (org, prj) in orgs.items() if limits else ():
         commands.append(("HSET", names.budgets(tag), names.level_field("project", prj),
                          project, names.level_field("organization", org), org_limits))
     with socket.create_connection((host, port), timeout=30) as sock:

@@ -140,6 +140,9 @@ def all_runs(results: dict, alone: bool = True) -> list[dict]:
         runs += list(row.values())
     for row in results.get("cluster", {}).get("rounds", []) if alone else []:
         runs += list(row.values())
+    if alone and "alerts" in results:   # run alone or in the full run: its own noise line
+        from .alerts import TARGETS
+        runs += [results["alerts"][k] for k in TARGETS if k in results["alerts"]]
     runs += [results["edge"][k] for k in ("plain", "authz") if k in results.get("edge", {})]
     for row in results.get("workers", []):
         runs += [v for v in row.values() if isinstance(v, dict) and "rps" in v]
@@ -377,6 +380,9 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
         from .budgets import markdown
         out += markdown(results["budgets"], lambda m, s, k: _ratio_cell(m, s, k, n),
                         _run_row)
+    if "alerts" in results:
+        from .alerts import markdown as alerts_markdown
+        out += alerts_markdown(results["alerts"], _ratio_cell, _run_row, noise_line)
     if "cluster" in results:
         from .cluster import markdown as cluster_markdown
         out += cluster_markdown(results["cluster"])
@@ -492,13 +498,19 @@ def traefik_lines(t: dict) -> list[str]:
     return lines
 
 
+def alerts_summary(a: dict) -> str:
+    from .alerts import summary_line
+    return summary_line(a)
+
+
 def summary_lines(results: dict) -> list[str]:
     if "main" not in results:   # sections run alone
         lines = [f"  !! INVALID: {p}" for p in results.get("problems", [])]
         return lines + (traefik_lines(results["traefik"]) if "traefik" in results else []) \
             + (envoy_lines(results["envoy"]) if "envoy" in results else []) \
             + ([f"  cluster/one Redis req/s {results['cluster']['cluster_over_one_rps']}"]
-               if "cluster" in results else [])
+               if "cluster" in results else []) \
+            + ([alerts_summary(results["alerts"])] if "alerts" in results else [])
     main = results["main"]
     r = main["ratios"]
     n = main.get("repeat", 1)
@@ -545,6 +557,8 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"  budgets/plain req/s {b['ratios']['rps']}  CPU/call plain/budgets "
                      f"{b['ratios']['cpu_plain_over_budgets']}  commands/call "
                      f"{b['budgets'].get('redis_commands_per_call')}")
+    if "alerts" in results:
+        lines.append(alerts_summary(results["alerts"]))
     if "edge" in results:
         lines.append(f"  edge: auth_request keeps {results['edge']['authz_over_plain']:.0%}")
     if "traefik" in results:

@@ -12,6 +12,10 @@ It starts its own redis-server (temp dir, free port), loads N keys, starts the s
   repeat   the sweep (which holds the main c64 comparison) and the workers runs measure
            each cell --repeat N times, interleaved (A B C D, A B C D, ...); figures are
            medians, ratios the median of the per-round ratios, min-max kept as spread
+  budgets  the full budget hierarchy against plain authorize (benchmarks/budgets.py)
+  alerts   authorize with alert thresholds and usage history on (the defaults) against
+           off, standard and organization keys; also alone with --only alerts
+           (benchmarks/alerts.py)
   profile  py-spy on the sidecar worker under the authorize load (PROFILE.md)
   edge     NGINX auth_request + sidecar vs the same NGINX proxying without auth
   workers  sidecar and peer with --workers N / worker_processes N, CPU% per process
@@ -67,9 +71,9 @@ from .stats import (  # noqa: E402
 HERE = Path(__file__).resolve().parent
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
-SECTIONS = ("peer", "budgets", "profile", "edge", "workers", "script")
-# sections run alone (--only), merged into results.json on publish
-ONLY = ("traefik", "envoy", "cluster")
+SECTIONS = ("peer", "budgets", "alerts", "profile", "edge", "workers", "script")
+# sections run alone (--only), merged into results.json on publish (alerts: in both)
+ONLY = ("traefik", "envoy", "cluster", "alerts")
 
 # What issue 5 asks for; reported next to the figures, never asserted by tests.
 TARGET_RATIOS = {"authorize_over_baseline": 0.8, "p99_authorize_over_baseline_max": 1.5,
@@ -378,6 +382,20 @@ class Bench:
         if "cluster" in self.args.only:
             from . import cluster
             out["cluster"] = cluster.section(self, stack)
+        if "alerts" in self.args.only:
+            from . import alerts
+            out["alerts"] = alerts.section(self, Stack)
+        return out
+
+    def feature_sections(self, stack: Stack) -> dict:
+        """Plain authorize against the features on: budgets (issue 11), alerts (12)."""
+        out = {}
+        if "budgets" not in self.args.skip:
+            from . import budgets
+            out["budgets"] = budgets.section(self, stack, Stack)
+        if "alerts" not in self.args.skip:
+            from . import alerts
+            out["alerts"] = alerts.section(self, Stack)
         return out
 
     def run(self) -> dict:
@@ -427,9 +445,7 @@ class Bench:
             results["memory"]["nginx_lua_rss_bytes"] = sum(
                 rss_bytes(p) for p in stack.peer.worker_pids())
 
-        if "budgets" not in args.skip:
-            from . import budgets
-            results["budgets"] = budgets.section(self, stack, Stack)
+        results.update(self.feature_sections(stack))
         if args.profile:
             results["profile"] = self.profile(stack)
         if "edge" not in args.skip:

@@ -56,6 +56,16 @@ def redis_commands(client, before: dict | None = None) -> dict:
     return {k: v - before[k] for k, v in now.items()} if before else now
 
 
+def redis_command_counts(client, before: dict | None = None) -> dict[str, int]:
+    """Calls per command name (INFO commandstats, INFO itself left out; a script's own
+    redis.call()s count under their names); with `before`, the difference since then."""
+    now = {k.removeprefix("cmdstat_"): int(v["calls"])
+           for k, v in client.info("commandstats").items() if k != "cmdstat_info"}
+    if before is None:
+        return now
+    return {k: n - before.get(k, 0) for k, n in now.items() if n - before.get(k, 0)}
+
+
 def saturation(run: dict, processes: dict[str, int], cores: int) -> dict:
     """Which process held its core(s) during a run.
 

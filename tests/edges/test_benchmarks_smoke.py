@@ -83,6 +83,12 @@ def test_tiny_run_writes_complete_results(tmp_path):
     assert budgets["ratios"]["rps"] > 0
     assert "## Budgets" in (out / "RESULTS.md").read_text()
 
+    alerts = results["alerts"]   # thresholds and usage history on against off (issue 12)
+    for name in ("on", "off", "on_new", "org_on", "org_off", "org_on_new"):
+        assert alerts[name]["rps"] > 0 and alerts[name]["non_2xx"] == 0, name
+    assert alerts["ratios"]["rps"] > 0 and alerts["ratios"]["org_rps"] > 0
+    assert "## Alerts and usage history" in (out / "RESULTS.md").read_text()
+
     edge = results["edge"]
     assert edge["plain"]["rps"] > 0 and edge["authz"]["rps"] > 0
     assert edge["authz"]["non_2xx"] == 0
@@ -193,3 +199,59 @@ def test_tiny_cluster_section(tmp_path):
     assert cluster["one"]["rps"] > 0 and cluster["cluster"]["rps"] > 0
     assert sum(cluster["keys_per_node"]) == 300
     assert all(n["decisions_share"] > 0 for n in cluster["cluster"]["per_node"])
+
+
+def test_tiny_alerts_section_alone_merges_into_the_published_results(tmp_path):
+    """--only alerts: authorize with alert thresholds and usage history on (the defaults)
+    against off, standard and organization keys, in interleaved rounds; history counted by
+    on only, still one EVALSHA per call, added to the last full run's results."""
+    out = tmp_path / "bench"
+    out.mkdir()
+    published = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(published))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "alerts", "--keys", "300",
+         "--duration", "1", "--repeat", "2", "--main-concurrency", "4", "--warmup", "0",
+         "--results-dir", str(out / "results"), "--publish", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    merged = json.loads((out / "results.json").read_text())
+    alerts = merged.pop("alerts")
+    assert merged == {k: v for k, v in published.items() if k != "alerts"}
+    assert alerts["problems"] == []
+    assert alerts["settings"]["on"] == {"alert_thresholds": "0.2,0.05,0",
+                                        "usage_retention_days": "90"}
+    for name in ("on", "off", "on_new", "org_on", "org_off", "org_on_new"):
+        run = alerts[name]
+        assert run["rps"] > 0 and run["non_2xx"] == 0, (name, run)
+        assert run["repeats"] == 2 and len(run["expire_per_call_by_round"]) == 2, name
+        # one round trip per call (calls still in flight when wrk stops count in Redis)
+        assert abs(run["evalsha_per_call"] - 1) < 0.01, (name, run["commands_per_call"])
+    # history: one HINCRBY per bucket (day, hour) and holder (key; key, project, org)
+    for name, holders in (("on", 1), ("on_new", 1), ("org_on", 3), ("org_on_new", 3)):
+        commands = alerts[name]["commands"]
+        assert commands["hincrby"] == 2 * holders * commands["evalsha"], name
+    # with the buckets deleted, each key's first call sets their time to live
+    assert alerts["on_new"]["commands"]["expire"] > 0
+    assert alerts["org_on_new"]["commands"]["expire"] > 0
+    assert "hincrby" not in alerts["off"]["commands"]
+    assert "hincrby" not in alerts["org_off"]["commands"]
+    assert alerts["on"]["redis_commands_per_call"] > alerts["off"]["redis_commands_per_call"]
+    for key in ("rps", "org_rps", "rps_new", "org_rps_new", "cpu_off_over_on"):
+        # medians of the per-round ratios
+        lo, hi = alerts["ratio_spread"][key]
+        assert 0 < lo <= alerts["ratios"][key] <= hi, key
+    script = alerts["script"]
+    assert "error" not in script, script
+    for kind, holders in (("standard", 1), ("organization", 3)):
+        assert script[kind]["on"]["commands_per_call"]["hincrby"] == 2 * holders
+        assert "hincrby" not in script[kind]["off"]["commands_per_call"]
+        assert all(script[kind][c]["usec_per_call"] > 0 for c in script[kind])
+        assert script["hincrby"][kind]["first_field_usec"] > 0
+        assert script["hincrby"][kind]["last_field_usec"] > 0
+    assert alerts["buckets"]["daily"]["hashes"] > 0
+    assert alerts["meta"]["command"].endswith("--publish " + str(out))
+    text = (out / "RESULTS.md").read_text()
+    assert "## Alerts and usage history: on against off (c4, 1 worker, issue 12)" in text
+    assert alerts["meta"]["command"] in text and "## The authorize path" in text
+    assert not (out / "plot.png").exists()      # the sweep's plot is not redrawn
