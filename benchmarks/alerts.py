@@ -304,13 +304,7 @@ def script_alone(bench, keys: dict[str, str]) -> dict:
             commands[(kind, "hincrby")] = {"bucket_fields": len(order),
                                            "encoding": client.object("encoding", bucket)}
             for combo, (thresholds, days) in COMBOS.items():
-                ks, argv = AuthorizeArgs.pack(
-                    names.record(key_hash), names.wallet(tag), names.budgets(tag),
-                    names.leases(tag), names.events(tag), names.usage_day(tag, day),
-                    names.usage_hour(tag, now // 3_600_000), "", now, 1,
-                    "00000000000000000000ffff7f000001", "127.0.0.1", "gpt-4o-mini",
-                    "chat.completions:write", "", 1, 0, names.POOL_PREFIX, 0, -1, day,
-                    month, "c", thresholds, days)
+                ks, argv = script_call(key_hash, now, day, month, thresholds, days)
                 stats = bench_one("EVALSHA", sha, str(len(ks)), *ks, *(str(a) for a in argv))
                 evalsha = stats.get("cmdstat_evalsha", {})
                 calls = evalsha.get("calls") or 0
@@ -333,6 +327,19 @@ def script_alone(bench, keys: dict[str, str]) -> dict:
             out.setdefault(kind, {})[combo] = {**one,
                                                "commands_per_call": commands[(kind, combo)]}
     return out
+
+
+def script_call(key_hash: str, now: int, day: int, month: int, thresholds: str = "0.2,0.05,0",
+                usage_days: int = 90) -> tuple[tuple, tuple]:
+    """(KEYS, ARGV) of one allowed chat call of `key_hash` as dataplane/authorize.py builds
+    them (no settlement, no price), for authorize.lua called alone by redis-benchmark."""
+    tag = shard_of(key_hash)
+    return AuthorizeArgs.pack(
+        names.record(key_hash), names.wallet(tag), names.budgets(tag), names.events(tag),
+        names.usage_day(tag, day), names.usage_hour(tag, now // 3_600_000), "", now, 1,
+        "00000000000000000000ffff7f000001", "127.0.0.1", "gpt-4o-mini",
+        "chat.completions:write", "", 1, 0, names.POOL_PREFIX, 0, -1, day, month, "c",
+        thresholds, usage_days)
 
 
 def bucket_memory(client, sample: int = 10_000) -> dict:

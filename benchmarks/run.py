@@ -52,9 +52,11 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     __package__ = "benchmarks"
 
 from sidecar.schema import names  # noqa: E402
-from sidecar.schema.keys import TYPE_OF_CODE, KeyHasher, shard_of  # noqa: E402
+from sidecar.schema.keys import TYPE_OF_CODE, KeyHasher  # noqa: E402
+from sidecar.schema.limits import Calendar  # noqa: E402
 from sidecar.schema.scripts import AUTHORIZE  # noqa: E402
 
+from .alerts import script_call  # noqa: E402
 from .estimate import machine_ceiling  # noqa: E402
 from .keyload import load_keys, write_key_file  # noqa: E402
 from .load import Load, run_wrk  # noqa: E402
@@ -468,14 +470,11 @@ class Bench:
         if binary is None:
             return {"error": "redis-benchmark not installed (Debian: redis-tools)"}
         client = self.redis.client()
-        hasher = KeyHasher(self.pepper)
-        key_hash = hasher(self.keys[0])
-        shard = shard_of(key_hash)
+        key_hash = KeyHasher(self.pepper)(self.keys[0])
         now = int(time.time() * 1000)
-        argv = [names.record(key_hash), names.wallet(shard), names.budgets(shard),
-                names.leases(shard), str(now), "1", "00000000000000000000ffff7f000001",
-                "127.0.0.1", "gpt-4o-mini", "chat.completions:write", "", "1", "0", "0",
-                "0", str(now // 86_400_000), "0", "c"]
+        day, month = Calendar().numbers(now)
+        keys, argv = script_call(key_hash, now, day, month)   # history and thresholds on
+        command = [str(len(keys)), *keys, *(str(a) for a in argv)]
         out = {}
         for name, source in (("empty_script", "return 1"),
                              ("authorize", AUTHORIZE.source.decode())):
@@ -483,7 +482,7 @@ class Bench:
             client.config_resetstat()
             done = subprocess.run(
                 [binary, "-p", str(self.redis.port), "-n", str(calls), "-P", "20", "-q",
-                 "EVALSHA", sha, "4", *argv], capture_output=True, text=True, timeout=120)
+                 "EVALSHA", sha, *command], capture_output=True, text=True, timeout=120)
             stats = client.info("commandstats").get("cmdstat_evalsha", {})
             rps = done.stdout.strip().rsplit(": ", 1)[-1].split(" ", 1)[0]
             out[name] = {"usec_per_call": stats.get("usec_per_call"),

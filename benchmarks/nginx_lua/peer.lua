@@ -244,11 +244,11 @@ local function limit_headers(reply, out)
   return out
 end
 
-local function evalsha(red, ...)   -- the 7 KEYS, then ARGV
-  local reply, err = red:evalsha(SCRIPT_SHA, 7, ...)
+local function evalsha(red, ...)   -- the 6 KEYS, then ARGV
+  local reply, err = red:evalsha(SCRIPT_SHA, 6, ...)
   if not reply and err and err:find("NOSCRIPT", 1, true) then
     red:script("load", SCRIPT_SRC)
-    reply, err = red:evalsha(SCRIPT_SHA, 7, ...)
+    reply, err = red:evalsha(SCRIPT_SHA, 6, ...)
   end
   return reply, err
 end
@@ -297,7 +297,7 @@ function M.authorize()
     -- usage_retention_days), unless run.py's options say otherwise.
     local day = math.floor(now / 86400000)
     reply, err = evalsha(red, "k:" .. tag .. ":" .. key_hash, "w:" .. tag, "b:" .. tag,
-                         "l:" .. tag, "ev:" .. tag, "u:" .. tag .. ":d:" .. day,
+                         "ev:" .. tag, "u:" .. tag .. ":d:" .. day,
                          "u:" .. tag .. ":h:" .. math.floor(now / 3600000),
                          now, cfg.cost, ip_hex(ip), ip, model,
                          call[1], call[2], call[3], "0", cfg.pool_prefix, 0, -1,

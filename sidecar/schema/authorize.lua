@@ -59,33 +59,34 @@
 -- slot), for settle.lua: source 'q' the key's quota (own or shared pool), 'u' nothing
 -- (unlimited), 'c<cycle end ms>' a subscription cycle, 'w' the PAYG wallet.
 
-local f = redis.call('HMGET', KEYS[1],
-  'id', 't', 'st', 'ex', 'ips', 'm', 'pm', 'sc',          -- 1..8
-  'ul', 'qr', 'rpm', 'ra', 'tpm', 'ta',                  -- 9..14
-  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'org', 'prj',      -- 15..22
-  'qu', 'n', 'pu', 'qp', 'lim', 'lv', 'rpd', 'rd',       -- 23..30
-  'tpd', 'td', 'th', 'qf', 'xn')                          -- 31..35
-local id = f[1]
+-- The record whole, one pass over its hash: a small hash is a listpack, where each field
+-- an HMGET asks for (present or not) is a scan of it.
+local f = {}
+do
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
+end
+local id = f.id
 if not id then return {1} end
 local now = tonumber(ARGV[1])
 
-if f[3] ~= 'a' then return {2} end
-local ex = tonumber(f[4] or '0')
+if f.st ~= 'a' then return {2} end
+local ex = tonumber(f.ex or '0')
 local function alert(typ, level, fields)   -- one event on the tag's stream
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', id,
-             'o', f[21] or '', 'p', f[22] or '', 'l', level, unpack(fields or {}))
+             'o', f.org or '', 'p', f.prj or '', 'l', level, unpack(fields or {}))
 end
 if ex > 0 and now >= ex then
-  if f[35] ~= f[4] then   -- noticed once per expiry: a small write on the first refusal
-    redis.call('HSET', KEYS[1], 'xn', f[4])
+  if f.xn ~= f.ex then   -- noticed once per expiry: a small write on the first refusal
+    redis.call('HSET', KEYS[1], 'xn', f.ex)
     alert('key.expired', 'k', {'why', 'expired'})
   end
   return {3}
 end
-if f[2] == 'a' then return {4} end
+if f.t == 'a' then return {4} end
 
 -- Allowed networks: 'hex/bits,...'; compare whole hex digits, then the leftover bits.
-local ips = f[5]
+local ips = f.ips
 if ips then
   local ip, ok = ARGV[3], false
   if ip ~= '' then
@@ -107,7 +108,7 @@ end
 
 -- Model whitelist ',a,b,'; a read call may name no model, a write call must. A model
 -- with a comma would match across entries ('a,b' in ',a,b,'): no listed model has one.
-local models, model, write = f[6], ARGV[5], ARGV[8] == '1'
+local models, model, write = f.m, ARGV[5], ARGV[8] == '1'
 if models then
   if model == '' then
     if write then return {6} end
@@ -119,10 +120,10 @@ if models then
 end
 
 -- Permission modes: 'ro' read only, 'r' restricted to scopes ',s1,s2,'.
-local pm = f[7]
+local pm = f.pm
 if pm == 'ro' and write then return {7} end
 if pm == 'r' then
-  local sc = f[8] or ''
+  local sc = f.sc or ''
   if string.find(ARGV[6], ',', 1, true)   -- a path with a comma, as with models above
       or not (string.find(sc, ',' .. ARGV[6] .. ',', 1, true)
       or (ARGV[7] ~= '' and string.find(sc, ',' .. ARGV[7] .. ',', 1, true))) then
@@ -131,7 +132,7 @@ if pm == 'r' then
 end
 
 -- Observe-only limits (limits.lua): a denial they would make is reported, not made.
-local own = lim_read(f[27])
+local own = lim_read(f.lim)
 local observe = own and own.ob or '-'
 local observed = ''
 local function enforced(code, letter, ob)   -- false: only observed (and reported)
@@ -158,12 +159,12 @@ local function gcra(limit, tat, period)   -- step, level (µs draining), units l
   local room = limit * step - level
   return step, level, math.max(math.floor(room / step), 0), step - room
 end
-local rpm, tpm = tonumber(f[11] or '0'), tonumber(f[13] or '0')
-local rpd, tpd = tonumber(f[29] or '0'), tonumber(f[31] or '0')
-local r_step, r_level, r_left, r_wait = gcra(rpm, f[12], MINUTE)
-local _, t_level, t_left, t_wait = gcra(tpm, f[14], MINUTE)
-local rd_step, rd_level, rd_left, rd_wait = gcra(rpd, f[30], DAY)
-local _, td_level, td_left, td_wait = gcra(tpd, f[32], DAY)
+local rpm, tpm = tonumber(f.rpm or '0'), tonumber(f.tpm or '0')
+local rpd, tpd = tonumber(f.rpd or '0'), tonumber(f.tpd or '0')
+local r_step, r_level, r_left, r_wait = gcra(rpm, f.ra, MINUTE)
+local _, t_level, t_left, t_wait = gcra(tpm, f.ta, MINUTE)
+local rd_step, rd_level, rd_left, rd_wait = gcra(rpd, f.rd, DAY)
+local _, td_level, td_left, td_wait = gcra(tpd, f.td, DAY)
 local function ms(us) return math.ceil(us / 1000) end
 -- The limits shown: per limit kind, the one with the least left.
 local show_r = rpd > 0 and (rpm <= 0 or rd_left < r_left)
@@ -174,30 +175,30 @@ local function answer(code, used, wait)   -- used: 1 when this call takes a requ
   if show_r then rl, rleft, rreset = rpd, rd_left, rd_level + used * rd_step end
   local tl, tleft, treset = tpm, t_left, t_level
   if show_t then tl, tleft, treset = tpd, td_left, td_level end
-  return {code, id, f[2], f[21] or '', f[22] or '', rl, math.max(rleft - used, 0),
+  return {code, id, f.t, f.org or '', f.prj or '', rl, math.max(rleft - used, 0),
           tl, tleft, ms(rreset), ms(treset), ms(wait or 0), level, observed}
 end
 
 -- Quota: subscription cycle (renewed here, atomically), PAYG fallback, or own quota.
-local cost, typ = tonumber(ARGV[2]), f[2]
+local cost, typ = tonumber(ARGV[2]), f.t
 -- A rotated key and its successor share one quota pool in the wallet hash (same tag),
 -- so the grace window does not double the remaining quota.
-local pool = f[26] and (ARGV[10] .. f[26])
-local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f[10] or '0')
-local cq, cu = tonumber(f[15] or '0'), tonumber(f[16] or '0')
-local ce, cp = tonumber(f[17] or '0'), tonumber(f[18] or '0')
+local pool = f.qp and (ARGV[10] .. f.qp)
+local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f.qr or '0')
+local cq, cu = tonumber(f.cq or '0'), tonumber(f.cu or '0')
+local ce, cp = tonumber(f.ce or '0'), tonumber(f.cp or '0')
 local pay_wallet = false
-local qf = tonumber(f[34] or '0')   -- quota thresholds fired (re-armed when raised)
+local qf = tonumber(f.qf or '0')   -- quota thresholds fired (re-armed when raised)
 if typ == 'b' then
   if cp > 0 and now >= ce then   -- the cycle renewed: skip whole periods, start at zero
     ce = ce + (math.floor((now - ce) / cp) + 1) * cp
     cu = 0
     qf = 0
   end
-  if f[9] ~= '1' and cu + cost > cq then   -- an unlimited key only counts its use
+  if f.ul ~= '1' and cu + cost > cq then   -- an unlimited key only counts its use
     local balance = 0
-    if f[19] == '1' and f[20] then
-      balance = tonumber(redis.call('HGET', KEYS[2], f[20]) or '0')
+    if f.pg == '1' and f.ow then
+      balance = tonumber(redis.call('HGET', KEYS[2], f.ow) or '0')
     end
     if balance < cost then
       if enforced(8, 'q') then return answer(8, 0) end
@@ -205,7 +206,7 @@ if typ == 'b' then
       pay_wallet = true
     end
   end
-elseif f[9] ~= '1' and qr < cost and enforced(8, 'q') then
+elseif f.ul ~= '1' and qr < cost and enforced(8, 'q') then
   return answer(8, 0)
 end
 
@@ -226,7 +227,7 @@ if tpd > 0 and td_wait > 0 and enforced(15, 't') then return answer(15, 0, wait_
 local money, day, month = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local held = {}                       -- {where, state} of the levels with limits
 local above = {}                      -- the words of lv: the levels above the key
-for where in string.gmatch(f[28] or '', '%S+') do above[#above + 1] = where end
+for where in string.gmatch(f.lv or '', '%S+') do above[#above + 1] = where end
 if own then held[1] = {'k', own} end
 local states = lim_load(KEYS[3], above, {})
 for _, where in ipairs(above) do
@@ -234,7 +235,7 @@ for _, where in ipairs(above) do
 end
 local slots = KEYS[7] ~= nil
 local default_th = ARGV[16]
-local key_th = th_text(f[33], default_th)
+local key_th = th_text(f.th, default_th)
 for _, h in ipairs(held) do
   local l = h[2]
   lim_now(l, now, day, month, ARGV[15])
@@ -252,28 +253,28 @@ level = ''
 -- Allowed: reserve, count, record recent activity, all in one HSET. Tokens are counted
 -- when the call's usage is reported (settle.lua moves ta and td).
 local set = {'la', ARGV[1], 'lip', ARGV[4], 'lm', model,
-             'qu', tonumber(f[23] or '0') + cost, 'n', tonumber(f[24] or '0') + 1}
+             'qu', tonumber(f.qu or '0') + cost, 'n', tonumber(f.n or '0') + 1}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 if rpm > 0 then put('ra', now_us + r_level + r_step) end
 if rpd > 0 then put('rd', now_us + rd_level + rd_step) end
 local q_left, q_total   -- the quota after this call, for its thresholds
 if typ == 'b' then
   put('ce', ce)
-  if not pay_wallet and f[9] ~= '1' then q_left, q_total = cq - cu - cost, cq end
+  if not pay_wallet and f.ul ~= '1' then q_left, q_total = cq - cu - cost, cq end
   if pay_wallet then
-    redis.call('HINCRBY', KEYS[2], f[20], -cost)
+    redis.call('HINCRBY', KEYS[2], f.ow, -cost)
     put('cu', cu)
-    put('pu', tonumber(f[25] or '0') + cost)
+    put('pu', tonumber(f.pu or '0') + cost)
   else
     put('cu', cu + cost)
   end
-elseif f[9] ~= '1' then
+elseif f.ul ~= '1' then
   if pool then
     redis.call('HINCRBY', KEYS[2], pool, -cost)
   else
     put('qr', qr - cost)
   end
-  q_left, q_total = qr - cost, qr + tonumber(f[23] or '0')
+  q_left, q_total = qr - cost, qr + tonumber(f.qu or '0')
 end
 if q_left and q_total > 0 then
   local th
@@ -283,7 +284,7 @@ if q_left and q_total > 0 then
           {'th', th, 'r', string.format('%d', math.max(q_left, 0)),
            'lim', string.format('%d', q_total)})
   end
-  if qf ~= tonumber(f[34] or '0') then put('qf', qf) end
+  if qf ~= tonumber(f.qf or '0') then put('qf', qf) end
 end
 -- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
 -- a bucket's time to live is set when this key first counts in it.
@@ -323,7 +324,7 @@ end
 lim_store(KEYS[3], above, states)
 redis.call('HSET', KEYS[1], unpack(set))
 if slots then
-  local source = (typ ~= 'b' and (f[9] == '1' and 'u' or 'q'))
+  local source = (typ ~= 'b' and (f.ul == '1' and 'u' or 'q'))
                  or (pay_wallet and 'w') or ('c' .. ce)
   if #words > 0 then   -- it holds money or a slot until settled or its hold ends
     redis.call('SET', KEYS[7], table.concat({ARGV[2], source,

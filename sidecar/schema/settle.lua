@@ -50,11 +50,14 @@
 -- An extra charge that makes the quota or a budget cross a threshold appends one event,
 -- as authorize.lua does; a refund re-arms nothing (only raising or renewing does).
 
-local f = redis.call('HMGET', KEYS[1],
-  'id', 't', 'ul', 'qu', 'tpm', 'ta',                     -- 1..6
-  'cq', 'cu', 'ce', 'cp', 'pg', 'ow', 'pu', 'qp', 'tpd',  -- 7..15
-  'td', 'org', 'prj', 'lv', 'th', 'qf', 'lim')           -- 16..22
-if not f[1] then return {1} end
+-- The record whole, one pass over its hash: a small hash is a listpack, where each field
+-- an HMGET asks for (present or not) is a scan of it.
+local f = {}
+do
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
+end
+if not f.id then return {1} end
 local now, day, month = tonumber(ARGV[1]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local held = redis.call('GET', KEYS[4])
 if not held or held == 'x' then return {3} end   -- ('x': expired, as older versions wrote)
@@ -70,14 +73,14 @@ local delta = actual - reserved
 local refund = math.max(-delta, 0)
 local tokens = tonumber(ARGV[3])
 local from_wallet = 0
-local set = {'qu', math.max(tonumber(f[4] or '0') + delta, 0)}
+local set = {'qu', math.max(tonumber(f.qu or '0') + delta, 0)}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 
 -- Each token takes one step of a tokens limit (see authorize.lua); what is over the
 -- limit is owed, and keeps calls refused until it drains. The bound only keeps the sum
 -- an exact double (31 years of debt).
 local now_us = now * 1000
-for _, t in ipairs({{'ta', f[5], f[6], 60000000}, {'td', f[15], f[16], 86400000000}}) do
+for _, t in ipairs({{'ta', f.tpm, f.ta, 60000000}, {'td', f.tpd, f.td, 86400000000}}) do
   local limit = tonumber(t[2] or '0')
   if tokens > 0 and limit > 0 then
     local tat = math.max(tonumber(t[3] or '0'), now_us) + tokens * math.ceil(t[4] / limit)
@@ -88,11 +91,11 @@ end
 -- Money held at the key's levels (limits.lua): the reserved amount is released and
 -- the actual one spent, in the window running now; slots are given back.
 local function alert(typ, level, fields)   -- one event on the tag's stream
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', f[1],
-             'o', f[17] or '', 'p', f[18] or '', 'l', level, unpack(fields))
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', f.id,
+             'o', f.org or '', 'p', f.prj or '', 'l', level, unpack(fields))
 end
 local default_th = ARGV[10]
-local key_th = th_text(f[20], default_th)
+local key_th = th_text(f.th, default_th)
 local function budget_alert(where, l)
   local crossed = lim_cross(l, where == 'k' and key_th or th_text(l.th, default_th))
   if crossed then
@@ -104,7 +107,7 @@ local money_reserved, money_actual = 0, 0
 if held_money then
   money_reserved = tonumber(held_money)
   money_actual = ARGV[6] == '' and money_reserved or tonumber(ARGV[6])
-  local states, above = {k = lim_read(f[22])}, {}
+  local states, above = {k = lim_read(f.lim)}, {}
   for where in string.gmatch(levels, '%a+:(%S+)') do
     if where ~= 'k' then above[#above + 1] = where end
   end
@@ -126,10 +129,10 @@ if held_money then
 end
 
 local q_left, q_total   -- the quota after an extra charge, for its thresholds
-local qf = tonumber(f[21] or '0')
-if f[2] == 'b' then
-  local cq, cu = tonumber(f[7] or '0'), tonumber(f[8] or '0')
-  local ce, cp = tonumber(f[9] or '0'), tonumber(f[10] or '0')
+local qf = tonumber(f.qf or '0')
+if f.t == 'b' then
+  local cq, cu = tonumber(f.cq or '0'), tonumber(f.cu or '0')
+  local ce, cp = tonumber(f.ce or '0'), tonumber(f.cp or '0')
   local same_cycle = source == 'c' .. ce
   if cp > 0 and now >= ce then
     ce = ce + (math.floor((now - ce) / cp) + 1) * cp
@@ -139,24 +142,24 @@ if f[2] == 'b' then
     put('ce', ce)
   end
   if delta > 0 then
-    if f[11] == '1' and f[12] and cu + delta > cq then
+    if f.pg == '1' and f.ow and cu + delta > cq then
       from_wallet = cu + delta - math.max(cq, cu)
-      redis.call('HINCRBY', KEYS[2], f[12], -from_wallet)
-      put('pu', tonumber(f[13] or '0') + from_wallet)
+      redis.call('HINCRBY', KEYS[2], f.ow, -from_wallet)
+      put('pu', tonumber(f.pu or '0') + from_wallet)
     end
     cu = cu + delta - from_wallet
-    if f[3] ~= '1' then q_left, q_total = cq - cu, cq end
-  elseif source == 'w' and f[12] then
-    redis.call('HINCRBY', KEYS[2], f[12], refund)
-    put('pu', math.max(tonumber(f[13] or '0') - refund, 0))
+    if f.ul ~= '1' then q_left, q_total = cq - cu, cq end
+  elseif source == 'w' and f.ow then
+    redis.call('HINCRBY', KEYS[2], f.ow, refund)
+    put('pu', math.max(tonumber(f.pu or '0') - refund, 0))
   elseif same_cycle then
     cu = math.max(cu - refund, 0)
   end
   put('cu', cu)
-elseif f[3] ~= '1' and (delta > 0 or (refund > 0 and source == 'q')) then
+elseif f.ul ~= '1' and (delta > 0 or (refund > 0 and source == 'q')) then
   local left
-  if f[14] then   -- a rotated key's shared quota pool (see authorize.lua)
-    left = redis.call('HINCRBY', KEYS[2], ARGV[5] .. f[14], -delta)
+  if f.qp then   -- a rotated key's shared quota pool (see authorize.lua)
+    left = redis.call('HINCRBY', KEYS[2], ARGV[5] .. f.qp, -delta)
   else
     left = redis.call('HINCRBY', KEYS[1], 'qr', -delta)
   end
@@ -171,15 +174,15 @@ if q_left and q_total > 0 then
            'lim', string.format('%d', q_total)})
   end
 end
-if qf ~= tonumber(f[21] or '0') then put('qf', qf) end
+if qf ~= tonumber(f.qf or '0') then put('qf', qf) end
 
 -- Usage history (authorize.lua counts the requests): tokens and money, per bucket and
 -- holder; a bucket this call is the first to write gets its time to live here.
 local usage_days = tonumber(ARGV[11])
 local spend = tonumber(ARGV[6]) or money_actual
 if usage_days > 0 and (tokens > 0 or spend > 0) then
-  local holders = {f[1]}
-  for where in string.gmatch(f[19] or '', '%S+') do holders[#holders + 1] = where end
+  local holders = {f.id}
+  for where in string.gmatch(f.lv or '', '%S+') do holders[#holders + 1] = where end
   for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
     local bucket = KEYS[5 + i]
     for _, who in ipairs(holders) do

@@ -16,7 +16,7 @@ from sidecar.dataplane.decision import Code
 from sidecar.schema import names
 from sidecar.schema.keys import new_reservation_id, shard_of
 from sidecar.schema.limits import Limits
-from sidecar.schema.money import MICRO
+from sidecar.schema.money import MICRO, format_amount
 
 USD = MICRO      # one currency unit in micro-units
 
@@ -203,8 +203,10 @@ async def test_an_unsettled_reservation_expires_by_the_policy(plane, runner, org
     # From its hold's end on, the next call finds the reservation ended by the policy.
     reply, rid2 = await caller.authorize(10 * USD // 100, ends, ttl_ms=10_000, expiry=policy)
     assert code(reply) == Code.allow
-    shown = await plane.project_limits(org_id, project)
-    assert (shown["spent"], shown["reserved"], shown["in_flight"]) == (spent, "0.10", 1)
+    # (as a call at `ends` sees it: the view's own clock is the machine's, not the test's)
+    seen = (await stored_state(plane, org_id, names.level_field("project", project))).now(
+        20_000, 24_300, ends, charge=policy == "c")
+    assert (format_amount(seen.spent), seen.reserved, seen.in_flight) == (spent, USD // 10, 1)
     assert (await caller.settle(rid, 0, ends + 1, expiry=policy))[0] == 3
     assert (await caller.settle(rid2, 10 * USD // 100, ends + 2))[0] == 0
     assert (await plane.project_limits(org_id, project))["in_flight"] == 0
