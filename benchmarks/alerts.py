@@ -44,8 +44,8 @@ from sidecar.schema.limits import Calendar
 from sidecar.schema.scripts import AUTHORIZE
 
 from .budgets import ORGS, load_hierarchy
-from .keyload import write_key_file
-from .repeat import combine, median_ratios
+from .keyload import _read_replies, write_key_file
+from .repeat import combine, feature_ratios, median_ratios
 from .stats import redis_command_counts
 
 AUTHZ_PATH = "/authz/v1/chat/completions"
@@ -142,18 +142,7 @@ def _raw(port: int, commands: list[tuple], chunk: int = 5000) -> list:
         for start in range(0, len(commands), chunk):
             part = commands[start:start + chunk]
             sock.sendall(b"".join(hiredis.pack_command(c) for c in part))
-            want = len(out) + len(part)
-            while len(out) < want:
-                reply = reader.gets()
-                if reply is False:
-                    data = sock.recv(1 << 16)
-                    if not data:
-                        raise ConnectionError("redis closed the connection")
-                    reader.feed(data)
-                elif isinstance(reply, hiredis.ReplyError):
-                    raise RuntimeError(f"benchmarks: alerts: {reply}")
-                else:
-                    out.append(reply)
+            out += _read_replies(sock, reader, len(part))
     return out
 
 
@@ -216,7 +205,8 @@ def section(bench, stack_cls) -> dict:
         ratios = {}
         for prefix in ("", "org_"):
             for on_name, tail in (("on", ""), ("on_new", "_new")):
-                for k, v in _ratios(r[prefix + on_name], r[prefix + "off"]).items():
+                pair = feature_ratios(r[prefix + on_name], r[prefix + "off"], "off_over_on")
+                for k, v in pair.items():
                     ratios[f"{prefix}{k}{tail}"] = v
         per_round.append(ratios)
     medians, spread = median_ratios(per_round)
@@ -250,19 +240,6 @@ def _combined(bench, stack, runs: list[dict]) -> dict:
                                              / max(r["requests"], 1), 3) for r in runs]
     run["saturation"] = bench.saturation(stack, run)
     return run
-
-
-def _ratios(on: dict, off: dict) -> dict:
-    def r(a, b):
-        return round(a / b, 3) if a and b else None
-    return {"rps": r(on["rps"], off["rps"]),
-            "p99": r(on["latency_ms"]["p99"], off["latency_ms"]["p99"]),
-            "cpu_off_over_on": r(off.get("server_and_redis_cpu_us_per_call"),
-                                 on.get("server_and_redis_cpu_us_per_call")),
-            "sidecar_cpu_off_over_on": r(off.get("server_cpu_us_per_call"),
-                                         on.get("server_cpu_us_per_call")),
-            "redis_cpu_off_over_on": r(off.get("redis_cpu_us_per_decision"),
-                                       on.get("redis_cpu_us_per_decision"))}
 
 
 def script_alone(bench, keys: dict[str, str]) -> dict:

@@ -30,7 +30,7 @@ from sidecar.schema.keys import PREFIX_OF, KeyHasher, KeyType, new_id, shard_of
 from sidecar.schema.limits import MAX_CONCURRENCY, Limits
 
 from .keyload import _read_replies, random_bodies, write_key_file
-from .repeat import combine, median_ratios
+from .repeat import combine, feature_ratios, median_ratios
 
 ORGS = 256
 TTL_S = 2
@@ -134,7 +134,8 @@ def section(bench, stack, stack_cls) -> dict:
     finally:
         bench.procs.stop(car.proc)
     out = {name: combine([r[name] for r in rounds]) for name in ("plain", "budgets")}
-    per_round = [_ratios(r["budgets"], r["plain"]) for r in rounds]
+    per_round = [feature_ratios(r["budgets"], r["plain"], "plain_over_budgets")
+                 for r in rounds]
     medians, spread = median_ratios(per_round)
     out.update(concurrency=c, repeat=args.repeat, keys=len(keys), orgs=ORGS,
                reservation_ttl_s=TTL_S, prices=PRICES, levels_after_one_call=touched,
@@ -142,19 +143,6 @@ def section(bench, stack, stack_cls) -> dict:
     bench.log("budgets/plain req/s {} ({}), CPU/call plain/budgets {}".format(
         medians["rps"], spread["rps"], medians["cpu_plain_over_budgets"]))
     return out
-
-
-def _ratios(hier: dict, plain: dict) -> dict:
-    def r(a, b):
-        return round(a / b, 3) if a and b else None
-    return {"rps": r(hier["rps"], plain["rps"]),
-            "p99": r(hier["latency_ms"]["p99"], plain["latency_ms"]["p99"]),
-            "cpu_plain_over_budgets": r(plain.get("server_and_redis_cpu_us_per_call"),
-                                        hier.get("server_and_redis_cpu_us_per_call")),
-            "sidecar_cpu_plain_over_budgets": r(plain.get("server_cpu_us_per_call"),
-                                                hier.get("server_cpu_us_per_call")),
-            "redis_cpu_plain_over_budgets": r(plain.get("redis_cpu_us_per_decision"),
-                                              hier.get("redis_cpu_us_per_decision"))}
 
 
 def markdown(b: dict, cell, run_row) -> list[str]:
@@ -170,9 +158,12 @@ def markdown(b: dict, cell, run_row) -> list[str]:
         rows.append(run_row(label, r, cost=True))
     cmds = [(n, b[n].get("redis_commands_per_call"), b[n].get("evalsha_per_call"))
             for n in ("plain", "budgets")]
+    meta = b.get("meta")
+    ran = ([f"Command: `{meta['command']}` ({meta['timestamp']}, commit {meta['git']}); "
+            f"{b['repeat']} interleaved round(s).", ""] if meta else [])
     return [
         "", f"## Budgets: the full hierarchy against plain authorize (c{b['concurrency']}, "
-        "1 worker, issue 11)", "",
+        "1 worker, issue 11)", "", *ran,
         "| handler | req/s | p50 ms | p99 ms | µs CPU/call (server + Redis) | "
         "CPU during the run |", "|---|---:|---:|---:|---:|---|", *rows, "",
         "| ratio | median of the per-round ratios (min–max) | aim |", "|---|---:|---|",

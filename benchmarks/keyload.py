@@ -70,9 +70,10 @@ def load_keys(host: str, port: int, pepper: str, count: int,
     return keys
 
 
-def _read_replies(sock: socket.socket, reader, count: int) -> None:
-    got = 0
-    while got < count:
+def _read_replies(sock: socket.socket, reader, count: int) -> list:
+    """The next `count` replies on a pipelined socket, in order; an error reply raises."""
+    got: list = []
+    while len(got) < count:
         reply = reader.gets()
         if reply is False:
             data = sock.recv(1 << 16)
@@ -82,7 +83,8 @@ def _read_replies(sock: socket.socket, reader, count: int) -> None:
             continue
         if isinstance(reply, hiredis.ReplyError):
             raise RuntimeError(f"loading keys: {reply}")
-        got += 1
+        got.append(reply)
+    return got
 
 
 def write_key_file(keys: list[str], path: Path) -> Path:

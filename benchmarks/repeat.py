@@ -77,6 +77,22 @@ def combine(runs: list[dict]) -> dict:
     return out
 
 
+def feature_ratios(on: dict, off: dict, over: str) -> dict:
+    """One round's ratios of a run with a feature (`on`) to one without (`off`): req/s
+    and p99 on / off, CPU per call off / on (server + Redis, sidecar, Redis per decision),
+    keyed 'cpu_<over>', 'sidecar_cpu_<over>', 'redis_cpu_<over>'."""
+    def r(a, b):
+        return round(a / b, 3) if a and b else None
+    return {"rps": r(on["rps"], off["rps"]),
+            "p99": r(on["latency_ms"]["p99"], off["latency_ms"]["p99"]),
+            f"cpu_{over}": r(off.get("server_and_redis_cpu_us_per_call"),
+                             on.get("server_and_redis_cpu_us_per_call")),
+            f"sidecar_cpu_{over}": r(off.get("server_cpu_us_per_call"),
+                                     on.get("server_cpu_us_per_call")),
+            f"redis_cpu_{over}": r(off.get("redis_cpu_us_per_decision"),
+                                   on.get("redis_cpu_us_per_decision"))}
+
+
 def median_ratios(per_round: list[dict]) -> tuple[dict, dict]:
     """The median of each ratio over the rounds, and its min-max ([lo, hi])."""
     keys = list(dict.fromkeys(k for r in per_round for k in r))

@@ -12,7 +12,8 @@ It starts its own redis-server (temp dir, free port), loads N keys, starts the s
   repeat   the sweep (which holds the main c64 comparison) and the workers runs measure
            each cell --repeat N times, interleaved (A B C D, A B C D, ...); figures are
            medians, ratios the median of the per-round ratios, min-max kept as spread
-  budgets  the full budget hierarchy against plain authorize (benchmarks/budgets.py)
+  budgets  the full budget hierarchy against plain authorize; also alone with --only budgets
+           (benchmarks/budgets.py)
   alerts   authorize with alert thresholds and usage history on (the defaults) against
            off, standard and organization keys; also alone with --only alerts
            (benchmarks/alerts.py)
@@ -74,8 +75,9 @@ HERE = Path(__file__).resolve().parent
 AUTHZ_PATH = "/authz/v1/chat/completions"
 TARGETS = ("authorize", "baseline", "bare", "nginx_lua")
 SECTIONS = ("peer", "budgets", "alerts", "profile", "edge", "workers", "script")
-# sections run alone (--only), merged into results.json on publish (alerts: in both)
-ONLY = ("traefik", "envoy", "cluster", "alerts")
+# sections run alone (--only), merged into results.json on publish (alerts, budgets: in
+# both)
+ONLY = ("traefik", "envoy", "cluster", "alerts", "budgets")
 
 # What issue 5 asks for; reported next to the figures, never asserted by tests.
 TARGET_RATIOS = {"authorize_over_baseline": 0.8, "p99_authorize_over_baseline_max": 1.5,
@@ -387,6 +389,9 @@ class Bench:
         if "alerts" in self.args.only:
             from . import alerts
             out["alerts"] = alerts.section(self, Stack)
+        if "budgets" in self.args.only:
+            from . import budgets
+            out["budgets"] = budgets.section(self, stack, Stack)
         return out
 
     def feature_sections(self, stack: Stack) -> dict:

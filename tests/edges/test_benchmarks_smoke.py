@@ -18,6 +18,23 @@ import sys
 from conftest import ROOT
 
 
+def run_alone(out, section: str, *args: str) -> dict:
+    """`--only <section>` published into a copy of the published results: its part, after
+    checking that it left every other part as it was."""
+    out.mkdir()
+    published = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(published))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", section, "--duration", "1",
+         "--warmup", "0", *args, "--results-dir", str(out / "results"), "--publish",
+         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    merged = json.loads((out / "results.json").read_text())
+    part = merged.pop(section)
+    assert merged == {k: v for k, v in published.items() if k != section}
+    return part
+
+
 def test_tiny_run_writes_complete_results(tmp_path):
     out = tmp_path / "bench"
     done = subprocess.run(
@@ -124,19 +141,8 @@ def test_traefik_section_alone_merges_into_the_published_results(tmp_path):
     """`--only traefik`: the shipped Traefik files against Traefik alone, every variant
     answering allows, added to the last full run's results without touching the rest."""
     out = tmp_path / "bench"
-    out.mkdir()
-    published = json.loads((ROOT / "benchmarks" / "results.json").read_text())
-    (out / "results.json").write_text(json.dumps(published))
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--only", "traefik", "--keys", "200",
-         "--duration", "1", "--repeat", "1", "--warmup", "0",
-         "--results-dir", str(out / "results"), "--publish", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    traefik = run_alone(out, "traefik", "--keys", "200", "--repeat", "1")
     from benchmarks.traefik import VARIANTS
-    merged = json.loads((out / "results.json").read_text())
-    traefik = merged.pop("traefik")
-    assert merged == {k: v for k, v in published.items() if k != "traefik"}
     assert set(traefik["variants"]) == {"sidecar_alone", *VARIANTS}
     for name, run in traefik["variants"].items():
         assert run["requests"] > 0 and run["non_2xx"] == 0, (name, run)
@@ -149,23 +155,26 @@ def test_traefik_section_alone_merges_into_the_published_results(tmp_path):
     assert not (out / "plot.png").exists()      # the sweep's plot is not redrawn
 
 
+def test_tiny_budgets_section_alone_merges_into_the_published_results(tmp_path):
+    """--only budgets: the full hierarchy against plain authorize, one EVALSHA per call,
+    every level reserved at, added to the last full run's results."""
+    out = tmp_path / "bench"
+    budgets = run_alone(out, "budgets", "--keys", "300", "--repeat", "2",
+                        "--main-concurrency", "4")
+    assert set(budgets["levels_after_one_call"]) == {"key", "project", "organization"}
+    for name in ("plain", "budgets"):
+        assert budgets[name]["requests"] > 0 and budgets[name]["non_2xx"] == 0, name
+        assert budgets[name]["evalsha_per_call"] == 1.0, name
+    assert budgets["meta"]["command"].endswith("--publish " + str(out))
+    assert "## Budgets: the full hierarchy" in (out / "RESULTS.md").read_text()
+
+
 def test_envoy_section_alone_merges_into_the_published_results(tmp_path):
     """`--only envoy`: real Envoy on the shipped envoy.yaml alone, in front of the sidecar
     and in front of the NGINX + Lua peer, every front answering allows, added to the last
     full run's results without touching the rest."""
     out = tmp_path / "bench"
-    out.mkdir()
-    published = json.loads((ROOT / "benchmarks" / "results.json").read_text())
-    (out / "results.json").write_text(json.dumps(published))
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--only", "envoy", "--keys", "200",
-         "--duration", "1", "--repeat", "2", "--warmup", "0",
-         "--results-dir", str(out / "results"), "--publish", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    merged = json.loads((out / "results.json").read_text())
-    envoy = merged.pop("envoy")
-    assert merged == {k: v for k, v in published.items() if k != "envoy"}
+    envoy = run_alone(out, "envoy", "--keys", "200", "--repeat", "2")
     for name in ("alone", "sidecar", "nginx_lua"):
         run = envoy[name]
         assert run["requests"] > 0 and run["non_2xx"] == 0, (name, run)
@@ -206,18 +215,8 @@ def test_tiny_alerts_section_alone_merges_into_the_published_results(tmp_path):
     against off, standard and organization keys, in interleaved rounds; history counted by
     on only, still one EVALSHA per call, added to the last full run's results."""
     out = tmp_path / "bench"
-    out.mkdir()
-    published = json.loads((ROOT / "benchmarks" / "results.json").read_text())
-    (out / "results.json").write_text(json.dumps(published))
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--only", "alerts", "--keys", "300",
-         "--duration", "1", "--repeat", "2", "--main-concurrency", "4", "--warmup", "0",
-         "--results-dir", str(out / "results"), "--publish", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    merged = json.loads((out / "results.json").read_text())
-    alerts = merged.pop("alerts")
-    assert merged == {k: v for k, v in published.items() if k != "alerts"}
+    alerts = run_alone(out, "alerts", "--keys", "300", "--repeat", "2",
+                       "--main-concurrency", "4")
     assert alerts["problems"] == []
     assert alerts["settings"]["on"] == {"alert_thresholds": "0.2,0.05,0",
                                         "usage_retention_days": "90"}

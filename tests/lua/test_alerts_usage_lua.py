@@ -10,30 +10,15 @@ are exact. Events are read back from the tag's stream as the webhook worker read
 from __future__ import annotations
 
 import pytest
-from conftest import PEPPER
 from test_authorize_lua import authorize, settle_call
 
-from sidecar.control.store import ControlStore
 from sidecar.dataplane.decision import Code
-from sidecar.redis.runner import make_runner
 from sidecar.schema import events, names
-from sidecar.schema.keys import KeyHasher, new_reservation_id, shard_of
+from sidecar.schema.keys import new_reservation_id, shard_of
 from sidecar.schema.money import MICRO
 
 DAY, HOUR = 86_400_000, 3_600_000
 T0 = 20_000 * DAY + 23 * HOUR + 59 * 60_000      # 23:59 of day 20000 (UTC)
-
-
-@pytest.fixture
-async def runner(redis_url):
-    runner = make_runner(redis_url, 2.0)
-    yield runner
-    await runner.close()
-
-
-@pytest.fixture
-async def plane(aredis):
-    return ControlStore(aredis, KeyHasher(PEPPER))
 
 
 @pytest.fixture

@@ -13,33 +13,17 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import PEPPER
 from live import make, raw_record
 from test_authorize_lua import authorize
 
-from sidecar.control.store import ControlStore
-from sidecar.redis.runner import make_runner
 from sidecar.runtime.census import load, store, take_census
 from sidecar.runtime.config import Settings
 from sidecar.schema import names
-from sidecar.schema.keys import KeyHasher
 from sidecar.schema.limits import Calendar, Limits
 from sidecar.schema.remaining import BUDGET, QUOTA
 
 THRESHOLDS = ("0.2", "0.05", "0")
 SETTINGS = Settings()        # alert_thresholds 0.2, 0.05, 0; budget_timezone UTC
-
-
-@pytest.fixture
-async def runner(redis_url):
-    runner = make_runner(redis_url, 2.0)
-    yield runner
-    await runner.close()
-
-
-@pytest.fixture
-async def plane(aredis):
-    return ControlStore(aredis, KeyHasher(PEPPER))
 
 
 async def counted_under(aredis, kind: str) -> list[str]:
