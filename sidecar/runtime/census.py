@@ -56,7 +56,7 @@ async def take_census(redis, settings: Settings, by: str,
                           if budget_s is None else budget_s)
     now = now_ms()
     day, month = Calendar(settings.budget_timezone).numbers(now)
-    tally = Tally(thresholds)
+    tally = Tally(thresholds, settings.expired_reservation == "charge")
     cursor, complete = 0, False
     while True:
         cursor, found = await redis.hscan(names.KEY_INDEX, cursor, count=BATCH)

@@ -81,12 +81,14 @@ def quota_left(rec: KeyRecord, now_ms: int, pooled: int | None = None) -> Left |
     return found if found.total > 0 else None
 
 
-def budget_left(rec: KeyRecord, day: int, month: int) -> Left | None:
-    """The key's own budget now (day and month numbers: limits.Calendar); None: none."""
+def budget_left(rec: KeyRecord, day: int, month: int, now_ms: int = 0,
+                charge: bool = True) -> Left | None:
+    """The key's own budget now (day and month numbers: limits.Calendar; holds ended by
+    `now_ms` charged or released as `charge` says, as the next call would); None: none."""
     state = Limits.unpack(rec.limits or None)
     if state is None or state.budget <= 0:
         return None
-    state = state.now(day, month)
+    state = state.now(day, month, now_ms, charge)
     return Left(state.budget - state.spent - state.reserved, state.budget)
 
 
@@ -101,6 +103,7 @@ class Tally:
     """Counts of keys at or below each threshold, by kind, as records are added."""
 
     thresholds: tuple[str, ...]
+    charge_expired: bool = True   # expired_reservation: charge (else release)
     keys: int = 0
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -114,7 +117,8 @@ class Tally:
         if not counted(rec, now_ms):
             return
         for kind, found in ((QUOTA, quota_left(rec, now_ms, pooled)),
-                            (BUDGET, budget_left(rec, day, month))):
+                            (BUDGET, budget_left(rec, day, month, now_ms,
+                                                 self.charge_expired))):
             if found is not None:
                 for label, value in self._values:
                     if found.at_most(value):

@@ -129,3 +129,18 @@ def test_the_census_round_trips_through_its_hash():
     assert Census.from_hash(partial.to_hash()) == partial
     assert Census.from_hash({}) is None
     assert Census.from_hash({"at": "soon", "keys": "1"}) is None
+
+
+def test_a_budgets_ended_holds_count_by_the_expiry_policy():
+    """As the next call would see it: a hold that has ended is spent (charge) or given
+    back (release); one still running stays reserved."""
+    state = Limits(budget=100, spent=50, reserved=40,
+                   holds=((NOW - 1, 30, 0), (NOW + 10_000, 10, 0))).pack()
+    rec = key(unlimited=True, limits=state)
+    assert budget_left(rec, DAY, MONTH, NOW, charge=True) == Left(10, 100)
+    assert budget_left(rec, DAY, MONTH, NOW, charge=False) == Left(40, 100)
+    released = Tally(("0.2",), charge_expired=False)
+    released.add(rec, NOW, DAY, MONTH)
+    charged = Tally(("0.2",))
+    charged.add(rec, NOW, DAY, MONTH)
+    assert (released.counts["budget", "0.2"], charged.counts["budget", "0.2"]) == (0, 1)
