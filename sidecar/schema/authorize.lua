@@ -251,10 +251,13 @@ end
 level = ''
 
 -- Allowed: reserve, count, record recent activity, all in one HSET. Tokens are counted
--- when the call's usage is reported (settle.lua moves ta and td).
-local set = {'la', ARGV[1], 'lip', ARGV[4], 'lm', model,
-             'qu', tonumber(f.qu or '0') + cost, 'n', tonumber(f.n or '0') + 1}
+-- when the call's usage is reported (settle.lua moves ta and td). Recent activity is
+-- written when it changes, its time to the second: a busy key's calls leave it alone.
+local set = {'qu', tonumber(f.qu or '0') + cost, 'n', tonumber(f.n or '0') + 1}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
+if now - tonumber(f.la or '0') >= 1000 then put('la', ARGV[1]) end
+if f.lip ~= ARGV[4] then put('lip', ARGV[4]) end
+if f.lm ~= model then put('lm', model) end
 if rpm > 0 then put('ra', now_us + r_level + r_step) end
 if rpd > 0 then put('rd', now_us + rd_level + rd_step) end
 local q_left, q_total   -- the quota after this call, for its thresholds

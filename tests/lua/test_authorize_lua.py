@@ -590,3 +590,21 @@ async def test_model_from_cut_off_body_is_refused_for_whitelisted_writes(call, s
     assert (await call(listed, model="gpt-5.5", route=MODELS, certain=False))[0] == 0
     assert (await call(listed, model="gpt-5.5"))[0] == 0
     assert (await call(free, model="gpt-5.5", certain=False))[0] == 0
+
+
+async def test_recent_activity_keeps_its_time_to_the_second(call, store):
+    """A busy key's calls within a second of the recorded use leave the time alone (one
+    write less per call); a new IP or model is recorded at once; a second later, the time
+    moves."""
+    view, key = await make(store, quota=10)
+    now = mid_window()
+    for at, ip, model in ((now, "10.0.0.1", "gpt-5.5"), (now + 999, "10.0.0.2", "gpt-x")):
+        assert (await call(key, now=at, ip=ip, model=model))[0] == Code.allow
+    shown = await store.get(view["id"])
+    at_text = datetime.fromtimestamp(now / 1000, UTC).isoformat().replace("+00:00", "Z")
+    assert (shown["last_used_at"], shown["last_ip"], shown["last_model"],
+            shown["request_count"]) == (at_text, "10.0.0.2", "gpt-x", 2)
+    assert (await call(key, now=now + 1000, ip="10.0.0.2", model="gpt-x"))[0] == Code.allow
+    later = datetime.fromtimestamp((now + 1000) / 1000, UTC).isoformat().replace("+00:00",
+                                                                                 "Z")
+    assert (await store.get(view["id"]))["last_used_at"] == later
