@@ -109,16 +109,7 @@ class Authorizer:
         try:
             reply = AuthorizeReply.parse(await self.runner.run(AUTHORIZE, keys, args))
         except RedisUnavailable as exc:
-            # Failure policy: Redis could not decide within redis_timeout_ms. Closed (the
-            # default) answers 503, which proxies treat as an error, never as a business
-            # denial; open lets the call through unmetered and counts it, for operators
-            # who prefer availability over quota accuracy during an outage.
-            log.warning("redis unavailable: %s", exc)
-            if self.fail_open:
-                metrics.fail_open()
-                return self._answer(200, "fail_open", start,
-                                    {REMOVE_HEADER: _STRIP_FROM_UPSTREAM}, b"")
-            return self._deny(Code.unavailable, endpoint.anthropic, start)
+            return self._unavailable(exc, endpoint.anthropic, start)
 
         code = reply.code
         if reply.observed:
@@ -133,6 +124,18 @@ class Authorizer:
         if code == Code.concurrency_limited:
             answer.headers["Retry-After"] = self.concurrency_retry
         return answer
+
+    def _unavailable(self, exc: Exception, anthropic: bool, start: float) -> Answer:
+        """Failure policy: Redis could not decide within redis_timeout_ms. Closed (the
+        default) answers 503, which proxies treat as an error, never as a business denial;
+        open lets the call through unmetered and counts it, for operators who prefer
+        availability over quota accuracy during an outage."""
+        log.warning("redis unavailable: %s", exc)
+        if self.fail_open:
+            metrics.fail_open()
+            return self._answer(200, "fail_open", start,
+                                {REMOVE_HEADER: _STRIP_FROM_UPSTREAM}, b"")
+        return self._deny(Code.unavailable, anthropic, start)
 
     def _cost(self, model: str, headers, trusted: bool) -> int | None:
         if self.cost_header and trusted:

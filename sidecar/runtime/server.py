@@ -57,7 +57,6 @@ async def run(settings: Settings, *, data: bool, admin: bool,
               worker: bool = False) -> None:
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain. redis_url must be set."""
     from ..redis.runner import make_runner
-    from .admin_app import admin_app
     from .census import run_census  # here: metrics must not load before the env is set
     from .webhooks import run_worker
 
@@ -82,14 +81,7 @@ async def run(settings: Settings, *, data: bool, admin: bool,
             host, port = parse_hostport(settings.grpc_listen, "grpc_listen")
             grpc_server = await grpc_authz.start(settings, authorize, host, port)
     if admin:  # one process (the supervisor) runs it: no SO_REUSEPORT
-        host, port = parse_hostport(settings.admin_listen, "admin_listen")
-        app_runner = web.AppRunner(await admin_app(settings, runner), handle_signals=False,
-                                   shutdown_timeout=settings.shutdown_timeout_s,
-                                   access_log=None)
-        await app_runner.setup()
-        with _bind_errors(settings.admin_listen, "admin_listen"):
-            await web.TCPSite(app_runner, host, port, reuse_port=False).start()
-        runners.append(app_runner)
+        runners.append(await _admin_listener(settings, runner))
     logs.event("listening", pid=os.getpid(), data=settings.listen if data else None,
                grpc=settings.grpc_listen if grpc_server else None,
                admin=settings.admin_listen if admin else None, open_files=open_files,
@@ -119,6 +111,17 @@ async def run(settings: Settings, *, data: bool, admin: bool,
         watch.cancel()
     await runner.close()
     logs.event("stopped", pid=os.getpid())
+
+
+async def _admin_listener(settings: Settings, runner) -> web.AppRunner:
+    from .admin_app import admin_app
+    host, port = parse_hostport(settings.admin_listen, "admin_listen")
+    app_runner = web.AppRunner(await admin_app(settings, runner), handle_signals=False,
+                               shutdown_timeout=settings.shutdown_timeout_s, access_log=None)
+    await app_runner.setup()
+    with _bind_errors(settings.admin_listen, "admin_listen"):
+        await web.TCPSite(app_runner, host, port, reuse_port=False).start()
+    return app_runner
 
 
 def check_free(address: str, name: str) -> None:
