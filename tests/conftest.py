@@ -39,18 +39,32 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(config._sidecar_state_home, ignore_errors=True)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, and never handed out before in this run: a test that picks two
+    or three in a row (data, admin, gRPC) cannot get the same one twice."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` until it is true. An error it raises means "not yet", except an
+    AssertionError: that is the predicate saying it never will be (say, the process it
+    waits for has exited, with its log), and fails at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if predicate():
                 return
+        except AssertionError:
+            raise
         except Exception:
             pass
         time.sleep(0.05)
