@@ -2,7 +2,7 @@
 
 Plain: the main sidecar and the benchmark keys (quota + rpm, no budget anywhere).
 Budgets: a second sidecar with prices, settlement on (each allowed call records its
-reservation and a lease) and keys of 256 organizations, each key with its own budget and
+reservation and joins a hold at each level) and keys of 256 organizations, each key with its own budget and
 concurrency limit, under a project budget and an organization budget (and concurrency
 limit), so every call reads, checks and reserves at three levels. Both are driven in
 interleaved rounds (plain, budgets, plain, budgets, ...), same body, same wrk.
