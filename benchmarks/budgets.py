@@ -2,9 +2,9 @@
 
 Plain: the main sidecar and the benchmark keys (quota + rpm, no budget anywhere).
 Budgets: a second sidecar with prices, settlement on (each allowed call records its
-reservation and joins a hold at each level) and keys of 256 organizations, each key with its own budget and
-concurrency limit, under a project budget and an organization budget (and concurrency
-limit), so every call reads, checks and reserves at three levels. Both are driven in
+reservation and joins a hold at each level) and keys of 256 organizations, each key
+with its own budget and concurrency limit, under a project budget and an organization
+budget (and concurrency limit), so every call reads, checks and reserves at three levels. Both are driven in
 interleaved rounds (plain, budgets, plain, budgets, ...), same body, same wrk.
 
 The report that would end each reservation (POST /settle) is its own call and is not
