@@ -4,8 +4,9 @@ Plain: the main sidecar and the benchmark keys (quota + rpm, no budget anywhere)
 Budgets: a second sidecar with prices, settlement on (each allowed call records its
 reservation and joins a hold at each level) and keys of 256 organizations, each key
 with its own budget and concurrency limit, under a project budget and an organization
-budget (and concurrency limit), so every call reads, checks and reserves at three levels. Both are driven in
-interleaved rounds (plain, budgets, plain, budgets, ...), same body, same wrk.
+budget (and concurrency limit), so every call reads, checks and reserves at three
+levels. Both are driven in interleaved rounds (plain, budgets, plain, budgets, ...), same
+body, same wrk.
 
 The report that would end each reservation (POST /settle) is its own call and is not
 part of this figure: reservations expire after `reservation_ttl_s` (2 s here, up to a
