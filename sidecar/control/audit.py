@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import orjson
 
 from ..schema import names
+from ..schema.record import text
 from .input_limits import DEFAULT_PAGE
 from .policy import Actor
 
@@ -32,7 +33,7 @@ class AuditLog:
                   "b": orjson.dumps(before), "af": orjson.dumps(after)}
         entry = await self.redis.xadd(names.audit(org), fields, maxlen=MAXLEN,
                                       approximate=True)
-        return _s(entry)
+        return text(entry)
 
     async def query(self, org: str, *, action: str | None = None,
                     actor_id: str | None = None, resource_type: str | None = None,
@@ -52,12 +53,12 @@ class AuditLog:
                 return found, None
             for entry_id, raw in batch:
                 examined += 1
-                event = _event(_s(entry_id), {_s(k): _s(v) for k, v in raw.items()})
+                event = _event(text(entry_id), {text(k): text(v) for k, v in raw.items()})
                 if _matches(event, action, actor_id, resource_type, resource_id):
                     found.append(event)
                     if len(found) == limit:
                         return found, event["id"]
-            last = _s(batch[-1][0])
+            last = text(batch[-1][0])
             if len(batch) < SCAN_BATCH:
                 return found, None
             high = f"({last}"
@@ -90,7 +91,3 @@ def _event(entry_id: str, f: dict[str, str]) -> dict:
             "resource": {"type": f.get("rt"), "id": f.get("ri")},
             "before": orjson.loads(f.get("b") or "null"),
             "after": orjson.loads(f.get("af") or "null")}
-
-
-def _s(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

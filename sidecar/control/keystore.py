@@ -15,8 +15,8 @@ from ..schema.record import (
     QUOTA_FIRED,
     RESTRICTED,
     KeyRecord,
+    text,
 )
-from ..schema.record import _text as _s
 from .events import key_disabled
 from .key_spec import EDITABLE, InvalidKeySpec, KeyConflict, KeyError_, KeySpec, validate_spec
 from .key_view import view
@@ -59,7 +59,7 @@ class KeyStore:
         key_hash = await self.redis.hget(names.KEY_INDEX, key_id)
         if not key_hash:
             raise KeyError_(f"no key with id {key_id!r}")
-        return _s(key_hash)
+        return text(key_hash)
 
     async def record(self, key_id: str) -> tuple[str, dict[str, str]]:
         """(key hash, the stored hash); a rotation's pool shows as its remaining quota."""
@@ -67,11 +67,11 @@ class KeyStore:
         raw = await self.redis.hgetall(names.record(key_hash))
         if not raw:
             raise KeyError_(f"no key with id {key_id!r}")
-        rec = {_s(k): _s(v) for k, v in raw.items()}
+        rec = {text(k): text(v) for k, v in raw.items()}
         if rec.get(FIELD["quota_pool"]):   # a rotation's shared pool holds the quota
             pooled = await self.redis.hget(names.wallet(shard_of(key_hash)),
                                            names.pool_field(rec[FIELD["quota_pool"]]))
-            rec[FIELD["quota_remaining"]] = _s(pooled or 0)
+            rec[FIELD["quota_remaining"]] = text(pooled or 0)
         return key_hash, rec
 
     async def load(self, key_id: str) -> tuple[str, KeyRecord]:
@@ -87,7 +87,7 @@ class KeyStore:
                    limit: int = 100) -> tuple[list[dict], int]:
         """One page of keys (ordered by the index scan) and the next cursor (0 = done)."""
         if owner:
-            ids = sorted(_s(i) for i in await self.redis.smembers(names.owner_index(owner)))
+            ids = sorted(text(i) for i in await self.redis.smembers(names.owner_index(owner)))
             page, cursor = ids[cursor:cursor + limit], (cursor + limit
                                                         if cursor + limit < len(ids) else 0)
             hashes = [await self.redis.hget(names.KEY_INDEX, i) for i in page]
@@ -98,7 +98,7 @@ class KeyStore:
         for h in hashes:
             if not h:
                 continue
-            raw = await self.redis.hgetall(names.record(_s(h)))
+            raw = await self.redis.hgetall(names.record(text(h)))
             if raw:
                 v = view(KeyRecord.from_hash(raw))
                 if (type_ is None or v["type"] == type_) and (
@@ -166,13 +166,13 @@ class KeyStore:
         Returns the keys it disabled; a key an earlier cascade already took keeps its
         first reason (the owner gone first is the truer story).
         """
-        ids = sorted(_s(i) for i in await self.redis.smembers(names.owner_index(owner)))
+        ids = sorted(text(i) for i in await self.redis.smembers(names.owner_index(owner)))
         done = []
         for key_id in ids:
             key_hash = await self.redis.hget(names.KEY_INDEX, key_id)
             if not key_hash:
                 continue
-            rkey = names.record(_s(key_hash))
+            rkey = names.record(text(key_hash))
             wanted = [FIELD[a] for a in ("active", "disabled_reason", "org", "project")]
             rec = KeyRecord.from_hash({f: v for f, v in zip(
                 wanted, await self.redis.hmget(rkey, *wanted), strict=True) if v is not None})
@@ -182,7 +182,7 @@ class KeyStore:
                 active=False, disabled_reason=reason))
             if rec.active:
                 rec.id = key_id
-                await key_disabled(self.redis, _s(key_hash), rec, reason)
+                await key_disabled(self.redis, text(key_hash), rec, reason)
             done.append(key_id)
         return done
 

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from ..schema import names
 from ..schema.keys import shard_of
 from ..schema.limits import Calendar
-from ..schema.record import KeyRecord, now_ms
+from ..schema.record import KeyRecord, now_ms, text
 from ..schema.remaining import CENSUS_FIELDS, Census, Tally, counted, threshold_labels
 from . import logs, metrics
 from .config import Settings
@@ -60,7 +60,7 @@ async def take_census(redis, settings: Settings, by: str,
     cursor, complete = 0, False
     while True:
         cursor, found = await redis.hscan(names.KEY_INDEX, cursor, count=BATCH)
-        await _count(redis, [_text(h) for h in found.values()], tally, now, day, month)
+        await _count(redis, [text(h) for h in found.values()], tally, now, day, month)
         if int(cursor) == 0:
             complete = True
             break
@@ -149,7 +149,3 @@ async def run_census(settings: Settings, stop: asyncio.Event) -> None:
         await run(client, settings, stop)
     finally:
         await client.aclose()
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

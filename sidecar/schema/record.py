@@ -141,7 +141,7 @@ class KeyRecord:
     @classmethod
     def from_hash(cls, raw: Mapping) -> KeyRecord:
         """From HGETALL's reply (str or bytes)."""
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         named = {}
         for f in _NAMED:
             value = data.pop(f.metadata["field"], None)
@@ -212,5 +212,6 @@ def _encode(kind: str, value) -> str:
     return str(value)
 
 
-def _text(value) -> str:
+def text(value) -> str:
+    """A Redis reply's value as text, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else str(value)

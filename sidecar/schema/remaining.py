@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from .keys import KeyType
 from .limits import Limits
-from .record import FIELD, KeyRecord
+from .record import FIELD, KeyRecord, text
 
 QUOTA, BUDGET = "quota", "budget"
 KINDS = (QUOTA, BUDGET)
@@ -147,7 +147,7 @@ class Census:
     @classmethod
     def from_hash(cls, raw: Mapping) -> Census | None:
         """From HGETALL's reply (str or bytes); None when there is none or it is unreadable."""
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         try:
             counts = {tuple(k.split(":", 1)): int(v) for k, v in data.items()
                       if k.split(":", 1)[0] in KINDS and ":" in k}
@@ -155,7 +155,3 @@ class Census:
                        data.get("complete") == "1", data.get("by", ""), counts)
         except (KeyError, ValueError):
             return None
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
