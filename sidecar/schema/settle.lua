@@ -107,12 +107,14 @@ local money_reserved, money_actual = 0, 0
 if held_money then
   money_reserved = tonumber(held_money)
   money_actual = ARGV[6] == '' and money_reserved or tonumber(ARGV[6])
-  local states, above = {k = lim_read(f.lim)}, {}
-  for where in string.gmatch(levels, '%a+:(%S+)') do
+  local states, above, words = {k = lim_read(f.lim)}, {}, {}
+  for flags, where in string.gmatch(levels, '(%a+):(%S+)') do
+    words[#words + 1] = {flags, where}
     if where ~= 'k' then above[#above + 1] = where end
   end
   lim_load(KEYS[3], above, states)
-  for flags, where in string.gmatch(levels, '(%a+):(%S+)') do
+  for _, word in ipairs(words) do
+    local flags, where = word[1], word[2]
     local l = states[where]
     if l then   -- (a level whose limits were removed since holds nothing any more)
       lim_now(l, now, day, month, ARGV[9])
