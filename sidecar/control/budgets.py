@@ -91,8 +91,8 @@ def initial_limits(req: dict) -> str:
                   observe=observe_letters(change.observe or ())).pack()
 
 
-def limits_view(state: Limits | None, now: tuple[int, int], now_ms: int = 0,
-                charge: bool = True) -> dict:
+def limits_view(state: Limits | None, now: tuple[int, int], now_ms: int,
+                charge: bool) -> dict:
     """What is set, spent, reserved and left, as the next call would see it (at `now_ms`,
     holds that ended charged or released by the expiry policy, `charge`)."""
     lim = (state or Limits()).now(*now, now_ms, charge)

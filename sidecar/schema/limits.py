@@ -91,11 +91,11 @@ class Limits:
         window = {"d": day, "m": month}.get(self.period, 0)
         lim = self if window == self.window else replace(self, spent=0, window=window,
                                                          fired=0)
-        live = tuple(h for h in lim.holds if h[0] > now_ms)   # (ends ascending)
-        if len(live) == len(lim.holds):
+        ended = [h for h in lim.holds if h[0] <= now_ms]
+        if not ended:
             return lim
-        money = sum(h[1] for h in lim.holds if h[0] <= now_ms)
-        slots = sum(h[2] for h in lim.holds if h[0] <= now_ms)
+        money, slots = sum(h[1] for h in ended), sum(h[2] for h in ended)
+        live = tuple(h for h in lim.holds if h[0] > now_ms)
         return replace(lim, holds=live, reserved=max(lim.reserved - money, 0),
                        in_flight=max(lim.in_flight - slots, 0),
                        spent=lim.spent + (money if charge else 0))
