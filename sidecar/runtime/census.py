@@ -9,16 +9,21 @@ Every tick (TICK_S, or the interval when shorter) each sidecar
   within a tick), and another sidecar carries on when one stops;
 - if it took it: reads the keys through the key index (names.KEY_INDEX, HSCAN, BATCH at a
   time; one hash, so no keyspace SCAN and on Redis Cluster no per-node one), one pipeline
-  of HMGETs of the fields the counting needs (remaining.CENSUS_FIELDS) per batch, and one
-  more for the shared quota pools of rotated keys; counts them (remaining.Tally, the
+  of HGETALLs of the records per batch (two arguments a command: packing an HMGET of
+  every field the counting needs cost more client CPU than the rest of the census), and
+  one more for the shared quota pools of rotated keys; counts them (remaining.Tally, the
   definitions of authorize.lua); writes the result whole (MULTI: DEL, HSET) to
   names.THRESHOLD_CENSUS;
 - reads that hash (HGETALL) and sets its gauges from it (metrics.threshold_census): every
   sidecar's /metrics shows the same counts, and a scrape calls no Redis.
 Bounded: a census examines at most MAX_KEYS key records and stops once BUSY_SHARE of the
 interval has passed (the lock is still held then, so no census overlaps another); it
-stores what it counted with complete = 0. Counting a batch is a few ms of CPU between two
-awaits. A Redis error is logged and the next tick tries again: `serve` never stops for it.
+stores what it counted with complete = 0. Paced: the batches are spread over SPREAD_SHARE
+of the interval (at most MAX_PAUSE_S between two), because with one worker the census
+shares its event loop with the data plane: a census taken at once (100,000 keys: ~6 s
+of CPU) held back every call behind it, batch after batch. Paced, it is a few ms of CPU
+between two awaits, then a pause. A Redis error is logged and the next tick tries again:
+`serve` never stops for it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from ..schema import names
 from ..schema.keys import shard_of
 from ..schema.limits import Calendar
 from ..schema.record import KeyRecord, now_ms, text
-from ..schema.remaining import CENSUS_FIELDS, Census, Tally, counted, threshold_labels
+from ..schema.remaining import Census, Tally, counted, threshold_labels
 from . import logs, metrics
 from .config import Settings
 
@@ -44,21 +49,25 @@ TICK_S = 5.0             # how often a sidecar tries the lock and reads the resu
 BATCH = 256              # key index entries per HSCAN, records per pipeline
 MAX_KEYS = 1_000_000     # key records one census examines at most
 BUSY_SHARE = 0.8         # ... and the share of the interval it may take
+SPREAD_SHARE = 0.5       # the share of the interval its batches are spread over
+MAX_PAUSE_S = 0.25       # the longest pause between two batches
 
 
 async def take_census(redis, settings: Settings, by: str,
                       budget_s: float | None = None) -> Census:
-    """Count every key (up to the caps); `budget_s`: the time it may take (default
-    BUSY_SHARE of the interval)."""
+    """Count every key (up to the caps), paced (pause()); `budget_s`: the time it may
+    take (default BUSY_SHARE of the interval)."""
     thresholds = threshold_labels(settings.default_thresholds())
     started = time.monotonic()
-    deadline = started + (BUSY_SHARE * settings.threshold_census_interval_s
-                          if budget_s is None else budget_s)
+    interval = settings.threshold_census_interval_s
+    deadline = started + (BUSY_SHARE * interval if budget_s is None else budget_s)
+    gap = pause(await redis.hlen(names.KEY_INDEX), interval)
     now = now_ms()
     day, month = Calendar(settings.budget_timezone).numbers(now)
     tally = Tally(thresholds, settings.expired_reservation == "charge")
     cursor, complete = 0, False
     while True:
+        began = time.monotonic()
         cursor, found = await redis.hscan(names.KEY_INDEX, cursor, count=BATCH)
         await _count(redis, [text(h) for h in found.values()], tally, now, day, month)
         if int(cursor) == 0:
@@ -66,21 +75,28 @@ async def take_census(redis, settings: Settings, by: str,
             break
         if tally.keys >= MAX_KEYS or time.monotonic() >= deadline:
             break
+        await asyncio.sleep(max(0.0, gap - (time.monotonic() - began)))
     return Census(now, int((time.monotonic() - started) * 1000), tally.keys, complete, by,
                   tally.counts)
 
 
+def pause(keys: int, interval_s: float) -> float:
+    """Seconds from the start of one batch to the next: `keys` spread over SPREAD_SHARE
+    of the interval, at most MAX_PAUSE_S (a census of few keys is not drawn out)."""
+    batches = max(1, -(-keys // BATCH))
+    return min(MAX_PAUSE_S, SPREAD_SHARE * interval_s / batches)
+
+
 async def _count(redis, hashes: list[str], tally: Tally, now: int, day: int,
                  month: int) -> None:
-    """One batch: the records' fields in one pipeline, their pools in another."""
+    """One batch: the records in one pipeline, their pools in another."""
     if not hashes:
         return
     pipe = redis.pipeline(transaction=False)
     for key_hash in hashes:
-        pipe.hmget(names.record(key_hash), CENSUS_FIELDS)
+        pipe.hgetall(names.record(key_hash))
     records = []
-    for key_hash, values in zip(hashes, await pipe.execute(), strict=True):
-        stored = {f: v for f, v in zip(CENSUS_FIELDS, values, strict=True) if v is not None}
+    for key_hash, stored in zip(hashes, await pipe.execute(), strict=True):
         if stored:          # else deleted since the index was read
             records.append((key_hash, KeyRecord.from_hash(stored)))
     pooled = [(h, rec) for h, rec in records if rec.quota_pool and counted(rec, now)]

@@ -85,7 +85,7 @@ class Settings:
     usage_retention_days: int = 90
     # How often one sidecar of the deployment counts the keys at or below each of
     # alert_thresholds, for sidecar_keys_below_threshold (runtime/census.py).
-    threshold_census_interval_s: float = 60.0
+    threshold_census_interval_s: float = 300.0
     log_level: str = "info"
     # Webhooks (docs/webhooks.md): global endpoints, each {url, secret, events}; an
     # organization adds its own through the admin API.

@@ -141,13 +141,15 @@ class KeyRecord:
     @classmethod
     def from_hash(cls, raw: Mapping) -> KeyRecord:
         """From HGETALL's reply (str or bytes)."""
-        data = {text(k): text(v) for k, v in raw.items()}
-        named = {}
-        for f in _NAMED:
-            value = data.pop(f.metadata["field"], None)
-            if value is not None:
-                named[f.name] = _decode(f.metadata["kind"], value)
-        return cls(**named, extra=data)
+        named, extra = {}, {}
+        for k, v in raw.items():   # the fields present only (the census reads them all)
+            k = text(k)
+            known = _BY_FIELD.get(k)
+            if known is None:
+                extra[k] = text(v)
+            else:
+                named[known[0]] = _decode(known[1], text(v))
+        return cls(**named, extra=extra)
 
     def to_hash(self) -> dict[str, str]:
         """The hash to HSET: every named field that is set, and the extra ones."""
@@ -176,6 +178,7 @@ class KeyRecord:
 _NAMED = [f for f in fields(KeyRecord) if "field" in f.metadata]
 FIELD = {f.name: f.metadata["field"] for f in _NAMED}      # attribute -> hash field
 _KIND = {f.name: f.metadata["kind"] for f in _NAMED}
+_BY_FIELD = {f.metadata["field"]: (f.name, f.metadata["kind"]) for f in _NAMED}
 
 
 def _decode(kind: str, value: str):
@@ -214,4 +217,4 @@ def _encode(kind: str, value) -> str:
 
 def text(value) -> str:
     """A Redis reply's value as text, whether the client decodes replies or not."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode() if type(value) is bytes else str(value)

@@ -29,16 +29,10 @@ from dataclasses import dataclass, field
 
 from .keys import KeyType
 from .limits import Limits
-from .record import FIELD, KeyRecord, text
+from .record import KeyRecord, text
 
 QUOTA, BUDGET = "quota", "budget"
 KINDS = (QUOTA, BUDGET)
-# The KeyRecord attributes the census reads (HMGET of their fields, record.FIELD).
-CENSUS_ATTRIBUTES = ("type", "active", "expires_ms", "unlimited", "quota_remaining",
-                     "quota_used", "quota_pool", "cycle_quota", "cycle_used",
-                     "cycle_end_ms", "cycle_ms", "limits", "rotated_to")
-CENSUS_FIELDS = tuple(FIELD[a] for a in CENSUS_ATTRIBUTES)
-
 
 @dataclass(frozen=True, slots=True)
 class Left:
