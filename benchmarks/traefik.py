@@ -11,6 +11,8 @@ the shipped traefik.yml + dynamic.yml, addresses pointed at loopback, the upstre
   direct     forwardAuth straight to the sidecar (no loop): forwardAuth's own client
   body_64k   shipped, with maxBodySize (and the buffering limit) at 64 KiB
   no_body    shipped, forwardBody off: no model check, the cost of the body alone
+  free_authz shipped, forwardAuth to the upstream's `return 200` instead of the sidecar:
+             an authorizer that costs nothing, the most any could keep (the ceiling)
 During each run `ss` counts the TCP connections to the sidecar's port (established and
 in TIME-WAIT): a client that does not reuse connections leaves one TIME-WAIT per call.
 """
@@ -30,7 +32,7 @@ from .procs import free_port, http_get, rss_bytes, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "deploy" / "traefik"
 UPSTREAM_CONF = Path(__file__).resolve().parent / "edge" / "upstream.conf"
-VARIANTS = ("plain", "shipped", "direct", "body_64k", "no_body")
+VARIANTS = ("plain", "shipped", "direct", "body_64k", "no_body", "free_authz")
 PATH = "/v1/chat/completions"
 
 
@@ -68,6 +70,8 @@ def configs(variant: str, web: int, authz: int, metrics: int, sidecar: int, fall
         fa["maxBodySize"] = mw["body-limit"]["buffering"]["maxRequestBodyBytes"] = 65536
     elif variant == "no_body":
         fa["forwardBody"] = False
+    elif variant == "free_authz":
+        fa["address"] = f"http://127.0.0.1:{upstream}/authz"
     return static, dynamic
 
 
@@ -164,7 +168,7 @@ def one(bench, stack, variant: str, fallback_port: int, upstream_port: int,
     try:
         url = f"http://127.0.0.1:{web}"
         bench.expect(url, PATH, 200)
-        if variant != "plain":
+        if variant not in ("plain", "free_authz"):
             bench.expect(url, PATH, 401, key="sk-" + "0" * 40)
         load = Load(args.main_concurrency, args.duration, args.wrk_threads)
         if args.warmup > 0:
