@@ -145,7 +145,8 @@ def all_runs(results: dict, alone: bool = True) -> list[dict]:
     if alone and "alerts" in results:   # run alone or in the full run: its own noise line
         from .alerts import TARGETS
         runs += [results["alerts"][k] for k in TARGETS if k in results["alerts"]]
-    runs += [results["edge"][k] for k in ("plain", "authz") if k in results.get("edge", {})]
+    runs += [results["edge"][k] for k in ("plain", "authz", "peer")
+             if k in results.get("edge", {})]
     for row in results.get("workers", []):
         runs += [v for v in row.values() if isinstance(v, dict) and "rps" in v]
     return runs
@@ -368,11 +369,27 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
                 "process at ≥ 85% is named as saturated."]
     if "edge" in results:
         e = results["edge"]
+        en = e.get("repeat", 1)
+        er, es = e.get("ratios", {}), e.get("ratio_spread") or {}
         out += ["", f"## At the edge (NGINX auth_request, c{c})", "",
+                f"{en} interleaved round(s).", "",
                 "| front | req/s | p50 ms | p99 ms | CPU |", "|---|---:|---:|---:|---|",
                 _run_row("NGINX → upstream, no auth", e["plain"]),
-                _run_row("NGINX auth_request → sidecar, → upstream", e["authz"]),
-                "",
+                _run_row("NGINX auth_request → sidecar, → upstream", e["authz"])]
+        if "peer" in e:
+            out.append(_run_row("NGINX auth_request → NGINX + Lua peer, → upstream",
+                                e["peer"]))
+        if "authz_over_peer" in er:
+            out += ["", "| ratio | median of the per-round ratios (min–max) | aim |",
+                    "|---|---:|---|",
+                    f"| sidecar / no auth | {_ratio_cell(er, es, 'authz_over_plain', en)} | "
+                    "reported |",
+                    f"| NGINX + Lua peer / no auth | "
+                    f"{_ratio_cell(er, es, 'peer_over_plain', en)} | reported |",
+                    f"| sidecar / NGINX + Lua peer, same edge | "
+                    f"{_ratio_cell(er, es, 'authz_over_peer', en)} | ≥ 1.0 "
+                    f"({_ok(er['authz_over_peer'], 1.0)}) |"]
+        out += ["",
                 f"NGINX + sidecar keeps **{e['authz_over_plain']:.0%}** of the same NGINX's "
                 "throughput without auth (anchor: Kong keeps 76% with key-auth + "
                 f"rate-limiting). {e['note']} Config: benchmarks/edge/nginx.conf."]
@@ -566,7 +583,10 @@ def summary_lines(results: dict) -> list[str]:
     if "alerts" in results:
         lines.append(alerts_summary(results["alerts"]))
     if "edge" in results:
-        lines.append(f"  edge: auth_request keeps {results['edge']['authz_over_plain']:.0%}")
+        edge = results["edge"]
+        lines.append(f"  edge: auth_request keeps {edge['authz_over_plain']:.0%}"
+                     + (f", sidecar/peer same edge {edge['ratios']['authz_over_peer']}"
+                        if "authz_over_peer" in edge.get("ratios", {}) else ""))
     if "traefik" in results:
         lines += traefik_lines(results["traefik"])
     rec = results["memory"]["record_after_traffic"]

@@ -515,35 +515,48 @@ class Bench:
         return summary
 
     def edge(self, stack: Stack) -> dict:
-        ports = {"app": free_port(), "plain": free_port(), "authz": free_port()}
+        """NGINX auth_request: no auth, the sidecar, the peer (same edge, same upstream,
+        same script), over --repeat interleaved rounds."""
+        ports = {"app": free_port(), "plain": free_port(), "authz": free_port(),
+                 "peer": free_port()}
+        # Without the peer (--skip peer) its front proxies to the sidecar and is not run.
+        peer_port = stack.peer.ports["peer"] if stack.peer else stack.sidecar.port
         edge = self.procs.nginx("edge", HERE / "edge" / "nginx.conf",
-                                {"WORKERS": "1", "SIDECAR_PORT": str(stack.sidecar.port)},
-                                ports)
+                                {"WORKERS": "1", "SIDECAR_PORT": str(stack.sidecar.port),
+                                 "PEER_AUTHZ_PORT": str(peer_port)}, ports)
+        fronts = ("plain", "authz", "peer") if stack.peer else ("plain", "authz")
+        urls = {name: f"http://127.0.0.1:{ports[name]}" for name in fronts}
+        path = "/v1/chat/completions"
+        load = Load(self.args.main_concurrency, self.args.duration, self.args.wrk_threads)
+        rounds: list[dict] = []
         try:
-            plain_url = f"http://127.0.0.1:{ports['plain']}"
-            authz_url = f"http://127.0.0.1:{ports['authz']}"
-            path = "/v1/chat/completions"
-            self.expect(plain_url, path, 200)
-            self.expect(authz_url, path, 200)
-            self.expect(authz_url, path, 401, key="sk-" + "0" * 40)
-            groups = {**self.cpu_groups(stack), "nginx_edge": edge.worker_pids()}
-            out = {}
-            for name, url in (("plain", plain_url), ("authz", authz_url)):
+            for name, url in urls.items():
+                self.expect(url, path, 200)
+                if name != "plain":
+                    self.expect(url, path, 401, key="sk-" + "0" * 40)
                 if self.args.warmup > 0:
                     run_wrk(url, path, self.key_file,
-                            Load(self.args.main_concurrency, self.args.warmup,
-                                 self.args.wrk_threads))
-                run = run_wrk(url, path, self.key_file,
-                              Load(self.args.main_concurrency, self.args.duration,
-                                   self.args.wrk_threads), groups)
-                run["target"] = f"edge_{name}"
-                out[name] = run
-                self.log(f"edge {name:<6} c{self.args.main_concurrency} "
-                         f"{run['rps']:>9,.0f} req/s  p99 {run['latency_ms']['p99']:.2f} ms")
+                            Load(load.connections, self.args.warmup, load.threads))
+            groups = {**self.cpu_groups(stack), "nginx_edge": edge.worker_pids()}
+            for i in range(self.args.repeat):
+                one = {}
+                for name, url in urls.items():
+                    run = one[name] = run_wrk(url, path, self.key_file, load, groups)
+                    run["target"] = f"edge_{name}"
+                    self.log(f"edge {name:<6} c{load.connections} r{i + 1}/{self.args.repeat}"
+                             f" {run['rps']:>9,.0f} req/s  p99 "
+                             f"{run['latency_ms']['p99']:.2f} ms")
+                rounds.append(one)
         finally:
             self.procs.stop(edge.proc)
-        out["authz_over_plain"] = _ratio(out["authz"]["rps"], out["plain"]["rps"])
-        out["note"] = ("NGINX 1 worker serves both fronts and the `return 200` upstream; the "
+        out: dict = {name: combine([r[name] for r in rounds]) for name in fronts}
+        per_round = [{f"{a}_over_{b}": _ratio(r[a]["rps"], r[b]["rps"])
+                      for a, b in (("authz", "plain"), ("peer", "plain"), ("authz", "peer"))
+                      if a in r and b in r} for r in rounds]
+        out["ratios"], out["ratio_spread"] = median_ratios(per_round)
+        out["authz_over_plain"] = out["ratios"]["authz_over_plain"]
+        out["repeat"] = self.args.repeat
+        out["note"] = ("NGINX 1 worker serves every front and the `return 200` upstream; the "
                        "auth subrequest carries headers only (no body: no model check).")
         return out
 
