@@ -308,6 +308,15 @@ def results_markdown(results: dict) -> str:  # noqa: C901 — one page, section 
             f"**{script['authorize']['usec_per_call']} µs** per call (an empty script: "
             f"{script['empty_script']['usec_per_call']} µs): Redis's one thread caps "
             f"decisions at ~{script['decisions_per_s_ceiling']:,}/s for all workers together.")
+    gcs = results.get("gc") or {}
+    if gcs:
+        out.append(
+            "- Garbage collection in the sidecar worker during the sweep (every call in "
+            "flight waits for it): " + "; ".join(
+                f"generation {g}: {s['collections']:,} collections, longest "
+                f"{s['longest_serving_ms']} ms" for g, s in sorted(gcs.items()))
+            + " (what the process loaded before serving is frozen out of the collector: "
+            "OPTIMIZATIONS.md §19).")
     out += [
         "",
         "## Concurrency sweep",

@@ -61,7 +61,7 @@ from .alerts import script_call  # noqa: E402
 from .estimate import machine_ceiling  # noqa: E402
 from .keyload import load_keys, write_key_file  # noqa: E402
 from .load import Load, run_wrk  # noqa: E402
-from .procs import Nginx, Processes, Sidecar, free_port, rss_bytes  # noqa: E402
+from .procs import Nginx, Processes, Sidecar, free_port, http_get, rss_bytes  # noqa: E402
 from .repeat import combine, median_ratios  # noqa: E402
 from .stats import (  # noqa: E402
     redis_commands,
@@ -416,6 +416,7 @@ class Bench:
                 self.stop_stack(stack)
             return results
         self.warm(stack)
+        gc_pauses(stack.sidecar.url)   # from here on, collections count as under load
 
         sweep: dict[str, list[dict]] = {t: [] for t in self.targets(stack)}
         sweep_ratios: list[dict] = []
@@ -442,6 +443,7 @@ class Bench:
                            **main, "ratios": medians, "ratio_spread": spread,
                            "ratio_rounds": per_round}
         results["round_trips"] = round_trips(main)
+        results["gc"] = gc_pauses(stack.sidecar.url)
         results["memory"] = {
             "sidecar_rss_bytes": sum(rss_bytes(p) for p in stack.sidecar.worker_pids()),
             "sidecar_workers": 1,
@@ -597,6 +599,12 @@ class Bench:
         if first:
             self.stop_stack(stack)
         return rows
+
+
+def gc_pauses(url: str) -> dict:
+    """The sidecar worker's cyclic garbage collections (benchmarks/serve.py /bench/gc)."""
+    status, body = http_get(url + "/bench/gc", 5)
+    return json.loads(body) if status == 200 else {}
 
 
 def _lua_table(mapping: dict[str, str]) -> str:

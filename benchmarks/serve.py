@@ -7,6 +7,9 @@
                          Redis, Redis itself and the reply's read and parse are left out:
                          each batch resolves on the next loop tick with a fixed allow reply
     /bench/bare          200 "ok" from the same process: what the edge alone costs
+    /bench/gc            this process's cyclic garbage collections so far, per
+                         generation: how many, their total and longest pause (ms), and
+                         the longest one after the server started (the pauses calls see)
 
 They wrap the router of the production data plane from outside, so no production module
 carries a benchmark route or setting. Workers (--workers N) are started through this module
@@ -15,7 +18,11 @@ too (server.WORKER_ENTRY), so every worker has the routes.
 
 from __future__ import annotations
 
+import gc
 import sys
+import time
+
+import orjson
 
 from sidecar.cli.main import main
 from sidecar.dataplane.authorize import Authorizer
@@ -57,6 +64,38 @@ async def _ok(_: Call) -> Answer:
     return Answer(200, {}, b"ok", "text/plain")
 
 
+class GcPauses:
+    """gc.callbacks: each collection's pause, by generation (in this process)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.stats = {g: {"collections": 0, "total_ms": 0.0, "longest_ms": 0.0,
+                          "longest_serving_ms": 0.0} for g in range(3)}
+        self.serving = False
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self.started) * 1000
+        one = self.stats[info["generation"]]
+        one["collections"] += 1
+        one["total_ms"] += ms
+        one["longest_ms"] = max(one["longest_ms"], ms)
+        if self.serving:
+            one["longest_serving_ms"] = max(one["longest_serving_ms"], ms)
+
+    async def answer(self, _: Call) -> Answer:
+        self.serving = True   # from the first call on (the startup's collections before)
+        return Answer(200, {}, orjson.dumps({str(g): {k: round(v, 2) for k, v in s.items()}
+                                             for g, s in self.stats.items()}),
+                      "application/json")
+
+
+GC = GcPauses()
+
+
 _production = server.data_plane
 
 
@@ -71,6 +110,8 @@ def data_plane(settings, runner):
             return found
         if path == "/bench/bare" or path.startswith("/bench/bare/"):
             return _ok, True
+        if path == "/bench/gc":
+            return GC.answer, True
         if path.startswith("/bench/baseline"):
             return baseline, True
         return None
