@@ -13,7 +13,7 @@ from statistics import median
 
 # Counts that add up over rounds (the combined run covers all of them).
 _SUMMED = ("requests", "non_2xx", "socket_errors", "redis_calls", "redis_round_trips",
-           "decisions", "allowed")
+           "decisions", "allowed", "evalsha")
 # Figures of one run that the combined run reports as the median over rounds, with the
 # decimals a single run has (a median of an even count would add one).
 _MEDIAN = {"rps": 1, "server_cpu_us_per_call": 1, "server_and_redis_cpu_us_per_call": 1,
@@ -66,6 +66,8 @@ def combine(runs: list[dict]) -> dict:
         if field in out:
             out[field] = sum(r.get(field) or 0 for r in runs)
     out["duration_s"] = round(sum(r["duration_s"] for r in runs), 3)
+    if out.get("evalsha") is not None and out["requests"]:
+        out["evalsha_per_call"] = round(out["evalsha"] / out["requests"], 3)
     if "calls_per_round_trip" in out:
         trips = out.get("redis_round_trips") or 0
         out["calls_per_round_trip"] = (round(out["redis_calls"] / trips, 2) if trips

@@ -323,6 +323,8 @@ class Bench:
             # one round trip per decision: every command Redis ran, per answered call
             run["redis_commands_per_call"] = round(commands["all"] / run["requests"], 3)
             run["evalsha_per_call"] = round(commands["evalsha"] / run["requests"], 3)
+            # calls wrk had sent but not yet counted when it stopped ran EVALSHA too
+            run["evalsha"] = commands["evalsha"]
         if counters is not None:
             run.update(round_trip_figures(counters,
                                           sidecar_counters(stack.sidecar.metrics())))

@@ -163,8 +163,11 @@ def test_tiny_budgets_section_alone_merges_into_the_published_results(tmp_path):
                         "--main-concurrency", "4")
     assert set(budgets["levels_after_one_call"]) == {"key", "project", "organization"}
     for name in ("plain", "budgets"):
-        assert budgets[name]["requests"] > 0 and budgets[name]["non_2xx"] == 0, name
-        assert budgets[name]["evalsha_per_call"] == 1.0, name
+        run = budgets[name]
+        assert run["requests"] > 0 and run["non_2xx"] == 0, name
+        # One EVALSHA per call: the answered ones, and at most the calls in flight (c4)
+        # of each round that wrk stopped before it could count their answers.
+        assert run["requests"] <= run["evalsha"] <= run["requests"] + 4 * 2, name
     assert budgets["meta"]["command"].endswith("--publish " + str(out))
     assert "## Budgets: the full hierarchy" in (out / "RESULTS.md").read_text()
 
