@@ -30,6 +30,7 @@ from .pipeline import Pipeline, RedisEndpoint, RedisUnavailable
 
 class ScriptRunner(Protocol):
     async def run(self, script: Script, keys: tuple[str, ...], args: list) -> list: ...
+    async def commands(self, calls: list[tuple[str, tuple]]) -> list: ...
     async def ping(self) -> bool: ...
     async def close(self) -> None: ...
 
@@ -53,6 +54,23 @@ class PipelineRunner:
                 metrics.redis_error("reply")
                 raise RedisUnavailable(f"{script.name}: {reply}")
         return reply
+
+    async def commands(self, calls: list[tuple[str, tuple]]) -> list:
+        """Plain commands off the hot path (the census), `calls` = (key, args): packed in
+        C and sent in this tick's batches like scripts, the replies in order. The key
+        names the slot on a cluster (ClusterRunner); one server ignores it."""
+        sent = [self.pipeline.submit(hiredis.pack_command(args)) for _, args in calls]
+        batches: dict[int, list] = {}
+        replies = []
+        for future, index in sent:
+            batch = batches.get(id(future))
+            if batch is None:
+                batch = batches[id(future)] = await future
+            reply = batch[index]
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisUnavailable(str(reply))
+            replies.append(reply)
+        return replies
 
     async def ping(self) -> bool:
         try:
@@ -99,6 +117,33 @@ class ClusterRunner:
                 self._stale = True   # MOVED, ASK or a node gone: ask the cluster again
                 if attempt == 2 or "MOVED" not in text:
                     raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def commands(self, calls: list[tuple[str, tuple]]) -> list:
+        """PipelineRunner.commands, each call on the node of its key's slot (one batch
+        per node, the nodes at once); a MOVED refreshes the map and retries once."""
+        for attempt in (1, 2):
+            if self._stale:
+                await self._refresh()
+            groups: dict[int, tuple[PipelineRunner, list[int]]] = {}
+            for i, (key, _) in enumerate(calls):
+                node = self._slots[key_slot(key.encode())]
+                if node is None:
+                    raise RedisUnavailable(f"no cluster node serves the slot of {key}")
+                groups.setdefault(id(node), (node, []))[1].append(i)
+            try:
+                parts = await asyncio.gather(*(node.commands([calls[i] for i in where])
+                                               for node, where in groups.values()))
+            except RedisUnavailable as exc:
+                self._stale = True
+                if attempt == 2 or "MOVED" not in str(exc):
+                    raise
+                continue
+            replies: list = [None] * len(calls)
+            for (_, where), got in zip(groups.values(), parts, strict=True):
+                for i, reply in zip(where, got, strict=True):
+                    replies[i] = reply
+            return replies
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _refresh(self) -> None:

@@ -8,10 +8,11 @@ Every tick (TICK_S, or the interval when shorter) each sidecar
   first after it expires takes the next census: one per interval for the deployment (to
   within a tick), and another sidecar carries on when one stops;
 - if it took it: reads the keys through the key index (names.KEY_INDEX, HSCAN, BATCH at a
-  time; one hash, so no keyspace SCAN and on Redis Cluster no per-node one), one pipeline
-  of HGETALLs of the records per batch (two arguments a command: packing an HMGET of
-  every field the counting needs cost more client CPU than the rest of the census), and
-  one more for the shared quota pools of rotated keys; counts them (remaining.Tally, the
+  time; one hash, so no keyspace SCAN and on Redis Cluster no per-node one), the records'
+  HGETALLs per batch in one write (per node on a cluster) through a runner of the data
+  plane's kind (redis/runner.py `commands`: packed and parsed in C; redis-py's pipeline
+  cost ~25 us of Python per command, most of the census), and the shared quota pools of
+  rotated keys the same way; counts them (remaining.Tally, the
   definitions of authorize.lua); writes the result whole (MULTI: DEL, HSET) to
   names.THRESHOLD_CENSUS;
 - reads that hash (HGETALL) and sets its gauges from it (metrics.threshold_census): every
@@ -37,6 +38,8 @@ import time
 
 from redis.exceptions import RedisError
 
+from ..redis.pipeline import RedisUnavailable
+from ..redis.runner import ScriptRunner
 from ..schema import names
 from ..schema.keys import shard_of
 from ..schema.limits import Calendar
@@ -54,10 +57,11 @@ SPREAD_SHARE = 0.5       # the share of the interval its batches are spread over
 MAX_PAUSE_S = 0.25       # the longest pause between two batches
 
 
-async def take_census(redis, settings: Settings, by: str,
+async def take_census(redis, records: ScriptRunner, settings: Settings, by: str,
                       budget_s: float | None = None) -> Census:
-    """Count every key (up to the caps), paced (pause()); `budget_s`: the time it may
-    take (default BUSY_SHARE of the interval)."""
+    """Count every key (up to the caps), paced (pause()): the index through `redis`
+    (redis-py), the records through `records`; `budget_s`: the time it may take (default
+    BUSY_SHARE of the interval)."""
     thresholds = threshold_labels(settings.default_thresholds())
     started = time.monotonic()
     interval = settings.threshold_census_interval_s
@@ -70,7 +74,7 @@ async def take_census(redis, settings: Settings, by: str,
     while True:
         began = time.monotonic()
         cursor, found = await redis.hscan(names.KEY_INDEX, cursor, count=BATCH)
-        await _count(redis, [text(h) for h in found.values()], tally, now, day, month)
+        await _count(records, [text(h) for h in found.values()], tally, now, day, month)
         if int(cursor) == 0:
             complete = True
             break
@@ -88,28 +92,29 @@ def pause(keys: int, interval_s: float) -> float:
     return min(MAX_PAUSE_S, SPREAD_SHARE * interval_s / batches)
 
 
-async def _count(redis, hashes: list[str], tally: Tally, now: int, day: int,
-                 month: int) -> None:
-    """One batch: the records in one pipeline, their pools in another."""
+async def _count(records: ScriptRunner, hashes: list[str], tally: Tally, now: int,
+                 day: int, month: int) -> None:
+    """One batch: the records in one write, their pools in another."""
     if not hashes:
         return
-    pipe = redis.pipeline(transaction=False)
-    for key_hash in hashes:
-        pipe.hgetall(names.record(key_hash))
-    records = []
-    for key_hash, stored in zip(hashes, await pipe.execute(), strict=True):
-        if stored:          # else deleted since the index was read
-            records.append((key_hash, KeyRecord.from_hash(stored)))
-    pooled = [(h, rec) for h, rec in records if rec.quota_pool and counted(rec, now)]
+    names_ = [names.record(h) for h in hashes]
+    found = []
+    for key_hash, flat in zip(hashes, await records.commands(
+            [(name, ("HGETALL", name)) for name in names_]), strict=True):
+        if flat:          # else deleted since the index was read
+            found.append((key_hash, KeyRecord.from_hash(dict(zip(flat[::2], flat[1::2],
+                                                                 strict=True)))))
+    pooled = [(h, rec) for h, rec in found if rec.quota_pool and counted(rec, now)]
     pools: dict[str, int] = {}
     if pooled:
-        pipe = redis.pipeline(transaction=False)
+        calls = []
         for key_hash, rec in pooled:
-            pipe.hget(names.wallet(shard_of(key_hash)), names.pool_field(rec.quota_pool))
-        for (key_hash, _), value in zip(pooled, await pipe.execute(), strict=True):
+            wallet = names.wallet(shard_of(key_hash))
+            calls.append((wallet, ("HGET", wallet, names.pool_field(rec.quota_pool))))
+        for (key_hash, _), value in zip(pooled, await records.commands(calls), strict=True):
             if value is not None:
                 pools[key_hash] = int(value)
-    for key_hash, rec in records:
+    for key_hash, rec in found:
         tally.add(rec, now, day, month, pools.get(key_hash))
 
 
@@ -125,11 +130,11 @@ async def load(redis) -> Census | None:
     return Census.from_hash(await redis.hgetall(names.THRESHOLD_CENSUS))
 
 
-async def tick(redis, settings: Settings, by: str) -> Census | None:
+async def tick(redis, records: ScriptRunner, settings: Settings, by: str) -> Census | None:
     """Take the census if it is this sidecar's turn, then show the stored one."""
     every_ms = int(settings.threshold_census_interval_s * 1000)
     if await redis.set(names.THRESHOLD_CENSUS_LOCK, by, nx=True, px=every_ms):
-        taken = await take_census(redis, settings, by)
+        taken = await take_census(redis, records, settings, by)
         await store(redis, taken)
         logs.event("threshold_census", at=taken.at_ms, keys=taken.keys,
                    took_ms=taken.took_ms, complete=taken.complete)
@@ -139,7 +144,8 @@ async def tick(redis, settings: Settings, by: str) -> Census | None:
     return found
 
 
-async def run(redis, settings: Settings, stop: asyncio.Event, by: str | None = None) -> None:
+async def run(redis, records: ScriptRunner, settings: Settings, stop: asyncio.Event,
+              by: str | None = None) -> None:
     """Ticks until `stop`; none at all when the deployment has no default thresholds."""
     if not threshold_labels(settings.default_thresholds()):
         return
@@ -147,9 +153,9 @@ async def run(redis, settings: Settings, stop: asyncio.Event, by: str | None = N
     pause = min(TICK_S, settings.threshold_census_interval_s)
     while not stop.is_set():
         try:
-            await tick(redis, settings, by)
+            await tick(redis, records, settings, by)
         except Exception as exc:  # noqa: BLE001 - the census outlives any one pass
-            if isinstance(exc, RedisError | OSError):
+            if isinstance(exc, RedisError | RedisUnavailable | OSError):
                 logs.event("threshold_census_redis_error", error=str(exc) or
                            type(exc).__name__)
             else:
@@ -160,9 +166,12 @@ async def run(redis, settings: Settings, stop: asyncio.Event, by: str | None = N
 
 async def run_census(settings: Settings, stop: asyncio.Event) -> None:
     """`serve`'s census task on its own control-plane client, until `stop`."""
-    from ..redis.runner import control_client
-    client = control_client(settings.redis_url, settings.redis_timeout_ms / 1000 * 8, 4)
+    from ..redis.runner import control_client, make_runner
+    timeout_s = settings.redis_timeout_ms / 1000 * 8
+    client = control_client(settings.redis_url, timeout_s, 4)
+    records = make_runner(settings.redis_url, timeout_s)   # its own connection(s)
     try:
-        await run(client, settings, stop)
+        await run(client, records, settings, stop)
     finally:
         await client.aclose()
+        await records.close()

@@ -235,7 +235,8 @@ async def test_the_threshold_census_counts_the_keys_of_every_node(cluster_url, c
     from sidecar.runtime.census import load, store, take_census
     from sidecar.runtime.config import Settings
     settings = Settings()
-    before = (await take_census(plane.redis, settings, "test")).counts
+    records = make_runner(cluster_url, 2.0)    # the records, per node, as serve's census
+    before = (await take_census(plane.redis, records, settings, "test")).counts
     spent = [await make(plane, quota=1) for _ in range(30)]
     for _, key in spent:
         assert await statuses(http, car, key, 1) == [200]     # nothing left
@@ -249,7 +250,8 @@ async def test_the_threshold_census_counts_the_keys_of_every_node(cluster_url, c
             names.record(hash_of(key)).encode())).name for _, key in spent}) == 3
     finally:
         sync.close()
-    taken = await take_census(plane.redis, settings, "test")
+    taken = await take_census(plane.redis, records, settings, "test")
+    await records.close()
     assert taken.complete
     assert {k: n - before[k] for k, n in taken.counts.items()} == {
         (kind, t): 31 if kind == "quota" else 0

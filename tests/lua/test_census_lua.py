@@ -24,11 +24,24 @@ from sidecar.schema.remaining import BUDGET, QUOTA
 
 THRESHOLDS = ("0.2", "0.05", "0")
 SETTINGS = Settings()        # alert_thresholds 0.2, 0.05, 0; budget_timezone UTC
+RECORDS: dict = {}           # the census reads records through a data-plane runner
+
+
+@pytest.fixture(autouse=True)
+def _records(runner):
+    """Each test's runner (on the test Redis) for the census's record reads."""
+    RECORDS["runner"] = runner
+    yield
+    RECORDS.clear()
+
+
+def census_of(aredis, by: str, **kw):
+    return take_census(aredis, RECORDS["runner"], SETTINGS, by, **kw)
 
 
 async def counted_under(aredis, kind: str) -> list[str]:
     """The thresholds the census counts one key under (and never more than one key)."""
-    census = await take_census(aredis, SETTINGS, "test")
+    census = await census_of(aredis, "test")
     assert census.complete
     counts = [census.counts[kind, t] for t in THRESHOLDS]
     assert set(counts) <= {0, 1}, census.counts
@@ -89,7 +102,7 @@ async def test_a_keys_own_budget_is_counted_where_the_script_fires(aredis, runne
 async def test_the_census_is_stored_whole_and_read_back(aredis, plane):
     for quota in (0, 10):
         await make(plane, quota=quota)
-    taken = await take_census(aredis, SETTINGS, "me")
+    taken = await census_of(aredis, "me")
     assert (taken.keys, taken.complete, taken.by) == (2, True, "me")
     await aredis.hset(names.THRESHOLD_CENSUS, "quota:0.5", "7")   # an older census's
     await store(aredis, taken)
@@ -116,8 +129,8 @@ async def test_a_census_stops_at_its_caps(aredis, plane, monkeypatch, large_hash
         await make(plane, quota=1)
     if cap == "keys":
         monkeypatch.setattr(census, "MAX_KEYS", 3)
-    partial = await take_census(aredis, SETTINGS, "me", budget_s=0 if cap == "time" else 60)
+    partial = await census_of(aredis, "me", budget_s=0 if cap == "time" else 60)
     assert not partial.complete and 1 <= partial.keys < 12
     monkeypatch.setattr(census, "MAX_KEYS", 1000)
-    whole = await take_census(aredis, SETTINGS, "me")
+    whole = await census_of(aredis, "me")
     assert whole.complete and whole.keys == 12
