@@ -217,4 +217,4 @@ def _encode(kind: str, value) -> str:
 
 def text(value) -> str:
     """A Redis reply's value as text, whether the client decodes replies or not."""
-    return value.decode() if type(value) is bytes else str(value)
+    return value.decode() if isinstance(value, bytes) else str(value)
