@@ -243,11 +243,23 @@ class Pipeline:
 
     async def call(self, *args) -> object:
         """One command outside the hot path (health checks, script loading)."""
-        future, index = self.submit(hiredis.pack_command(args))
-        reply = (await future)[index]
-        if isinstance(reply, hiredis.ReplyError):
-            raise RedisUnavailable(str(reply))
-        return reply
+        return (await self.calls([args]))[0]
+
+    async def calls(self, commands: list[tuple]) -> list:
+        """Commands outside the hot path, all in this tick's batches (the census's reads);
+        their replies in order, or RedisUnavailable for an error reply."""
+        sent = [self.submit(hiredis.pack_command(args)) for args in commands]
+        batches: dict[int, list] = {}
+        replies = []
+        for future, index in sent:
+            batch = batches.get(id(future))
+            if batch is None:
+                batch = batches[id(future)] = await future
+            reply = batch[index]
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisUnavailable(str(reply))
+            replies.append(reply)
+        return replies
 
     async def close(self) -> None:
         self.closed = True

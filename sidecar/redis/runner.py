@@ -59,18 +59,7 @@ class PipelineRunner:
         """Plain commands off the hot path (the census), `calls` = (key, args): packed in
         C and sent in this tick's batches like scripts, the replies in order. The key
         names the slot on a cluster (ClusterRunner); one server ignores it."""
-        sent = [self.pipeline.submit(hiredis.pack_command(args)) for _, args in calls]
-        batches: dict[int, list] = {}
-        replies = []
-        for future, index in sent:
-            batch = batches.get(id(future))
-            if batch is None:
-                batch = batches[id(future)] = await future
-            reply = batch[index]
-            if isinstance(reply, hiredis.ReplyError):
-                raise RedisUnavailable(str(reply))
-            replies.append(reply)
-        return replies
+        return await self.pipeline.calls([args for _, args in calls])
 
     async def ping(self) -> bool:
         try:
@@ -103,6 +92,8 @@ class ClusterRunner:
         self._loop = asyncio.get_event_loop()
 
     async def run(self, script: Script, keys: tuple[str, ...], args: list) -> list:
+        # _node_of and _retried written out: this is every decision's path, and the
+        # closure and two more awaits per call would cost it for nothing.
         slot = key_slot(keys[0].encode())
         for attempt in (1, 2):
             if self._stale or self._slots[slot] is None:
@@ -113,37 +104,47 @@ class ClusterRunner:
             try:
                 return await node.run(script, keys, args)
             except RedisUnavailable as exc:
-                text = str(exc)
                 self._stale = True   # MOVED, ASK or a node gone: ask the cluster again
-                if attempt == 2 or "MOVED" not in text:
+                if attempt == 2 or "MOVED" not in str(exc):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def commands(self, calls: list[tuple[str, tuple]]) -> list:
         """PipelineRunner.commands, each call on the node of its key's slot (one batch
-        per node, the nodes at once); a MOVED refreshes the map and retries once."""
-        for attempt in (1, 2):
-            if self._stale:
-                await self._refresh()
+        per node, the nodes at once)."""
+        async def once() -> list:
             groups: dict[int, tuple[PipelineRunner, list[int]]] = {}
             for i, (key, _) in enumerate(calls):
-                node = self._slots[key_slot(key.encode())]
-                if node is None:
-                    raise RedisUnavailable(f"no cluster node serves the slot of {key}")
+                node = await self._node_of(key)
                 groups.setdefault(id(node), (node, []))[1].append(i)
-            try:
-                parts = await asyncio.gather(*(node.commands([calls[i] for i in where])
-                                               for node, where in groups.values()))
-            except RedisUnavailable as exc:
-                self._stale = True
-                if attempt == 2 or "MOVED" not in str(exc):
-                    raise
-                continue
+            parts = await asyncio.gather(*(node.commands([calls[i] for i in where])
+                                           for node, where in groups.values()))
             replies: list = [None] * len(calls)
             for (_, where), got in zip(groups.values(), parts, strict=True):
                 for i, reply in zip(where, got, strict=True):
                     replies[i] = reply
             return replies
+        return await self._retried(once)
+
+    async def _node_of(self, key: str) -> PipelineRunner:
+        """The primary of `key`'s slot, the slot map refreshed first when it is stale."""
+        slot = key_slot(key.encode())
+        if self._stale or self._slots[slot] is None:
+            await self._refresh()
+        node = self._slots[slot]
+        if node is None:
+            raise RedisUnavailable(f"no cluster node serves slot {slot}")
+        return node
+
+    async def _retried(self, once):
+        """once(); after a MOVED (resharding, failover) once more on a new slot map."""
+        for attempt in (1, 2):
+            try:
+                return await once()
+            except RedisUnavailable as exc:
+                self._stale = True   # MOVED, ASK or a node gone: ask the cluster again
+                if attempt == 2 or "MOVED" not in str(exc):
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _refresh(self) -> None:
