@@ -156,10 +156,10 @@ def start(procs, name: str, doc: dict, concurrency: int) -> Envoy:
     return Envoy(proc, manager_sock["port_value"], admin_port, log)
 
 
-def start_all(procs, sidecar, peer_port: int | None, free_port_: int,
+def start_all(procs, sidecar, peer_port: int | None, free_authz_port: int,
               concurrency: int) -> dict[str, Envoy]:
     """The fronts of VARIANTS that can run: the peer's only with the peer, the gRPC one
-    only when the sidecar serves gRPC (grpc_port). free_port_: the `return 200` NGINX."""
+    only when the sidecar serves gRPC (grpc_port). free_authz_port: the `return 200` NGINX."""
     shipped = yaml.safe_load(ENVOY_YAML.read_text())
     behind = {"alone": (shipped, "sidecar:8080", None),
               "sidecar": (shipped, "sidecar:8080", sidecar.port),
@@ -168,7 +168,7 @@ def start_all(procs, sidecar, peer_port: int | None, free_port_: int,
               "nginx_lua": (shipped, "sidecar:8080", peer_port),
               "sidecar_bare": (with_prefix(shipped, "/bench/bare"), "sidecar:8080",
                                sidecar.port),
-              "free_authz": (shipped, "sidecar:8080", free_port_)}
+              "free_authz": (shipped, "sidecar:8080", free_authz_port)}
     out = {}
     for name, (doc, authz_at, authz_port) in behind.items():
         if name != "alone" and authz_port is None:
