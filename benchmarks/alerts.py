@@ -307,16 +307,20 @@ def script_alone(bench, keys: dict[str, str]) -> dict:
 
 
 def script_call(key_hash: str, now: int, day: int, month: int, thresholds: str = "0.2,0.05,0",
-                usage_days: int = 90) -> tuple[tuple, tuple]:
+                usage_days: int = 90, reservation: str = "", ttl_ms: int = 0,
+                money: int = -1) -> tuple[tuple, tuple]:
     """(KEYS, ARGV) of one allowed chat call of `key_hash` as dataplane/authorize.py builds
-    them (no settlement, no price), for authorize.lua called alone by redis-benchmark."""
+    them, for authorize.lua called alone (redis-benchmark, benchmarks/script_cost.py):
+    by default no settlement and no price; `reservation` (an id), `ttl_ms` and `money`
+    (micro-units) as with /settle on and a priced model."""
     tag = shard_of(key_hash)
     return AuthorizeArgs.pack(
         names.record(key_hash), names.wallet(tag), names.budgets(tag), names.events(tag),
-        names.usage_day(tag, day), names.usage_hour(tag, now // 3_600_000), "", now, 1,
+        names.usage_day(tag, day), names.usage_hour(tag, now // 3_600_000),
+        reservation and names.reservation(key_hash, reservation), now, 1,
         "00000000000000000000ffff7f000001", "127.0.0.1", "gpt-4o-mini",
-        "chat.completions:write", "", 1, 0, names.POOL_PREFIX, 0, -1, day, month, "c",
-        thresholds, usage_days)
+        "chat.completions:write", "", 1, 0, names.POOL_PREFIX, ttl_ms, money, day, month,
+        "c", thresholds, usage_days)
 
 
 def bucket_memory(client, sample: int = 10_000) -> dict:

@@ -97,10 +97,11 @@ def load_hierarchy(host: str, port: int, pepper: str, count: int,
 
 
 def levels_touched(client, pepper: str, key: str) -> dict:
-    """The state the hierarchy left for one key: every level reserved or spent money."""
+    """The state the hierarchy left for one key: every level reserved or spent money.
+    `client` must not decode replies (the levels above the key are packed binary)."""
     hasher = KeyHasher(pepper)
     key_hash = hasher(key)
-    rec = client.hgetall(names.record(key_hash))
+    rec = {k.decode(): v.decode() for k, v in client.hgetall(names.record(key_hash)).items()}
     tag = shard_of(key_hash)
     state = {"key": Limits.unpack(rec.get("lim"))}
     for word in rec.get("lv", "").split():
@@ -119,7 +120,7 @@ def section(bench, stack, stack_cls) -> dict:
     budget = stack_cls(1, car, None)
     try:
         bench.expect(car.url, "/authz/v1/chat/completions", 200, key=keys[0])
-        touched = levels_touched(bench.redis.client(), bench.pepper, keys[0])
+        touched = levels_touched(bench.redis.client(decode=False), bench.pepper, keys[0])
         if not all(touched.values()) or len(touched) != 3:
             raise SystemExit(f"benchmarks: budgets: a level was not reserved: {touched}")
         c = args.main_concurrency

@@ -126,9 +126,10 @@ class Redis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def client(self):
+    def client(self, decode: bool = True):
+        """decode=False for the budgets hash, whose levels are packed binary."""
         import redis
-        return redis.Redis(port=self.port, decode_responses=True)
+        return redis.Redis(port=self.port, decode_responses=decode)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import names
+from .limits import PACKED_MARK
 
 _new = tuple.__new__
 
@@ -297,11 +298,12 @@ class SetLimitsArgs(NamedTuple):
 class SetLimitsReply(NamedTuple):
     FIELDS = ("state",)
 
-    state: str                # schema/limits.py Limits.unpack reads it
+    state: str | bytes        # schema/limits.py Limits.unpack reads it: text in a record,
+                              # packed (bytes, not text) in the budgets hash
 
     @classmethod
     def parse(cls, raw: object) -> SetLimitsReply:
-        return cls(_text(raw))
+        return cls(raw if isinstance(raw, bytes) and raw[:1] == PACKED_MARK else _text(raw))
 
 
 # script name -> (arguments, reply): what tests/unit/test_contracts.py compares

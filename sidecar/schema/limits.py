@@ -1,12 +1,21 @@
-"""The budget and concurrency state of one level, as limits.lua packs it. Pure.
+"""The budget and concurrency state of one level, as limits.lua stores it. Pure.
 
 A level is a key or one above it: its project, organization, or member (user keys).
 Each has at most one budget (money, micro-units, over a period) and one concurrency
 limit, and either may be observe-only (evaluated and counted, never enforced). The
-state is one string, so a script reads a level with one field:
+state is one value, so a script reads a level with one field, in one of two forms:
+
+- text, the key's own state in its record's field `lim` (records are text):
 
     '<budget> <spent> <reserved> <window> <period> <max_conc> <in_flight> <observe>
      <thresholds> <fired> <holds>'
+
+- packed, a level's field of the tag's budgets hash (read and written by every call of
+  its keys: C's struct costs a tenth of Lua patterns): the byte 1, then little-endian
+  budget, spent, reserved (int64), window (int32), period (one byte), max_conc,
+  in_flight (int32), fired (uint8), the number of holds (uint16), observe and
+  thresholds (each NUL-terminated), then each hold as end ms, money (int64), slots
+  (int32). `Limits.pack_level` writes it, `Limits.unpack` reads both forms.
 
 thresholds: the alert thresholds (fractions of the budget left, highest first,
 '0.2,0.05,0'; '-' the deployment's default, 'n' none); fired: how many have fired since
@@ -14,7 +23,7 @@ the budget was set or its period rolled over (limits.lua th_cross). holds: the m
 slots of reservations not yet settled, by when they expire, '<end ms>:<money>:<slots>,…'
 (ends ascending) or '-'; reserved and in_flight are their sums. A hold that has ended
 is charged or released by the expiry policy when the level is next read (limits.lua
-lim_now). Older forms: 8 words read as '- 0 -'; 10 words hold their reserved and
+lim_now). Older text forms: 8 words read as '- 0 -'; 10 words hold their reserved and
 in-flight in one hold that has ended.
 
 The control plane writes the settings (budget, period, max_conc, observe) through
@@ -24,6 +33,7 @@ set_limits.lua, which keeps the counters the hot path moves (spent, window, hold
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -40,6 +50,9 @@ _PACKED = re.compile(r"(\d+) (\d+) (\d+) (\d+) ([tdm]) (\d+) (\d+) (\S+)"
                      r"(?: (\S+) (\d+)(?: (\S+))?)?")
 _HOLD = re.compile(r"(\d+):(\d+):(\d+)")
 Hold = tuple[int, int, int]   # (end ms, money, slots)
+PACKED_MARK = b"\x01"         # the packed form's first byte (text starts with a digit)
+_PACKED_HEAD = struct.Struct("<Bqqqicii BH".replace(" ", ""))   # limits.lua LIM_PACKED
+_PACKED_HOLD = struct.Struct("<qqi")                             # limits.lua LIM_HOLD
 DEFAULT_THRESHOLDS = (0.2, 0.05, 0.0)
 MAX_THRESHOLDS = 8
 
@@ -64,10 +77,21 @@ class Limits:
                 f"{self.max_concurrency} {self.in_flight} {self.observe or '-'} "
                 f"{self.thresholds or '-'} {self.fired} {holds}")
 
+    def pack_level(self) -> bytes:
+        """The packed form, as limits.lua's lim_pack writes a budgets hash field."""
+        head = _PACKED_HEAD.pack(1, self.budget, self.spent, self.reserved, self.window,
+                                 self.period.encode(), self.max_concurrency,
+                                 self.in_flight, self.fired, len(self.holds))
+        tail = b"".join(_PACKED_HOLD.pack(*h) for h in self.holds)
+        return (head + (self.observe or "-").encode() + b"\0"
+                + (self.thresholds or "-").encode() + b"\0" + tail)
+
     @classmethod
     def unpack(cls, text: str | bytes | None) -> Limits | None:
         if text is None:
             return None
+        if isinstance(text, bytes) and text[:1] == PACKED_MARK:
+            return cls._unpack_packed(text)
         match = _PACKED.fullmatch(text.decode() if isinstance(text, bytes) else text)
         if not match:
             return None
@@ -78,6 +102,23 @@ class Limits:
             holds = ((0, int(r), int(fl)),) if int(r) or int(fl) else ()
         return cls(int(b), int(s), int(r), int(w), p, int(mc), int(fl), ob, th or "-",
                    int(tf or 0), holds)
+
+    @classmethod
+    def _unpack_packed(cls, data: bytes) -> Limits | None:
+        try:
+            _, b, s, r, w, p, mc, fl, tf, n = _PACKED_HEAD.unpack_from(data)
+            ob_end = data.index(b"\0", _PACKED_HEAD.size)
+            th_end = data.index(b"\0", ob_end + 1)
+            ob = data[_PACKED_HEAD.size:ob_end].decode()
+            th = data[ob_end + 1:th_end].decode()
+            at = th_end + 1
+            if len(data) != at + n * _PACKED_HOLD.size or p not in b"tdm":
+                return None
+            holds = tuple(_PACKED_HOLD.unpack_from(data, at + i * _PACKED_HOLD.size)
+                          for i in range(n))
+        except (struct.error, ValueError):   # not a state: read as none, as text is
+            return None
+        return cls(b, s, r, w, p.decode(), mc, fl, ob, th, tf, holds)
 
     def empty(self) -> bool:
         """Nothing set: the level can be dropped."""

@@ -15,7 +15,7 @@ from test_authorize_lua import authorize, mid_window, settle_call
 from sidecar.dataplane.decision import Code
 from sidecar.schema import names
 from sidecar.schema.keys import new_reservation_id, shard_of
-from sidecar.schema.limits import Limits
+from sidecar.schema.limits import PACKED_MARK, Limits
 from sidecar.schema.money import MICRO, format_amount
 
 USD = MICRO      # one currency unit in micro-units
@@ -257,6 +257,31 @@ async def test_a_level_holds_a_few_holds_whatever_the_traffic(plane, runner, org
     # The calls of the last 20 s (200) are held, and at most a quarter more (the grid);
     # the ones before were charged at expiry.
     assert 200 <= state.in_flight <= 250 and state.spent + state.reserved == 600 * USD // 100
+
+
+async def test_levels_are_packed_in_the_budgets_hash_and_older_text_still_reads(
+        plane, runner, org):
+    """A call writes the levels above the key packed (limits.lua lim_pack) and the key's
+    own state as text in its record; a level an older version stored as text is read as
+    it was and packed by the next call, nothing lost."""
+    org_id, project, _ = org
+    await plane.set_project_limits(org_id, project, {"budget": "10.00"})
+    _, caller = await project_key(plane, runner, org, budget="5.00")
+    field = names.level_field("project", project)
+    tag = plane.keystore.hasher.org_tag(org_id)
+    older = Limits(budget=10 * USD, spent=USD, period="t").pack()    # the text form
+    await plane.redis.hset(names.budgets(tag), field, older)
+    now = mid_window()
+    reply, _ = await caller.authorize(USD // 10, now)
+    assert code(reply) == Code.allow
+    raw = await plane.redis.hget(names.budgets(tag), field)
+    assert raw[:1] == PACKED_MARK
+    after = Limits.unpack(raw)
+    assert (after.spent, after.reserved, after.in_flight) == (USD, USD // 10, 0)
+    own = await plane.redis.hget(names.record(caller.hash), "lim")
+    assert own[:1].isdigit() and Limits.unpack(own).reserved == USD // 10
+    shown = await plane.project_limits(org_id, project)
+    assert (shown["spent"], shown["reserved"]) == ("1.00", "0.10")
 
 
 async def test_concurrency_counts_in_flight_calls_and_settle_frees_them(plane, runner, org):

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.dataplane.spend import UNPRICED, Estimator, output_cap, usage_of
-from sidecar.schema.limits import Calendar, Limits
+from sidecar.schema.limits import PACKED_MARK, Calendar, Limits
 from sidecar.schema.money import (
     MAX_AMOUNT,
     MAX_TOKENS,
@@ -159,6 +159,23 @@ def test_the_packed_state_round_trips_and_rejects_junk():
     assert Limits.unpack(Limits(budget=7).pack()) == Limits(budget=7)
     assert Limits.unpack("1 2 3") is None and Limits.unpack(None) is None
     assert Limits.unpack("1 2 3 4 w 5 6 -") is None          # no such period
+
+
+def test_the_budgets_hash_form_is_packed_and_reads_back_whole():
+    """The levels above a key are stored packed (limits.lua lim_pack): the same state in
+    both forms; a cut or padded value, or one with no such period, reads as none."""
+    state = Limits(budget=10 ** 15, spent=10, reserved=20, window=20_000, period="m",
+                   max_concurrency=100_000, in_flight=7, observe="bc", thresholds="0.5,0",
+                   fired=2, holds=((1_733_280_000_000, 15, 1), (1_733_280_001_000, 5, 6)))
+    packed = state.pack_level()
+    assert packed[:1] == PACKED_MARK and Limits.unpack(packed) == state
+    assert Limits.unpack(Limits().pack_level()) == Limits()
+    assert Limits.unpack(state.pack().encode()) == Limits.unpack(packed)
+    period_at = 1 + 3 * 8 + 4     # the marker, budget, spent, reserved, window
+    assert packed[period_at:period_at + 1] == b"m"
+    for junk in (packed[:-1], packed + b"\0", packed[:30], PACKED_MARK,
+                 packed[:period_at] + b"w" + packed[period_at + 1:]):
+        assert Limits.unpack(junk) is None
 
 
 def test_older_forms_hold_what_they_reserved_in_a_hold_that_has_ended():
