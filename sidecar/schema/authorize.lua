@@ -59,9 +59,21 @@
 -- slot), for settle.lua: source 'q' the key's quota (own or shared pool), 'u' nothing
 -- (unlimited), 'c<cycle end ms>' a subscription cycle, 'w' the PAYG wallet.
 
+-- Library functions as locals (a global's lookup costs more than a local's), and
+-- num(): a record's number field, 0 when absent (no tonumber('0') per missing field).
+local tonumber, max, floor, ceil = tonumber, math.max, math.floor, math.ceil
+local function num(v)
+  if v then return tonumber(v) end
+  return 0
+end
+
 -- The record whole, one pass over its hash: a small hash is a listpack, where each field
 -- an HMGET asks for (present or not) is a scan of it.
-local f = {}
+-- Sized once for a record's usual fields (a constructor's named slots size the table;
+-- filled field by field, it would be rebuilt at 1, 2, 4, 8 and 16 entries).
+local f = {id = nil, st = nil, t = nil, ex = nil, ul = nil, qr = nil, qu = nil, pm = nil,
+           rpm = nil, n = nil, la = nil, lip = nil, lm = nil, ra = nil, nm = nil,
+           ca = nil, cb = nil, org = nil, prj = nil, lv = nil, lim = nil}
 do
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
@@ -71,7 +83,7 @@ if not id then return {1} end
 local now = tonumber(ARGV[1])
 
 if f.st ~= 'a' then return {2} end
-local ex = tonumber(f.ex or '0')
+local ex = num(f.ex)
 local function alert(typ, level, fields)   -- one event on the tag's stream
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', id,
              'o', f.org or '', 'p', f.prj or '', 'l', level, unpack(fields or {}))
@@ -92,14 +104,14 @@ if ips then
   if ip ~= '' then
     for net, bits in string.gmatch(ips, '(%x+)/(%d+)') do
       bits = tonumber(bits)
-      local whole = math.floor(bits / 4)
+      local whole = floor(bits / 4)
       if string.sub(ip, 1, whole) == string.sub(net, 1, whole) then
         local rest = bits - whole * 4
         if rest == 0 then ok = true break end
         local div = 2 ^ (4 - rest)
         local a = tonumber(string.sub(ip, whole + 1, whole + 1), 16)
         local b = tonumber(string.sub(net, whole + 1, whole + 1), 16)
-        if math.floor(a / div) == math.floor(b / div) then ok = true break end
+        if floor(a / div) == floor(b / div) then ok = true break end
       end
     end
   end
@@ -154,18 +166,18 @@ local MINUTE, DAY = 60000000, 86400000000
 local now_us = now * 1000
 local function gcra(limit, tat, period)   -- step, level (µs draining), units left, wait µs
   if limit <= 0 then return 0, 0, 0, 0 end
-  local step = math.ceil(period / limit)
-  local level = math.max(tonumber(tat or '0') - now_us, 0)
+  local step = ceil(period / limit)
+  local level = max(tonumber(tat or '0') - now_us, 0)
   local room = limit * step - level
-  return step, level, math.max(math.floor(room / step), 0), step - room
+  return step, level, max(floor(room / step), 0), step - room
 end
-local rpm, tpm = tonumber(f.rpm or '0'), tonumber(f.tpm or '0')
-local rpd, tpd = tonumber(f.rpd or '0'), tonumber(f.tpd or '0')
+local rpm, tpm = num(f.rpm), num(f.tpm)
+local rpd, tpd = num(f.rpd), num(f.tpd)
 local r_step, r_level, r_left, r_wait = gcra(rpm, f.ra, MINUTE)
 local _, t_level, t_left, t_wait = gcra(tpm, f.ta, MINUTE)
 local rd_step, rd_level, rd_left, rd_wait = gcra(rpd, f.rd, DAY)
 local _, td_level, td_left, td_wait = gcra(tpd, f.td, DAY)
-local function ms(us) return math.ceil(us / 1000) end
+local function ms(us) return ceil(us / 1000) end
 -- The limits shown: per limit kind, the one with the least left.
 local show_r = rpd > 0 and (rpm <= 0 or rd_left < r_left)
 local show_t = tpd > 0 and (tpm <= 0 or td_left < t_left)
@@ -175,7 +187,7 @@ local function answer(code, used, wait)   -- used: 1 when this call takes a requ
   if show_r then rl, rleft, rreset = rpd, rd_left, rd_level + used * rd_step end
   local tl, tleft, treset = tpm, t_left, t_level
   if show_t then tl, tleft, treset = tpd, td_left, td_level end
-  return {code, id, f.t, f.org or '', f.prj or '', rl, math.max(rleft - used, 0),
+  return {code, id, f.t, f.org or '', f.prj or '', rl, max(rleft - used, 0),
           tl, tleft, ms(rreset), ms(treset), ms(wait or 0), level, observed}
 end
 
@@ -185,13 +197,13 @@ local cost, typ = tonumber(ARGV[2]), f.t
 -- so the grace window does not double the remaining quota.
 local pool = f.qp and (ARGV[10] .. f.qp)
 local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f.qr or '0')
-local cq, cu = tonumber(f.cq or '0'), tonumber(f.cu or '0')
-local ce, cp = tonumber(f.ce or '0'), tonumber(f.cp or '0')
+local cq, cu = num(f.cq), num(f.cu)
+local ce, cp = num(f.ce), num(f.cp)
 local pay_wallet = false
-local qf = tonumber(f.qf or '0')   -- quota thresholds fired (re-armed when raised)
+local qf = num(f.qf)   -- quota thresholds fired (re-armed when raised)
 if typ == 'b' then
   if cp > 0 and now >= ce then   -- the cycle renewed: skip whole periods, start at zero
-    ce = ce + (math.floor((now - ce) / cp) + 1) * cp
+    ce = ce + (floor((now - ce) / cp) + 1) * cp
     cu = 0
     qf = 0
   end
@@ -211,11 +223,7 @@ elseif f.ul ~= '1' and qr < cost and enforced(8, 'q') then
 end
 
 -- Retry after: when the next call would be allowed, so past every limit's wait.
-local waits = {0}
-for _, w in ipairs({r_wait, t_wait, rd_wait, td_wait}) do
-  if w > 0 then waits[#waits + 1] = w end
-end
-local wait_all = math.max(unpack(waits))
+local wait_all = max(0, r_wait, t_wait, rd_wait, td_wait)
 if rpm > 0 and r_wait > 0 and enforced(9, 'r') then return answer(9, 0, wait_all) end
 if rpd > 0 and rd_wait > 0 and enforced(14, 'r') then return answer(14, 0, wait_all) end
 if tpm > 0 and t_wait > 0 and enforced(10, 't') then return answer(10, 0, wait_all) end
@@ -227,16 +235,20 @@ if tpd > 0 and td_wait > 0 and enforced(15, 't') then return answer(15, 0, wait_
 local money, day, month = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local held = {}                       -- {where, state} of the levels with limits
 local above = {}                      -- the words of lv: the levels above the key
-for where in string.gmatch(f.lv or '', '%S+') do above[#above + 1] = where end
+if f.lv then
+  for where in string.gmatch(f.lv, '%S+') do above[#above + 1] = where end
+end
 if own then held[1] = {'k', own} end
 local states = lim_load(KEYS[3], above, {})
-for _, where in ipairs(above) do
+for i = 1, #above do
+  local where = above[i]
   if states[where] then held[#held + 1] = {where, states[where]} end
 end
 local slots = KEYS[7] ~= nil
 local default_th = ARGV[16]
 local key_th = th_text(f.th, default_th)
-for _, h in ipairs(held) do
+for i = 1, #held do
+  local h = held[i]
   local l = h[2]
   lim_now(l, now, day, month, ARGV[15])
   level = h[1]
@@ -253,9 +265,9 @@ level = ''
 -- Allowed: reserve, count, record recent activity, all in one HSET. Tokens are counted
 -- when the call's usage is reported (settle.lua moves ta and td). Recent activity is
 -- written when it changes, its time to the second: a busy key's calls leave it alone.
-local set = {'qu', tonumber(f.qu or '0') + cost, 'n', tonumber(f.n or '0') + 1}
+local set = {'qu', num(f.qu) + cost, 'n', num(f.n) + 1}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
-if now - tonumber(f.la or '0') >= 1000 then put('la', ARGV[1]) end
+if now - num(f.la) >= 1000 then put('la', ARGV[1]) end
 if f.lip ~= ARGV[4] then put('lip', ARGV[4]) end
 if f.lm ~= model then put('lm', model) end
 if rpm > 0 then put('ra', now_us + r_level + r_step) end
@@ -267,7 +279,7 @@ if typ == 'b' then
   if pay_wallet then
     redis.call('HINCRBY', KEYS[2], f.ow, -cost)
     put('cu', cu)
-    put('pu', tonumber(f.pu or '0') + cost)
+    put('pu', num(f.pu) + cost)
   else
     put('cu', cu + cost)
   end
@@ -277,29 +289,30 @@ elseif f.ul ~= '1' then
   else
     put('qr', qr - cost)
   end
-  q_left, q_total = qr - cost, qr + tonumber(f.qu or '0')
+  q_left, q_total = qr - cost, qr + num(f.qu)
 end
 if q_left and q_total > 0 then
   local th
   th, qf = th_cross(key_th, qf, q_left, q_total)
   if th then
     alert(tonumber(th) == 0 and 'quota.exhausted' or 'quota.low', 'k',
-          {'th', th, 'r', string.format('%d', math.max(q_left, 0)),
+          {'th', th, 'r', string.format('%d', max(q_left, 0)),
            'lim', string.format('%d', q_total)})
   end
-  if qf ~= tonumber(f.qf or '0') then put('qf', qf) end
+  if qf ~= num(f.qf) then put('qf', qf) end
 end
 -- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
 -- a bucket's time to live is set when this key first counts in it.
 local usage_days = tonumber(ARGV[17] or '0')   -- a caller of the 15-ARGV form: off
-if usage_days > 0 then
-  for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
-    local bucket = KEYS[4 + i]
-    if redis.call('HINCRBY', bucket, id .. ':n', 1) == 1 then
-      redis.call('EXPIRE', bucket, ttl)
-    end
-    for _, where in ipairs(above) do redis.call('HINCRBY', bucket, where .. ':n', 1) end
+local function count(bucket, ttl)
+  if redis.call('HINCRBY', bucket, id .. ':n', 1) == 1 then
+    redis.call('EXPIRE', bucket, ttl)
   end
+  for i = 1, #above do redis.call('HINCRBY', bucket, above[i] .. ':n', 1) end
+end
+if usage_days > 0 then
+  count(KEYS[5], (usage_days + 1) * 86400)
+  count(KEYS[6], 49 * 3600)
 end
 -- Each level with limits holds the money (spent at once without a reservation to
 -- settle) and a slot, in the hold its reservation expires with (limits.lua); the
@@ -307,7 +320,8 @@ end
 local ttl = tonumber(ARGV[11])
 local hold = slots and hold_end(now, ttl)
 local words = {}
-for _, h in ipairs(held) do
+for i = 1, #held do
+  local h = held[i]
   local where, l = h[1], h[2]
   local b = (l.b > 0 and money > 0) and money or 0
   local c = (slots and l.mc > 0) and 1 or 0
@@ -331,7 +345,7 @@ if slots then
                  or (pay_wallet and 'w') or ('c' .. ce)
   if #words > 0 then   -- it holds money or a slot until settled or its hold ends
     redis.call('SET', KEYS[7], table.concat({ARGV[2], source,
-               string.format('%d', math.max(money, 0)), table.concat(words, ' '),
+               string.format('%d', max(money, 0)), table.concat(words, ' '),
                string.format('%d', hold)}, ' '), 'PX', hold - now + ttl)
   else
     redis.call('SET', KEYS[7], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
