@@ -83,15 +83,20 @@ def cost(price: Price, usage: Usage) -> int:
     """Micro-units for `usage` at `price`, rounded up once over the sum. Cached tokens are
     part of the input and priced at cached_input; never more than the input."""
     cached = min(usage.cached, usage.input)
-    total = (usage.input - cached) * price.input + cached * price.cached_input \
-        + usage.output * price.output
-    return -(-total // MICRO)
+    return _micro((usage.input - cached) * price.input + cached * price.cached_input
+                  + usage.output * price.output)
 
 
 def reservation(price: Price, prompt_tokens: int, output_cap: int) -> int:
     """The worst case a call may cost before its usage is known: every prompt token at
-    the full input price and the whole output cap."""
-    return cost(price, Usage(prompt_tokens, output_cap))
+    the full input price and the whole output cap, i.e. cost(price, Usage(prompt_tokens,
+    output_cap)) without building the Usage on every authorize call."""
+    return _micro(prompt_tokens * price.input + output_cap * price.output)
+
+
+def _micro(total: int) -> int:
+    """Micro-units of a total in micro-units per million tokens, rounded up."""
+    return -(-total // MICRO)
 
 
 def prompt_estimate(body_bytes: int, bytes_per_token: int) -> int:

@@ -82,6 +82,11 @@ def test_cost_of_known_calls():
     assert cost(PRICE, Usage(10, 0, cached=99)) == 13          # cached beyond input: input
 
 
+@given(st.integers(0, MAX_TOKENS), st.integers(0, MAX_TOKENS))
+def test_the_worst_case_is_the_cost_of_the_whole_prompt_and_output_cap(prompt, cap):
+    assert reservation(PRICE, prompt, cap) == cost(PRICE, Usage(prompt, cap))
+
+
 def test_the_worst_case_prices_every_prompt_token_at_the_full_input_price():
     assert reservation(PRICE, 1000, 500) == cost(PRICE, Usage(1000, 500))
     assert reservation(PRICE, 1000, 500) >= cost(PRICE, Usage(1000, 500, cached=1000))
