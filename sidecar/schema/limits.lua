@@ -44,7 +44,10 @@ local LIM_HOLD = 'i8i8i4'                   -- end ms, money, slots
 local function lim_read(v)
   if not v then return nil end
   if string.byte(v, 1) == 1 then
-    local _, b, s, r, w, p, mc, fl, tf, n, ob, th, at = struct.unpack(LIM_PACKED, v)
+    -- A cut value makes struct raise: read as none, as unreadable text is (pcall).
+    local ok, _, b, s, r, w, p, mc, fl, tf, n, ob, th, at = pcall(struct.unpack,
+                                                                 LIM_PACKED, v)
+    if not ok or #v ~= at - 1 + n * 20 then return nil end   -- 20: LIM_HOLD's bytes
     local h = {}
     if n > 0 then
       h = {struct.unpack('<' .. string.rep(LIM_HOLD, n), v, at)}

@@ -284,6 +284,25 @@ async def test_levels_are_packed_in_the_budgets_hash_and_older_text_still_reads(
     assert (shown["spent"], shown["reserved"]) == ("1.00", "0.10")
 
 
+async def test_a_cut_packed_level_reads_as_none_as_unreadable_text_does(plane, runner,
+                                                                        org):
+    """A level whose stored value is cut short (or padded) is read as no limits by the
+    scripts and by the control plane, as a text state that does not parse is: the call
+    is answered, not failed with a script error."""
+    org_id, project, _ = org
+    await plane.set_project_limits(org_id, project, {"budget": "0.01"})
+    _, caller = await project_key(plane, runner, org)
+    field = names.level_field("project", project)
+    tag = plane.keystore.hasher.org_tag(org_id)
+    whole = await plane.redis.hget(names.budgets(tag), field)
+    now = mid_window()
+    assert code((await caller.authorize(USD, now))[0]) == Code.budget_exhausted
+    for broken in (whole[:-1], whole + b"\0"):
+        await plane.redis.hset(names.budgets(tag), field, broken)
+        assert code((await caller.authorize(USD, now))[0]) == Code.allow
+        assert Limits.unpack(broken) is None
+
+
 async def test_concurrency_counts_in_flight_calls_and_settle_frees_them(plane, runner, org):
     _, caller = await project_key(plane, runner, org, max_concurrency=2)
     now = mid_window()
