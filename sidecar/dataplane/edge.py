@@ -37,6 +37,7 @@ import httptools
 
 from .http_messages import Answer, Call, Headers, Router, encode, error_answer
 from .shedding import pick_victims, shed_count
+from .stepping import step
 
 log = logging.getLogger("sidecar.edge")
 
@@ -269,32 +270,12 @@ class _Connection(asyncio.Protocol):
         handler, eager = route
         self.server.inflight += 1
         if eager:
-            self._step(handler(call), slot)
+            step(handler(call), self._handled, slot)
         else:
             task = self.loop.create_task(handler(call))
             task.add_done_callback(lambda t: self._task_done(t, slot))
 
     # -- running handlers ----------------------------------------------------------------
-    def _step(self, coro, slot: list) -> None:
-        """Run the handler coroutine until it waits, the way a Task would, minus the Task."""
-        try:
-            awaited = coro.send(None)
-        except StopIteration as done:
-            self._handled(slot, done.value)
-            return
-        except Exception:  # a bug, not a decision: say so, keep the connection usable
-            log.exception("handler failed")
-            self._handled(slot, error_answer(500, "internal_error", "Internal error."))
-            return
-        if awaited is None:                       # a bare yield (asyncio.sleep(0))
-            self.loop.call_soon(self._step, coro, slot)
-        else:                                     # an asyncio future: resume when done
-            # As Task.__step does: clear the flag the future set when it was yielded, or
-            # the next coroutine awaiting the same (shared, per-batch) future is refused
-            # with "await wasn't used with future".
-            awaited._asyncio_future_blocking = False
-            awaited.add_done_callback(lambda _f: self._step(coro, slot))
-
     def _task_done(self, task: asyncio.Task, slot: list) -> None:
         if task.cancelled() or task.exception() is not None:
             if not task.cancelled():

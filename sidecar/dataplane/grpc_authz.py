@@ -10,8 +10,9 @@ transport vouches for), and the `Answer` becomes a `CheckResponse`:
     denial -> DeniedHttpResponse: the true status, the JSON body, and every header of the
               HTTP answer (Retry-After, x-ratelimit-*, WWW-Authenticate, X-Auth-Error)
 
-The server is grpcio's asyncio server on the worker's own event loop (uvloop), so its
-calls share the process's Redis pipeline, and its batches, with the HTTP edge's.
+The transport is grpc_server.py (HTTP/2 by h2) on the worker's own event loop (uvloop),
+each Check stepped like an HTTP call, so its calls share the process's Redis pipeline,
+and its batches, with the HTTP edge's.
 
 Who is trusted (the gRPC peer is Envoy, not the client):
 - Envoy's `attributes.source.address` is the downstream address Envoy saw. It is the
@@ -23,24 +24,25 @@ Who is trusted (the gRPC peer is Envoy, not the client):
   X-Forwarded-* conventions of the HTTP edge do not apply, so a client cannot rename its
   call with them.
 
-Loaded only when grpc_listen is set (grpcio and xds-protos are the `[grpc]` extra).
+Loaded only when grpc_listen is set (h2 and xds-protos are the `[grpc]` extra).
 """
 
 from __future__ import annotations
 
 import logging
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
-from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from ..runtime.config import Settings
 from .authorize import REMOVE_HEADER, Authorizer
+from .grpc_server import GrpcServer
 from .http_messages import Answer, Call, Headers, error_answer
 from .request import utf8
+from .stepping import step
 
 log = logging.getLogger("sidecar.grpc")
 
@@ -54,17 +56,6 @@ _RPC_CODES = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED,
               429: code_pb2.RESOURCE_EXHAUSTED, 503: code_pb2.UNAVAILABLE}
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
-
-
-def peer_ip(peer: str) -> str:
-    """The IP of grpc's peer string: 'ipv4:10.0.0.1:5000', 'ipv6:[::1]:5000'; '' for a
-    unix socket or anything else."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
-    return ""
 
 
 def to_call(request: pb.CheckRequest, peer: str, max_body: int
@@ -125,14 +116,22 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
                                       append_action=_OVERWRITE)
 
 
-class Adapter(pb_grpc.AuthorizationServicer):
+class Adapter:
+    """CheckRequest bytes -> the shared decision -> CheckResponse bytes."""
+
     def __init__(self, authorize: Authorizer, max_body: int):
         self.authorize = authorize
         self.max_body = max_body
 
-    async def Check(self, request: pb.CheckRequest, context) -> pb.CheckResponse:  # noqa: N802
+    async def check(self, message: bytes, peer: str) -> bytes | None:
+        """The CheckResponse for a CheckRequest from `peer` (the gRPC peer's IP); None
+        when the message does not parse."""
+        request = pb.CheckRequest()
         try:
-            peer = peer_ip(context.peer())
+            request.ParseFromString(message)
+        except DecodeError:
+            return None
+        try:
             call, method, uri, source = to_call(request, peer, self.max_body)
             # The trusted-proxy rule: a trusted Envoy's word on the downstream address.
             trusted = self.authorize.client_ip.trusts(peer)
@@ -141,20 +140,13 @@ class Adapter(pb_grpc.AuthorizationServicer):
         except Exception:  # a bug, not a decision: a JSON 500, as the HTTP edge answers
             log.exception("check failed")
             answer = error_answer(500, "internal_error", "Internal error.")
-        return to_response(answer)
+        return to_response(answer).SerializeToString()
 
 
-async def start(settings: Settings, authorize: Authorizer, host: str, port: int):
-    """A started grpc.aio server for Check on host:port, on the running event loop."""
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 1),     # --workers N share the port, as the HTTP edge does
-        ("grpc.max_receive_message_length", settings.max_body_bytes + _MESSAGE_ROOM),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ])
-    pb_grpc.add_AuthorizationServicer_to_server(Adapter(authorize, settings.max_body_bytes),
-                                                server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"grpc_listen: cannot listen on {address}")
-    await server.start()
+async def start(settings: Settings, authorize: Authorizer, host: str, port: int,
+                reuse_port: bool = True) -> GrpcServer:
+    """A listening gRPC server for Check on host:port, on the running event loop."""
+    adapter = Adapter(authorize, settings.max_body_bytes)
+    server = GrpcServer(adapter.check, step, settings.max_body_bytes + _MESSAGE_ROOM)
+    await server.listen(host, port, reuse_port)
     return server

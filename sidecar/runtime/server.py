@@ -80,7 +80,9 @@ async def run(settings: Settings, *, data: bool, admin: bool,
             # Same loop, same runner: both modes' calls share the Redis batches.
             from ..dataplane import grpc_authz
             host, port = parse_hostport(settings.grpc_listen, "grpc_listen")
-            grpc_server = await grpc_authz.start(settings, authorize, host, port)
+            with _bind_errors(settings.grpc_listen, "grpc_listen"):
+                grpc_server = await grpc_authz.start(settings, authorize, host, port,
+                                                     reuse_port=worker)
     if admin:  # one process (the supervisor) runs it: no SO_REUSEPORT
         runners.append(await _admin_listener(settings, runner))
     logs.event("listening", pid=os.getpid(), data=settings.listen if data else None,

@@ -131,6 +131,61 @@ async def test_malformed_checks_get_a_denial_not_an_error(untrusted):
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+async def test_the_transport_refuses_what_is_not_one_plain_check(untrusted):
+    """grpc_server.py over a real socket, as a gRPC client sees it: another method is
+    UNIMPLEMENTED, a compressed message UNIMPLEMENTED (none is accepted), a message that
+    is not a CheckRequest INTERNAL; the connection keeps serving Checks after each."""
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    async with channel(untrusted) as ch:
+        stub = pb_grpc.AuthorizationStub(ch)
+        other = ch.unary_unary("/envoy.service.auth.v3.Authorization/Other",
+                               request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+        raw = ch.unary_unary("/envoy.service.auth.v3.Authorization/Check",
+                             request_serializer=lambda b: b,
+                             response_deserializer=lambda b: b)
+        compressible = pb.CheckRequest()   # grpcio sends what gzip cannot shrink plain
+        compressible.attributes.request.http.raw_body = b"x" * 4000
+        for call, expected in (
+                (other(b"", timeout=10), grpc.StatusCode.UNIMPLEMENTED),
+                (stub.Check(compressible, timeout=10, compression=grpc.Compression.Gzip),
+                 grpc.StatusCode.UNIMPLEMENTED),
+                (raw(b"\xff\xff\xff", timeout=10), grpc.StatusCode.INTERNAL)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == expected
+            still = await stub.Check(pb.CheckRequest(), timeout=10)
+            assert still.denied_response.status.code == 401
+
+
+async def test_checks_multiplexed_on_one_connection_all_get_their_own_answer(untrusted,
+                                                                           plane):
+    """200 Checks at once on one HTTP/2 connection, keys of two kinds interleaved: each
+    stream gets the answer of its own request."""
+    _, listed = await make(plane, unlimited=True, models=["gpt-x"])
+    _, other = await make(plane, unlimited=True, models=["gpt-y"])
+    async with channel(untrusted) as ch:
+        answers = await asyncio.gather(*(
+            check(ch, key=listed if i % 2 else other, body=BODY) for i in range(200)))
+    assert [a.status for a in answers] == [200 if i % 2 else 403 for i in range(200)]
+
+
+async def test_bytes_that_are_not_http2_close_only_their_connection(untrusted):
+    """Garbage on the gRPC port: that connection is closed; others are served."""
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+    reader, writer = await asyncio.open_connection("127.0.0.1", untrusted.grpc_port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+    await writer.drain()
+    got = await asyncio.wait_for(reader.read(), 10)    # until the server closes
+    assert b"HTTP/1.1 200" not in got
+    writer.close()
+    async with channel(untrusted) as ch:
+        answer = await pb_grpc.AuthorizationStub(ch).Check(pb.CheckRequest(), timeout=10)
+    assert answer.denied_response.status.code == 401
+
+
 async def test_stalled_redis_is_a_json_503_envoy_passes_on(tmp_path):
     redis = start_redis(tmp_path / "redis")
     car = start_sidecar(tmp_path / "car", redis.url, redis_timeout_ms=150,
@@ -148,6 +203,45 @@ async def test_stalled_redis_is_a_json_503_envoy_passes_on(tmp_path):
                     assert answer.json["error"]["code"] == "service_unavailable"
     finally:
         stop_process(car.proc)
+        stop_process(redis.proc)
+
+
+async def test_sigterm_answers_the_checks_in_flight_then_exits(tmp_path, plane):
+    """SIGTERM with Checks waiting on a stopped Redis: the server says GOAWAY, takes no
+    new stream, answers those in flight once Redis is back, and exits 0."""
+    redis = start_redis(tmp_path / "redis")
+    car = None
+    try:
+        import redis.asyncio as aioredis
+        from conftest import PEPPER
+
+        from sidecar.control.store import ControlStore
+        from sidecar.schema.keys import KeyHasher
+        client = aioredis.from_url(redis.url)
+        control = ControlStore(client, KeyHasher(PEPPER))
+        org = await control.create_org("acme")
+        project = await control.create_project(org["id"], "drain")
+        _, key = await control.create_key(org["id"], {"project_id": project["id"],
+                                                      "quota": 100})
+        await client.aclose()
+        car = start_sidecar(tmp_path / "car", redis.url, redis_timeout_ms=5000,
+                            grpc_listen=f"127.0.0.1:{free_port()}")
+        async with channel(car) as ch:
+            assert (await check(ch, key=key, body=BODY)).status == 200
+            redis.proc.send_signal(signal.SIGSTOP)
+            calls = [asyncio.ensure_future(check(ch, key=key, body=BODY)) for _ in range(8)]
+            await asyncio.sleep(0.5)            # sent, waiting on Redis
+            car.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: "draining" in car.logs(), 10,
+                                    "draining")
+            redis.proc.send_signal(signal.SIGCONT)
+            answers = await asyncio.gather(*calls)
+        assert [a.status for a in answers] == [200] * 8
+        assert await asyncio.to_thread(car.proc.wait, 20) == 0
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        if car:
+            stop_process(car.proc)
         stop_process(redis.proc)
 
 
