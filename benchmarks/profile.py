@@ -34,6 +34,7 @@ AREAS = (
     ("sidecar/dataplane/edge.py", "sidecar: HTTP server (edge.py)"),
     ("sidecar/dataplane/http_messages.py", "sidecar: HTTP server (edge.py)"),   # encode
     ("sidecar/dataplane/shedding.py", "sidecar: HTTP server (edge.py)"),
+    ("sidecar/dataplane/stepping.py", "sidecar: HTTP server (edge.py)"),   # step()
     ("/sidecar/", "sidecar: other"),
     ("prometheus_client", "prometheus_client"),
     ("aiohttp/web_response", "aiohttp: response"),
