@@ -193,6 +193,24 @@ async def make(plane, type: str = "standard", org: str = "default",
     return view["id"], plaintext
 
 
+async def key_on(redis_url: str, quota: int = 100) -> str:
+    """One organization key with `quota`, made through the control plane on a Redis the
+    test started itself (no `plane` fixture on it)."""
+    import redis.asyncio as aioredis
+
+    from sidecar.control.store import ControlStore
+    client = aioredis.from_url(redis_url)
+    try:
+        control = ControlStore(client, KeyHasher(PEPPER))
+        org = await control.create_org("acme")
+        project = await control.create_project(org["id"], "drain")
+        _, key = await control.create_key(org["id"], {"project_id": project["id"],
+                                                      "quota": quota})
+    finally:
+        await client.aclose()
+    return key
+
+
 async def disable(plane, key_id: str) -> dict:
     return await plane.set_key_status(None, key_id, False)
 

@@ -22,6 +22,7 @@ from live import (
     authz,
     check,
     children,
+    key_on,
     make,
     socket_inodes,
     start_workers,
@@ -212,18 +213,7 @@ async def test_sigterm_answers_the_checks_in_flight_then_exits(tmp_path, plane):
     redis = start_redis(tmp_path / "redis")
     car = None
     try:
-        import redis.asyncio as aioredis
-        from conftest import PEPPER
-
-        from sidecar.control.store import ControlStore
-        from sidecar.schema.keys import KeyHasher
-        client = aioredis.from_url(redis.url)
-        control = ControlStore(client, KeyHasher(PEPPER))
-        org = await control.create_org("acme")
-        project = await control.create_project(org["id"], "drain")
-        _, key = await control.create_key(org["id"], {"project_id": project["id"],
-                                                      "quota": 100})
-        await client.aclose()
+        key = await key_on(redis.url)
         car = start_sidecar(tmp_path / "car", redis.url, redis_timeout_ms=5000,
                             grpc_listen=f"127.0.0.1:{free_port()}")
         async with channel(car) as ch:

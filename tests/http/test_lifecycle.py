@@ -18,6 +18,7 @@ from live import (
     authz,
     children,
     cli,
+    key_on,
     make,
     metric_value,
     socket_inodes,
@@ -42,18 +43,7 @@ async def test_sigterm_drains_in_flight_calls(tmp_path, http):
     redis = start_redis(tmp_path / "redis")
     car = None
     try:
-        import redis.asyncio as aioredis
-        from conftest import PEPPER
-
-        from sidecar.control.store import ControlStore
-        from sidecar.schema.keys import KeyHasher
-        client = aioredis.from_url(redis.url)
-        control = ControlStore(client, KeyHasher(PEPPER))
-        org = await control.create_org("acme")
-        project = await control.create_project(org["id"], "drain")
-        view, key = await control.create_key(org["id"], {"project_id": project["id"],
-                                                         "quota": 100})
-        await client.aclose()
+        key = await key_on(redis.url)
         # Long Redis timeout: the calls wait for Redis instead of failing over to 503.
         car = start_sidecar(tmp_path / "car", redis.url, redis_timeout_ms=5000)
         assert (await authz(http, car, key=key, body=BODY)).status == 200
