@@ -17,7 +17,8 @@ batches as the HTTP edge's calls.
 
 Bounded like the HTTP edge: a request message beyond `max_message` bytes is refused with
 RESOURCE_EXHAUSTED as soon as its data passes the bound (nothing more is buffered);
-at most MAX_STREAMS Checks in flight per connection (SETTINGS_MAX_CONCURRENT_STREAMS);
+at most MAX_STREAMS Checks in flight per connection (SETTINGS_MAX_CONCURRENT_STREAMS,
+and our own count, which keeps the Checks of streams the client reset until they end);
 a header block at most h2's 64 KiB; a client that does not read its answers is not read
 either (pause_writing). Connections are Envoy's, long-lived: none is closed for idling.
 """
@@ -151,6 +152,11 @@ class _GrpcConnection(asyncio.Protocol):
             self._reply(stream_id, [(b":status", b"415")], end=True)
         elif self.server.closing:
             self._trailers_only(stream_id, UNAVAILABLE, "shutting down")
+        elif self.inflight + len(self.streams) >= MAX_STREAMS:
+            # Streams the client reset still hold their decision until it is done: h2's
+            # stream count forgets them, this one does not (the "rapid reset" flood).
+            self._trailers_only(stream_id, RESOURCE_EXHAUSTED,
+                                f"more than {MAX_STREAMS} checks in flight")
         else:
             self.streams[stream_id] = _CheckStream()
 

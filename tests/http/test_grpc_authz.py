@@ -235,6 +235,70 @@ async def test_sigterm_answers_the_checks_in_flight_then_exits(tmp_path, plane):
         stop_process(redis.proc)
 
 
+def test_checks_of_reset_streams_still_count_against_the_bound(tmp_path):
+    """The "rapid reset" flood: a client sends Checks and resets each stream at once, so
+    HTTP/2's own stream count frees them while their decisions still run (here: wait on
+    a stopped Redis). Once MAX_STREAMS are in flight, the next Check is refused at once
+    with RESOURCE_EXHAUSTED instead of adding work without bound."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    from envoy.service.auth.v3 import external_auth_pb2 as pb
+
+    from sidecar.dataplane.grpc_server import CHECK_PATH, MAX_STREAMS
+
+    redis = start_redis(tmp_path / "redis")
+    car = None
+    try:
+        key = asyncio.run(key_on(redis.url))
+        car = start_sidecar(tmp_path / "car", redis.url, redis_timeout_ms=10_000,
+                            grpc_listen=f"127.0.0.1:{free_port()}")
+        request = pb.CheckRequest()
+        http = request.attributes.request.http
+        http.method, http.path = "POST", "/v1/chat/completions"
+        http.headers["authorization"] = f"Bearer {key}"
+        http.raw_body = b'{"model": "gpt-x", "messages": []}'
+        message = request.SerializeToString()
+        framed = b"\0" + len(message).to_bytes(4, "big") + message
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", CHECK_PATH),
+                   (b":authority", b"sidecar"), (b"content-type", b"application/grpc"),
+                   (b"te", b"trailers")]
+        client = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding=None))
+        with socket.create_connection(("127.0.0.1", car.grpc_port), timeout=20) as sock:
+            client.initiate_connection()
+            sock.sendall(client.data_to_send())
+            client.receive_data(sock.recv(65536))        # the server's SETTINGS
+            redis.proc.send_signal(signal.SIGSTOP)
+            for _ in range(MAX_STREAMS):
+                stream = client.get_next_available_stream_id()
+                client.send_headers(stream, headers)
+                client.send_data(stream, framed, end_stream=True)
+                client.reset_stream(stream)
+                sock.sendall(client.data_to_send())
+            last = client.get_next_available_stream_id()
+            client.send_headers(last, headers)
+            client.send_data(last, framed, end_stream=True)
+            sock.sendall(client.data_to_send())
+            status = None
+            while status is None:
+                data = sock.recv(65536)
+                assert data, "the server closed the connection"
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived) and \
+                            event.stream_id == last:
+                        status = dict(event.headers).get(b"grpc-status", b"")
+                sock.sendall(client.data_to_send())
+        assert status == b"8"          # RESOURCE_EXHAUSTED, answered while Redis is stopped
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        if car:
+            stop_process(car.proc)
+        stop_process(redis.proc)
+
+
 async def test_workers_serve_check_on_one_port(tmp_path, redis_url, plane):
     grpc_port = free_port()
     car = start_workers(tmp_path, redis_url, 2, grpc_listen=f"127.0.0.1:{grpc_port}")
