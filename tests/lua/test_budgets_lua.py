@@ -282,6 +282,12 @@ async def test_levels_are_packed_in_the_budgets_hash_and_older_text_still_reads(
     assert own[:1].isdigit() and Limits.unpack(own).reserved == USD // 10
     shown = await plane.project_limits(org_id, project)
     assert (shown["spent"], shown["reserved"]) == ("1.00", "0.10")
+    # The control plane's write (set_limits.lua) of a text state: packed, counters kept.
+    await plane.redis.hset(names.budgets(tag), field, older)
+    await plane.set_project_limits(org_id, project, {"budget": "20.00"})
+    raw = await plane.redis.hget(names.budgets(tag), field)
+    assert raw[:1] == PACKED_MARK
+    assert (Limits.unpack(raw).budget, Limits.unpack(raw).spent) == (20 * USD, USD)
 
 
 async def test_a_cut_packed_level_reads_as_none_as_unreadable_text_does(plane, runner,
