@@ -41,7 +41,6 @@ from .authorize import REMOVE_HEADER, Authorizer
 from .grpc_server import GrpcServer
 from .http_messages import Answer, Call, Headers, error_answer
 from .request import utf8
-from .stepping import step
 
 log = logging.getLogger("sidecar.grpc")
 
@@ -153,6 +152,6 @@ async def start(settings: Settings, authorize: Authorizer, host: str, port: int,
                 reuse_port: bool = True) -> GrpcServer:
     """A listening gRPC server for Check on host:port, on the running event loop."""
     adapter = Adapter(authorize, settings.max_body_bytes)
-    server = GrpcServer(adapter.check, step, settings.max_body_bytes + _MESSAGE_ROOM)
+    server = GrpcServer(adapter.check, settings.max_body_bytes + _MESSAGE_ROOM)
     await server.listen(host, port, reuse_port)
     return server

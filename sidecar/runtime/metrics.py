@@ -79,7 +79,8 @@ CENSUS_COMPLETE = Gauge("sidecar_threshold_census_complete",
 # prometheus_client ValueClass: a locked float, or an mmap slot in multiprocess mode),
 # bound per label pair. `Counter.inc` and `Histogram.observe` add checks for exemplars
 # and a Python loop over the buckets: ~1 µs a decision; this is ~0.3 (profile, issue 13).
-# tests/edges/test_observability.py reads the exposed series back.
+# tests/unit/test_metrics.py and tests/edges/test_observability.py read the exposed
+# series back.
 _decision_values: dict[tuple[int, str], object] = {}
 _latency_bounds = list(AUTHORIZE_SECONDS._upper_bounds)       # ends with +Inf
 _latency_buckets = AUTHORIZE_SECONDS._buckets
