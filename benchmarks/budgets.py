@@ -29,6 +29,7 @@ from sidecar.control.key_spec import KeySpec, validate_spec
 from sidecar.schema import names
 from sidecar.schema.keys import PREFIX_OF, KeyHasher, KeyType, new_id, shard_of
 from sidecar.schema.limits import MAX_CONCURRENCY, Limits
+from sidecar.schema.record import stored
 
 from .keyload import _read_replies, random_bodies, write_key_file
 from .repeat import combine, feature_ratios, median_ratios
@@ -101,7 +102,7 @@ def levels_touched(client, pepper: str, key: str) -> dict:
     `client` must not decode replies (the levels above the key are packed binary)."""
     hasher = KeyHasher(pepper)
     key_hash = hasher(key)
-    rec = {k.decode(): v.decode() for k, v in client.hgetall(names.record(key_hash)).items()}
+    rec = stored(client.hgetall(names.record(key_hash)))
     tag = shard_of(key_hash)
     state = {"key": Limits.unpack(rec.get("lim"))}
     for word in rec.get("lv", "").split():

@@ -32,6 +32,7 @@ from conftest import (
 
 from sidecar.schema import names
 from sidecar.schema.keys import KeyHasher, KeyType
+from sidecar.schema.record import stored
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -160,10 +161,10 @@ class Transport:
 hash_of = KeyHasher(PEPPER)        # a plaintext key's keyed hash, as the sidecar's
 
 
-async def raw_record(aredis, key: str) -> dict[str, str]:
-    """A key's record as stored, for tests whose subject is what a call leaves in it."""
-    raw = await aredis.hgetall(names.record(hash_of(key)))
-    return {k.decode(): v.decode() for k, v in raw.items()}
+async def raw_record(aredis, key: str) -> dict[str, str | bytes]:
+    """A key's record as stored, for tests whose subject is what a call leaves in it
+    (text, but the packed `lim` as bytes)."""
+    return stored(await aredis.hgetall(names.record(hash_of(key))))
 
 
 async def make(plane, type: str = "standard", org: str = "default",

@@ -81,7 +81,7 @@ def parse_change(req: dict) -> LimitChange:
 LIMIT_FIELDS = ("budget", "budget_period", "max_concurrency", "observe")
 
 
-def initial_limits(req: dict) -> str:
+def initial_limits(req: dict) -> bytes | str:
     """A new key's own limits from its request, packed for its record ('' none)."""
     if not any(req.get(f) is not None for f in LIMIT_FIELDS):
         return ""

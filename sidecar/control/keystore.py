@@ -15,6 +15,7 @@ from ..schema.record import (
     QUOTA_FIRED,
     RESTRICTED,
     KeyRecord,
+    stored,
     text,
 )
 from .events import key_disabled
@@ -61,13 +62,13 @@ class KeyStore:
             raise KeyError_(f"no key with id {key_id!r}")
         return text(key_hash)
 
-    async def record(self, key_id: str) -> tuple[str, dict[str, str]]:
+    async def record(self, key_id: str) -> tuple[str, dict[str, str | bytes]]:
         """(key hash, the stored hash); a rotation's pool shows as its remaining quota."""
         key_hash = await self._hash_of(key_id)
         raw = await self.redis.hgetall(names.record(key_hash))
         if not raw:
             raise KeyError_(f"no key with id {key_id!r}")
-        rec = {text(k): text(v) for k, v in raw.items()}
+        rec = stored(raw)
         if rec.get(FIELD["quota_pool"]):   # a rotation's shared pool holds the quota
             pooled = await self.redis.hget(names.wallet(shard_of(key_hash)),
                                            names.pool_field(rec[FIELD["quota_pool"]]))

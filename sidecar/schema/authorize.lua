@@ -340,7 +340,7 @@ for i = 1, #held do
     alert(crossed[1], string.sub(where, 1, 1),
           {'th', crossed[2], 'r', crossed[3], 'lim', crossed[4]})
   end
-  if where == 'k' then put('lim', lim_text(l)) end
+  if where == 'k' then put('lim', lim_pack(l)) end
 end
 lim_store(KEYS[3], above, states)
 redis.call('HSET', KEYS[1], unpack(set))

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import names
-from .limits import PACKED_MARK
 
 _new = tuple.__new__
 
@@ -298,12 +297,11 @@ class SetLimitsArgs(NamedTuple):
 class SetLimitsReply(NamedTuple):
     FIELDS = ("state",)
 
-    state: str | bytes        # schema/limits.py Limits.unpack reads it: text in a record,
-                              # packed (bytes, not text) in the budgets hash
+    state: bytes              # packed (schema/limits.py Limits.unpack reads it)
 
     @classmethod
     def parse(cls, raw: object) -> SetLimitsReply:
-        return cls(raw if isinstance(raw, bytes) and raw[:1] == PACKED_MARK else _text(raw))
+        return cls(raw if isinstance(raw, bytes) else _text(raw).encode())
 
 
 # script name -> (arguments, reply): what tests/unit/test_contracts.py compares

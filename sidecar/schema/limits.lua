@@ -14,18 +14,17 @@
 --   the budget was last set or its period rolled over; holds: what the reservations not
 --   yet settled hold, grouped by when they expire, (end ms, money, slots) ends
 --   ascending; reserved and in_flight are their sums.
--- Two stored forms, one meaning:
---   text, the key's own state in its record's field 'lim' (a record is text for the
---   control plane): '<budget> <spent> <reserved> <window> <period> <max_conc>
---   <in_flight> <observe> <thresholds> <fired> <holds>', holds '-' none, else
---   '<end ms>:<money>:<slots>,...'. Older forms read as: 8 words '- 0 -'; 10 words:
---   their reserved and in-flight in one hold that has ended (resolved by the policy at
---   the next call).
---   packed, a level's field of the tag's budgets hash (named by the record's 'lv':
---   'p:<id> o:<id> m:<id>'), read and written by every call of its keys: struct
---   LIM_PACKED, then the holds as LIM_HOLD each. Lua patterns and tonumber() made the
---   text form cost ~5 µs per level a call; struct reads and writes it in C. It starts
---   with the byte 1 (text starts with a digit), so either form reads anywhere.
+-- Stored packed, the key's own in its record's field 'lim', a level above it in its field
+-- of the tag's budgets hash (named by the record's 'lv': 'p:<id> o:<id> m:<id>'); both
+-- are read and written by every call of the key: struct LIM_PACKED, then the holds as
+-- LIM_HOLD each. Lua patterns and string.format made a text form cost ~40k instructions
+-- a call for the key's own state (callgrind); struct reads and writes it in C. It
+-- starts with the byte 1. States written before were text, and are read as such until
+-- their next write packs them: '<budget> <spent> <reserved> <window> <period>
+-- <max_conc> <in_flight> <observe> <thresholds> <fired> <holds>', holds '-' none, else
+-- '<end ms>:<money>:<slots>,...'; older still, 8 words read as '- 0 -', 10 words hold
+-- their reserved and in-flight in one hold that has ended (resolved by the policy at
+-- the next call).
 -- In Lua a state is a table, its holds a flat array {end, money, slots, end, ...}.
 -- A reservation joins the hold that ends at its expiry rounded up to a grid of a
 -- quarter of the reservation TTL (hold_end), so a level has about five holds at most,
@@ -74,16 +73,7 @@ local function lim_read(v)
   return l
 end
 
--- The text form (the record's 'lim').
-local function lim_text(l)
-  local hs, h = {}, l.h
-  for i = 1, #h, 3 do hs[#hs + 1] = string.format('%d:%d:%d', h[i], h[i + 1], h[i + 2]) end
-  return string.format('%d %d %d %d %s %d %d %s %s %d %s', l.b, l.s, l.r, l.w, l.p, l.mc,
-                       l.fl, l.ob, l.th or '-', l.tf or 0,
-                       #hs > 0 and table.concat(hs, ',') or '-')
-end
-
--- The packed form (a field of the budgets hash).
+-- The stored form.
 local function lim_pack(l)
   local h = l.h
   return struct.pack(LIM_PACKED .. string.rep(LIM_HOLD, #h / 3), 1, l.b, l.s, l.r, l.w,

@@ -3,25 +3,25 @@
 A level is a key or one above it: its project, organization, or member (user keys).
 Each has at most one budget (money, micro-units, over a period) and one concurrency
 limit, and either may be observe-only (evaluated and counted, never enforced). The
-state is one value, so a script reads a level with one field, in one of two forms:
-
-- text, the key's own state in its record's field `lim` (records are text):
+state is one value, so a script reads a level with one field: the key's own in its
+record's field `lim`, a level above it in its field of the tag's budgets hash. Both are
+packed (read and written by every call of the key: C's struct costs a fraction of Lua
+patterns): the byte 1, then little-endian budget, spent, reserved (int64), window
+(int32), period (one byte), max_conc, in_flight (int32), fired (uint8), the number of
+holds (uint16), observe and thresholds (each NUL-terminated), then each hold as end ms,
+money (int64), slots (int32). `Limits.pack` writes it, `Limits.unpack` reads it and the
+older text form, which states written before were in (and are packed at their next
+write):
 
     '<budget> <spent> <reserved> <window> <period> <max_conc> <in_flight> <observe>
      <thresholds> <fired> <holds>'
 
-- packed, a level's field of the tag's budgets hash (read and written by every call of
-  its keys: C's struct costs a tenth of Lua patterns): the byte 1, then little-endian
-  budget, spent, reserved (int64), window (int32), period (one byte), max_conc,
-  in_flight (int32), fired (uint8), the number of holds (uint16), observe and
-  thresholds (each NUL-terminated), then each hold as end ms, money (int64), slots
-  (int32). `Limits.pack_level` writes it, `Limits.unpack` reads both forms.
-
 thresholds: the alert thresholds (fractions of the budget left, highest first,
 '0.2,0.05,0'; '-' the deployment's default, 'n' none); fired: how many have fired since
 the budget was set or its period rolled over (limits.lua th_cross). holds: the money and
-slots of reservations not yet settled, by when they expire, '<end ms>:<money>:<slots>,…'
-(ends ascending) or '-'; reserved and in_flight are their sums. A hold that has ended
+slots of reservations not yet settled, by when they expire (in the text form
+'<end ms>:<money>:<slots>,…', or '-'), ends ascending; reserved and in_flight are their
+sums. A hold that has ended
 is charged or released by the expiry policy when the level is next read (limits.lua
 lim_now). Older text forms: 8 words read as '- 0 -'; 10 words hold their reserved and
 in-flight in one hold that has ended.
@@ -71,14 +71,8 @@ class Limits:
     fired: int = 0
     holds: tuple[Hold, ...] = ()   # reserved and in_flight by when they expire
 
-    def pack(self) -> str:
-        holds = ",".join(f"{e}:{m}:{c}" for e, m, c in self.holds) or "-"
-        return (f"{self.budget} {self.spent} {self.reserved} {self.window} {self.period} "
-                f"{self.max_concurrency} {self.in_flight} {self.observe or '-'} "
-                f"{self.thresholds or '-'} {self.fired} {holds}")
-
-    def pack_level(self) -> bytes:
-        """The packed form, as limits.lua's lim_pack writes a budgets hash field."""
+    def pack(self) -> bytes:
+        """The stored form, as limits.lua's lim_pack writes it (bytes, not text)."""
         head = _PACKED_HEAD.pack(1, self.budget, self.spent, self.reserved, self.window,
                                  self.period.encode(), self.max_concurrency,
                                  self.in_flight, self.fired, len(self.holds))

@@ -22,7 +22,8 @@ that calls them, use the same fields by their short names:
   la, lip, lm, n        recent activity: last used ms, IP, model; request count
   rt, rf                rotation: rotated to / rotated from (key ids)
   rpd, tpd              limits per day; rd / td: their GCRA state (as ra / ta)
-  lim                   the key's budget and concurrency state (schema/limits.py)
+  lim                   the key's budget and concurrency state, packed (schema/limits.py):
+                        the one field that is bytes, not text
   lv                    the levels above it with budgets: fields of the tag's budgets
                         hash, 'p:<project> o:<org> m:<member>' (names.level_field)
   sub                   the subscription (plan) an sk-sub- key belongs to
@@ -77,7 +78,7 @@ QUOTA_FIRED = "qf"              # the scripts' alert state: deleted to re-arm th
 def _f(name: str, kind: str = "s", default=None):
     """A KeyRecord attribute stored as hash field `name`; kind says how: s text,
     i integer, b flag 1/0, l set ',a,b,', c list 'a,b', t type code, st status a/d,
-    p permission code."""
+    p permission code, raw the stored bytes (or text, as older records have it)."""
     if default is None:
         default = {"s": "", "l": [], "c": []}.get(kind)
     meta = {"field": name, "kind": kind}
@@ -115,7 +116,7 @@ class KeyRecord:
     tpm: int | None = _f("tpm", "i")
     rpd: int | None = _f("rpd", "i")
     tpd: int | None = _f("tpd", "i")
-    limits: str = _f("lim")                        # schema/limits.py, packed
+    limits: bytes | str = _f("lim", "raw", "")     # schema/limits.py, packed
     levels: str = _f("lv")                         # names.level_field words
     cycle_quota: int | None = _f("cq", "i")
     cycle_used: int | None = _f("cu", "i")
@@ -148,20 +149,20 @@ class KeyRecord:
             if known is None:
                 extra[k] = text(v)
             else:
-                named[known[0]] = _decode(known[1], text(v))
+                named[known[0]] = v if known[1] == "raw" else _decode(known[1], text(v))
         return cls(**named, extra=extra)
 
-    def to_hash(self) -> dict[str, str]:
+    def to_hash(self) -> dict[str, str | bytes]:
         """The hash to HSET: every named field that is set, and the extra ones."""
         out = dict(self.extra)
         for f in _NAMED:
             value = getattr(self, f.name)
-            if value is not None and value != "" and value != []:
+            if value is not None and value != "" and value != b"" and value != []:
                 out[f.metadata["field"]] = _encode(f.metadata["kind"], value)
         return out
 
     @staticmethod
-    def fields(**changes) -> dict[str, str]:
+    def fields(**changes) -> dict[str, str | bytes]:
         """The hash fields of a partial write, by attribute: fields(active=False, ...)."""
         return {FIELD[name]: _encode(_KIND[name], value) for name, value in changes.items()}
 
@@ -199,7 +200,9 @@ def _decode(kind: str, value: str):
     return value
 
 
-def _encode(kind: str, value) -> str:
+def _encode(kind: str, value) -> str | bytes:
+    if kind == "raw":
+        return value
     if kind == "b":
         return "1" if value else "0"
     if kind == "l":
@@ -213,6 +216,15 @@ def _encode(kind: str, value) -> str:
     if kind == "p":
         return PERMISSIONS[value]
     return str(value)
+
+
+def stored(raw: Mapping) -> dict[str, str | bytes]:
+    """A record's HGETALL reply by field: text, but the packed `lim` as its bytes."""
+    out: dict[str, str | bytes] = {}
+    for k, v in raw.items():
+        k = text(k)
+        out[k] = v if _BY_FIELD.get(k, ("", ""))[1] == "raw" else text(v)
+    return out
 
 
 def text(value) -> str:

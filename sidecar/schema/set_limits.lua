@@ -12,8 +12,7 @@
 --                              '' unchanged. A new budget or thresholds re-arm the
 --                              alerts (fired = 0)
 --
--- Returns state: the state as stored, text in a record, packed in the budgets hash
--- (limits.lua; schema/limits.py Limits.unpack reads both).
+-- Returns state: the state as stored, packed (limits.lua; schema/limits.py Limits.unpack).
 
 local l = lim_read(redis.call('HGET', KEYS[1], ARGV[1]))
   or {b = 0, s = 0, r = 0, w = 0, p = 't', mc = 0, fl = 0, ob = '-', th = '-', tf = 0,
@@ -24,6 +23,6 @@ if ARGV[2] ~= '' then l.b = tonumber(ARGV[2]) end
 if ARGV[3] ~= '' then l.p = ARGV[3] end
 if ARGV[4] ~= '' then l.mc = tonumber(ARGV[4]) end
 if ARGV[5] ~= '' then l.ob = ARGV[5] end
-local state = ARGV[1] == 'lim' and lim_text(l) or lim_pack(l)   -- a record is text
+local state = lim_pack(l)
 redis.call('HSET', KEYS[1], ARGV[1], state)
 return state

@@ -124,7 +124,7 @@ if held_money then
         l.s = l.s + money_actual
         budget_alert(where, l)
       end
-      if where == 'k' then put('lim', lim_text(l)) end
+      if where == 'k' then put('lim', lim_pack(l)) end
     end
   end
   lim_store(KEYS[3], above, states)

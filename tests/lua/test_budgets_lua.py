@@ -261,16 +261,19 @@ async def test_a_level_holds_a_few_holds_whatever_the_traffic(plane, runner, org
 
 async def test_levels_are_packed_in_the_budgets_hash_and_older_text_still_reads(
         plane, runner, org):
-    """A call writes the levels above the key packed (limits.lua lim_pack) and the key's
-    own state as text in its record; a level an older version stored as text is read as
-    it was and packed by the next call, nothing lost."""
+    """A call writes every level packed (limits.lua lim_pack), the key's own state in its
+    record and the levels above it in the budgets hash; a state an older version stored
+    as text, in either place, is read as it was and packed by the next call, nothing
+    lost."""
     org_id, project, _ = org
     await plane.set_project_limits(org_id, project, {"budget": "10.00"})
     _, caller = await project_key(plane, runner, org, budget="5.00")
     field = names.level_field("project", project)
     tag = plane.keystore.hasher.org_tag(org_id)
-    older = Limits(budget=10 * USD, spent=USD, period="t").pack()    # the text form
+    older = f"{10 * USD} {USD} 0 0 t 0 0 - - 0 -"    # the text form: 10.00, 1.00 spent
     await plane.redis.hset(names.budgets(tag), field, older)
+    await plane.redis.hset(names.record(caller.hash), "lim",
+                           f"{5 * USD} {USD // 2} 0 0 t 0 0 - - 0 -")   # 5.00, 0.50 spent
     now = mid_window()
     reply, _ = await caller.authorize(USD // 10, now)
     assert code(reply) == Code.allow
@@ -279,7 +282,8 @@ async def test_levels_are_packed_in_the_budgets_hash_and_older_text_still_reads(
     after = Limits.unpack(raw)
     assert (after.spent, after.reserved, after.in_flight) == (USD, USD // 10, 0)
     own = await plane.redis.hget(names.record(caller.hash), "lim")
-    assert own[:1].isdigit() and Limits.unpack(own).reserved == USD // 10
+    assert own[:1] == PACKED_MARK
+    assert (Limits.unpack(own).spent, Limits.unpack(own).reserved) == (USD // 2, USD // 10)
     shown = await plane.project_limits(org_id, project)
     assert (shown["spent"], shown["reserved"]) == ("1.00", "0.10")
     # The control plane's write (set_limits.lua) of a text state: packed, counters kept.

@@ -155,27 +155,30 @@ def test_usage_in_each_upstream_dialect():
             usage_of(bad)
 
 
-def test_the_packed_state_round_trips_and_rejects_junk():
+def test_the_older_text_form_still_reads():
+    """States stored before they were packed are read as they were (limits.lua too)."""
     state = Limits(budget=5 * MICRO, spent=10, reserved=20, window=20_000, period="d",
                    max_concurrency=3, in_flight=1, observe="bc",
                    holds=((1_000_000, 15, 1), (2_000_000, 5, 0)))
-    assert Limits.unpack(state.pack()) == state
-    assert Limits.unpack(state.pack().encode()) == state
-    assert Limits.unpack(Limits(budget=7).pack()) == Limits(budget=7)
+    text = "5000000 10 20 20000 d 3 1 bc - 0 1000000:15:1,2000000:5:0"
+    assert Limits.unpack(text) == state == Limits.unpack(text.encode())
+    assert Limits.unpack("7 0 0 0 t 0 0 - - 0 -") == Limits(budget=7)
     assert Limits.unpack("1 2 3") is None and Limits.unpack(None) is None
     assert Limits.unpack("1 2 3 4 w 5 6 -") is None          # no such period
 
 
-def test_the_budgets_hash_form_is_packed_and_reads_back_whole():
-    """The levels above a key are stored packed (limits.lua lim_pack): the same state in
-    both forms; a cut or padded value, or one with no such period, reads as none."""
+def test_the_stored_form_is_packed_and_reads_back_whole():
+    """Every level is stored packed (limits.lua lim_pack): the same state as the text it
+    replaced; a cut or padded value, or one with no such period, reads as none."""
     state = Limits(budget=10 ** 15, spent=10, reserved=20, window=20_000, period="m",
                    max_concurrency=100_000, in_flight=7, observe="bc", thresholds="0.5,0",
                    fired=2, holds=((1_733_280_000_000, 15, 1), (1_733_280_001_000, 5, 6)))
-    packed = state.pack_level()
+    packed = state.pack()
     assert packed[:1] == PACKED_MARK and Limits.unpack(packed) == state
-    assert Limits.unpack(Limits().pack_level()) == Limits()
-    assert Limits.unpack(state.pack().encode()) == Limits.unpack(packed)
+    assert Limits.unpack(Limits().pack()) == Limits()
+    text = ("1000000000000000 10 20 20000 m 100000 7 bc 0.5,0 2 "
+            "1733280000000:15:1,1733280001000:5:6")
+    assert Limits.unpack(text) == Limits.unpack(packed)
     period_at = 1 + 3 * 8 + 4     # the marker, budget, spent, reserved, window
     assert packed[period_at:period_at + 1] == b"m"
     for junk in (packed[:-1], packed + b"\0", packed[:30], PACKED_MARK,
