@@ -75,34 +75,83 @@ CENSUS_COMPLETE = Gauge("sidecar_threshold_census_complete",
                         "1 when the last threshold census examined every key, 0 when its "
                         "cap stopped it first", multiprocess_mode="mostrecent")
 
-# The hot path's two metrics, once per decision: the stored values themselves (a
-# prometheus_client ValueClass: a locked float, or an mmap slot in multiprocess mode),
-# bound per label pair. `Counter.inc` and `Histogram.observe` add checks for exemplars
-# and a Python loop over the buckets: ~1 µs a decision; this is ~0.3 (profile, issue 13).
-# tests/unit/test_metrics.py and tests/edges/test_observability.py read the exposed
-# series back.
+# The hot path's metrics (a decision's count and latency, a round trip's time and size)
+# are tallied in plain Python and added to the Prometheus values by flush(): every
+# FLUSH_S in each data-plane process (start_flushing), before this process's own
+# exposition, and when it stops. A value's increment costs ~0.35 µs in one process and
+# ~1.1 µs with --workers N (prometheus_client's mmap files: a lock, a getpid() and a
+# write per increment), three or more per decision; a tally costs a dict and a list
+# update. So with --workers N a scrape sees each worker's series up to FLUSH_S late.
+# tests/unit/test_metrics.py and tests/edges/test_observability.py read them back.
+FLUSH_S = 1.0
+
+
+class _Histogram:
+    """A histogram's observations since the last flush: its bucket counts and sum."""
+
+    __slots__ = ("family", "bounds", "counts", "sum")
+
+    def __init__(self, family: Histogram):
+        self.family = family
+        self.bounds = list(family._upper_bounds)       # ends with +Inf
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def flush(self) -> None:
+        # The stored values themselves (Histogram.observe would add exemplar checks and
+        # a Python loop over the buckets): a bucket holds its own count, exposition sums.
+        counts, self.counts = self.counts, [0] * len(self.bounds)
+        for stored, n in zip(self.family._buckets, counts, strict=True):
+            if n:
+                stored.inc(n)
+        if any(counts):
+            self.family._sum.inc(self.sum)
+        self.sum = 0.0
+
+
+_decisions: dict[tuple[int, str], int] = {}
 _decision_values: dict[tuple[int, str], object] = {}
-_latency_bounds = list(AUTHORIZE_SECONDS._upper_bounds)       # ends with +Inf
-_latency_buckets = AUTHORIZE_SECONDS._buckets
-_latency_sum = AUTHORIZE_SECONDS._sum
+_latency = _Histogram(AUTHORIZE_SECONDS)
+_round_trips = _Histogram(REDIS_SECONDS)
+_batches = _Histogram(BATCH_SIZE)
 
 
 def decision(status: int, code: str, seconds: float) -> None:
-    value = _decision_values.get((status, code))
-    if value is None:
-        value = _decision_values[(status, code)] = \
-            DECISIONS.labels(str(status), code)._value
-    value.inc(1)
-    _latency_sum.inc(seconds)
-    _latency_buckets[bisect_left(_latency_bounds, seconds)].inc(1)
+    key = (status, code)
+    _decisions[key] = _decisions.get(key, 0) + 1
+    _latency.observe(seconds)
 
 
 def redis_round_trip(seconds: float) -> None:
-    REDIS_SECONDS.observe(seconds)
+    _round_trips.observe(seconds)
 
 
 def redis_batch(calls: int) -> None:
-    BATCH_SIZE.observe(calls)
+    _batches.observe(calls)
+
+
+def flush() -> None:
+    """Add what the hot path tallied since the last flush to the Prometheus values."""
+    for key, n in _decisions.items():
+        value = _decision_values.get(key)
+        if value is None:
+            value = _decision_values[key] = DECISIONS.labels(str(key[0]), key[1])._value
+        value.inc(n)
+    _decisions.clear()
+    for histogram in (_latency, _round_trips, _batches):
+        histogram.flush()
+
+
+def start_flushing(loop) -> None:
+    """Flush every FLUSH_S on `loop`, for as long as it runs."""
+    def tick() -> None:
+        flush()
+        loop.call_later(FLUSH_S, tick)
+    loop.call_later(FLUSH_S, tick)
 
 
 _error_children: dict[str, Counter] = {}
@@ -143,6 +192,7 @@ def webhook_dead_letter() -> None:
 
 def exposition() -> bytes:
     """The text format, aggregated across worker processes when there are several."""
+    flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

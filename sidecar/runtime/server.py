@@ -58,7 +58,8 @@ async def run(settings: Settings, *, data: bool, admin: bool,
               worker: bool = False) -> None:
     """Serve until `stop` (default: SIGTERM/SIGINT), then drain. redis_url must be set."""
     from ..redis.runner import make_runner
-    from .census import run_census  # here: metrics must not load before the env is set
+    from . import metrics  # here: metrics must not load before the env is set
+    from .census import run_census
     from .webhooks import run_worker
 
     loop = asyncio.get_running_loop()
@@ -83,6 +84,7 @@ async def run(settings: Settings, *, data: bool, admin: bool,
             with _bind_errors(settings.grpc_listen, "grpc_listen"):
                 grpc_server = await grpc_authz.start(settings, authorize, host, port,
                                                      reuse_port=worker)
+        metrics.start_flushing(loop)   # the hot path's tallies reach /metrics
     if admin:  # one process (the supervisor) runs it: no SO_REUSEPORT
         runners.append(await _admin_listener(settings, runner))
     logs.event("listening", pid=os.getpid(), data=settings.listen if data else None,
@@ -111,6 +113,7 @@ async def run(settings: Settings, *, data: bool, admin: bool,
     if grpc_server is not None:
         drains.append(grpc_server.stop(settings.shutdown_timeout_s))
     await asyncio.gather(*drains)
+    metrics.flush()           # what the last calls tallied, before the process ends
     background_stop.set()     # deliveries under way stay pending for a takeover
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.gather(*background, return_exceptions=True), 5)
