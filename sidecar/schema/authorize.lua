@@ -61,15 +61,12 @@
 
 -- Library functions as locals (a global's lookup costs more than a local's), and
 -- num(): a record's number field, 0 when absent (no tonumber('0') per missing field).
--- int(): a number as the text redis.call is given. redis.call turns a Lua number into
--- text with printf's '%.17g', ~2,700 instructions a number; '%d' costs a fraction.
-local tonumber, max, floor, ceil, fmt = tonumber, math.max, math.floor, math.ceil,
-                                        string.format
+-- Numbers go to redis.call as int(n) (limits.lua).
+local tonumber, max, floor, ceil = tonumber, math.max, math.floor, math.ceil
 local function num(v)
   if v then return tonumber(v) end
   return 0
 end
-local function int(n) return fmt('%d', n) end
 
 -- The record whole, one pass over its hash: a small hash is a listpack, where each field
 -- an HMGET asks for (present or not) is a scan of it.

@@ -73,7 +73,8 @@ local delta = actual - reserved
 local refund = math.max(-delta, 0)
 local tokens = tonumber(ARGV[3])
 local from_wallet = 0
-local set = {'qu', math.max(tonumber(f.qu or '0') + delta, 0)}
+local qu = math.max(tonumber(f.qu or '0') + delta, 0)
+local set = {'qu', int(qu)}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 
 -- Each token takes one step of a tokens limit (see authorize.lua); what is over the
@@ -84,14 +85,14 @@ for _, t in ipairs({{'ta', f.tpm, f.ta, 60000000}, {'td', f.tpd, f.td, 864000000
   local limit = tonumber(t[2] or '0')
   if tokens > 0 and limit > 0 then
     local tat = math.max(tonumber(t[3] or '0'), now_us) + tokens * math.ceil(t[4] / limit)
-    put(t[1], math.min(tat, now_us + 1e15))
+    put(t[1], int(math.min(tat, now_us + 1e15)))
   end
 end
 
 -- Money held at the key's levels (limits.lua): the reserved amount is released and
 -- the actual one spent, in the window running now; slots are given back.
 local function alert(typ, level, fields)   -- one event on the tag's stream
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 't', typ, 'k', f.id,
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 't', typ, 'k', f.id,
              'o', f.org or '', 'p', f.prj or '', 'l', level, unpack(fields))
 end
 local default_th = ARGV[10]
@@ -141,42 +142,41 @@ if f.t == 'b' then
     cu = 0
     qf = 0
     same_cycle = false
-    put('ce', ce)
+    put('ce', int(ce))
   end
   if delta > 0 then
     if f.pg == '1' and f.ow and cu + delta > cq then
       from_wallet = cu + delta - math.max(cq, cu)
-      redis.call('HINCRBY', KEYS[2], f.ow, -from_wallet)
-      put('pu', tonumber(f.pu or '0') + from_wallet)
+      redis.call('HINCRBY', KEYS[2], f.ow, int(-from_wallet))
+      put('pu', int(tonumber(f.pu or '0') + from_wallet))
     end
     cu = cu + delta - from_wallet
     if f.ul ~= '1' then q_left, q_total = cq - cu, cq end
   elseif source == 'w' and f.ow then
-    redis.call('HINCRBY', KEYS[2], f.ow, refund)
-    put('pu', math.max(tonumber(f.pu or '0') - refund, 0))
+    redis.call('HINCRBY', KEYS[2], f.ow, int(refund))
+    put('pu', int(math.max(tonumber(f.pu or '0') - refund, 0)))
   elseif same_cycle then
     cu = math.max(cu - refund, 0)
   end
-  put('cu', cu)
+  put('cu', int(cu))
 elseif f.ul ~= '1' and (delta > 0 or (refund > 0 and source == 'q')) then
   local left
   if f.qp then   -- a rotated key's shared quota pool (see authorize.lua)
-    left = redis.call('HINCRBY', KEYS[2], ARGV[5] .. f.qp, -delta)
+    left = redis.call('HINCRBY', KEYS[2], ARGV[5] .. f.qp, int(-delta))
   else
-    left = redis.call('HINCRBY', KEYS[1], 'qr', -delta)
+    left = redis.call('HINCRBY', KEYS[1], 'qr', int(-delta))
   end
-  if delta > 0 then q_left, q_total = left, left + set[2] end
+  if delta > 0 then q_left, q_total = left, left + qu end
 end
 if q_left and q_total > 0 then
   local th
   th, qf = th_cross(key_th, qf, q_left, q_total)
   if th then
     alert(tonumber(th) == 0 and 'quota.exhausted' or 'quota.low', 'k',
-          {'th', th, 'r', string.format('%d', math.max(q_left, 0)),
-           'lim', string.format('%d', q_total)})
+          {'th', th, 'r', int(math.max(q_left, 0)), 'lim', int(q_total)})
   end
 end
-if qf ~= tonumber(f.qf or '0') then put('qf', qf) end
+if qf ~= tonumber(f.qf or '0') then put('qf', int(qf)) end
 
 -- Usage history (authorize.lua counts the requests): tokens and money, per bucket and
 -- holder; a bucket this call is the first to write gets its time to live here.
@@ -188,10 +188,10 @@ if usage_days > 0 and (tokens > 0 or spend > 0) then
   for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
     local bucket = KEYS[5 + i]
     for _, who in ipairs(holders) do
-      if tokens > 0 then redis.call('HINCRBY', bucket, who .. ':t', tokens) end
-      if spend > 0 then redis.call('HINCRBY', bucket, who .. ':m', spend) end
+      if tokens > 0 then redis.call('HINCRBY', bucket, who .. ':t', int(tokens)) end
+      if spend > 0 then redis.call('HINCRBY', bucket, who .. ':m', int(spend)) end
     end
-    if redis.call('TTL', bucket) == -1 then redis.call('EXPIRE', bucket, ttl) end
+    if redis.call('TTL', bucket) == -1 then redis.call('EXPIRE', bucket, int(ttl)) end
   end
 end
 
