@@ -165,31 +165,35 @@ end
 -- rounded up to a whole µs, so the burst is exactly L and the rate at most L a period.
 local MINUTE, DAY = 60000000, 86400000000
 local now_us = now * 1000
-local function gcra(limit, tat, period)   -- step, level (µs draining), units left, wait µs
+local function gcra(limit, tat, period, at)   -- step, level (µs draining), units left, wait µs
   if limit <= 0 then return 0, 0, 0, 0 end
   local step = ceil(period / limit)
-  local level = max(tonumber(tat or '0') - now_us, 0)
+  local level = max(tonumber(tat or '0') - at, 0)
   local room = limit * step - level
   return step, level, max(floor(room / step), 0), step - room
 end
 local rpm, tpm = num(f.rpm), num(f.tpm)
 local rpd, tpd = num(f.rpd), num(f.tpd)
-local r_step, r_level, r_left, r_wait = gcra(rpm, f.ra, MINUTE)
-local _, t_level, t_left, t_wait = gcra(tpm, f.ta, MINUTE)
-local rd_step, rd_level, rd_left, rd_wait = gcra(rpd, f.rd, DAY)
-local _, td_level, td_left, td_wait = gcra(tpd, f.td, DAY)
-local function ms(us) return ceil(us / 1000) end
--- The limits shown: per limit kind, the one with the least left.
-local show_r = rpd > 0 and (rpm <= 0 or rd_left < r_left)
-local show_t = tpd > 0 and (tpm <= 0 or td_left < t_left)
+local r_step, r_level, r_left, r_wait = gcra(rpm, f.ra, MINUTE, now_us)
+local _, t_level, t_left, t_wait = gcra(tpm, f.ta, MINUTE, now_us)
+local rd_step, rd_level, rd_left, rd_wait = gcra(rpd, f.rd, DAY, now_us)
+local _, td_level, td_left, td_wait = gcra(tpd, f.td, DAY, now_us)
+-- The limits shown, per limit kind the one with the least left: limit, left, reset µs
+-- (and the request limit's step, which a call that takes a request adds to its reset).
+-- Chosen here, not in answer(): a local a function uses is an object Redis's Lua
+-- allocates on every call of the script (an upvalue, ~800 instructions), so answer()
+-- uses these seven, not the sixteen they come from.
+local rl, rleft, rreset, rstep = rpm, r_left, r_level, r_step
+if rpd > 0 and (rpm <= 0 or rd_left < r_left) then
+  rl, rleft, rreset, rstep = rpd, rd_left, rd_level, rd_step
+end
+local tl, tleft, treset = tpm, t_left, t_level
+if tpd > 0 and (tpm <= 0 or td_left < t_left) then tl, tleft, treset = tpd, td_left, td_level end
 local level = ''
 local function answer(code, used, wait)   -- used: 1 when this call takes a request
-  local rl, rleft, rreset = rpm, r_left, r_level + used * r_step
-  if show_r then rl, rleft, rreset = rpd, rd_left, rd_level + used * rd_step end
-  local tl, tleft, treset = tpm, t_left, t_level
-  if show_t then tl, tleft, treset = tpd, td_left, td_level end
-  return {code, id, f.t, f.org or '', f.prj or '', rl, max(rleft - used, 0),
-          tl, tleft, ms(rreset), ms(treset), ms(wait or 0), level, observed}
+  return {code, id, f.t, f.org or '', f.prj or '', rl, max(rleft - used, 0), tl, tleft,
+          ceil((rreset + used * rstep) / 1000), ceil(treset / 1000),
+          ceil((wait or 0) / 1000), level, observed}
 end
 
 -- Quota: subscription cycle (renewed here, atomically), PAYG fallback, or own quota.
@@ -305,15 +309,15 @@ end
 -- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
 -- a bucket's time to live is set when this key first counts in it.
 local usage_days = tonumber(ARGV[17] or '0')   -- a caller of the 15-ARGV form: off
-local function count(bucket, ttl)
-  if redis.call('HINCRBY', bucket, id .. ':n', '1') == 1 then
-    redis.call('EXPIRE', bucket, int(ttl))
-  end
-  for i = 1, #above do redis.call('HINCRBY', bucket, above[i] .. ':n', '1') end
-end
 if usage_days > 0 then
-  count(KEYS[5], (usage_days + 1) * 86400)
-  count(KEYS[6], 49 * 3600)
+  local own = id .. ':n'
+  for i = 5, 6 do   -- the day's bucket (kept usage_days), the hour's (48 hours)
+    local bucket = KEYS[i]
+    if redis.call('HINCRBY', bucket, own, '1') == 1 then
+      redis.call('EXPIRE', bucket, i == 5 and int((usage_days + 1) * 86400) or '176400')
+    end
+    for j = 1, #above do redis.call('HINCRBY', bucket, above[j] .. ':n', '1') end
+  end
 end
 -- Each level with limits holds the money (spent at once without a reservation to
 -- settle) and a slot, in the hold its reservation expires with (limits.lua); the
