@@ -60,11 +60,13 @@
 -- (unlimited), 'c<cycle end ms>' a subscription cycle, 'w' the PAYG wallet.
 
 -- Library functions as locals (a global's lookup costs more than a local's), and
--- num(): a record's number field, 0 when absent (no tonumber('0') per missing field).
--- Numbers go to redis.call as int(n) (limits.lua).
+-- num(): a record's number field, 0 when absent. Numbers the scripts write (the
+-- record's, the sidecar's ARGV) are read as `v + 0`: Lua's tonumber() parses a string
+-- twice (lua_isnumber, then lua_tonumber: two strtod), arithmetic once. Numbers go to
+-- redis.call as int(n) (limits.lua).
 local tonumber, max, floor, ceil = tonumber, math.max, math.floor, math.ceil
 local function num(v)
-  if v then return tonumber(v) end
+  if v then return v + 0 end
   return 0
 end
 
@@ -81,7 +83,7 @@ do
 end
 local id = f.id
 if not id then return {1} end
-local now = tonumber(ARGV[1])
+local now = ARGV[1] + 0
 
 if f.st ~= 'a' then return {2} end
 local ex = num(f.ex)
@@ -168,7 +170,7 @@ local now_us = now * 1000
 local function gcra(limit, tat, period, at)   -- step, level (µs draining), units left, wait µs
   if limit <= 0 then return 0, 0, 0, 0 end
   local step = ceil(period / limit)
-  local level = max(tonumber(tat or '0') - at, 0)
+  local level = max(num(tat) - at, 0)
   local room = limit * step - level
   return step, level, max(floor(room / step), 0), step - room
 end
@@ -197,11 +199,11 @@ local function answer(code, used, wait)   -- used: 1 when this call takes a requ
 end
 
 -- Quota: subscription cycle (renewed here, atomically), PAYG fallback, or own quota.
-local cost, typ = tonumber(ARGV[2]), f.t
+local cost, typ = ARGV[2] + 0, f.t
 -- A rotated key and its successor share one quota pool in the wallet hash (same tag),
 -- so the grace window does not double the remaining quota.
 local pool = f.qp and (ARGV[10] .. f.qp)
-local qr = tonumber((pool and redis.call('HGET', KEYS[2], pool)) or f.qr or '0')
+local qr = ((pool and redis.call('HGET', KEYS[2], pool)) or f.qr or 0) + 0
 local cq, cu = num(f.cq), num(f.cu)
 local ce, cp = num(f.ce), num(f.cp)
 local pay_wallet = false
@@ -215,7 +217,7 @@ if typ == 'b' then
   if f.ul ~= '1' and cu + cost > cq then   -- an unlimited key only counts its use
     local balance = 0
     if f.pg == '1' and f.ow then
-      balance = tonumber(redis.call('HGET', KEYS[2], f.ow) or '0')
+      balance = (redis.call('HGET', KEYS[2], f.ow) or 0) + 0
     end
     if balance < cost then
       if enforced(8, 'q') then return answer(8, 0) end
@@ -237,7 +239,7 @@ if tpd > 0 and td_wait > 0 and enforced(15, 't') then return answer(15, 0, wait_
 -- Budgets and concurrency, at the key and every level above it (limits.lua): all are
 -- checked before anything is written, so a refused call reserves nothing anywhere.
 -- Concurrency is counted only with a reservation (KEYS[7]): its settle ends the call.
-local money, day, month = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local money, day, month = ARGV[12] + 0, ARGV[13] + 0, ARGV[14] + 0
 local held = {}                       -- {where, state} of the levels with limits
 local above = {}                      -- the words of lv: the levels above the key
 if f.lv then
@@ -308,7 +310,7 @@ if q_left and q_total > 0 then
 end
 -- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
 -- a bucket's time to live is set when this key first counts in it.
-local usage_days = tonumber(ARGV[17] or '0')   -- a caller of the 15-ARGV form: off
+local usage_days = (ARGV[17] or 0) + 0   -- a caller of the 15-ARGV form: off
 if usage_days > 0 then
   local own = id .. ':n'
   for i = 5, 6 do   -- the day's bucket (kept usage_days), the hour's (48 hours)
@@ -322,7 +324,7 @@ end
 -- Each level with limits holds the money (spent at once without a reservation to
 -- settle) and a slot, in the hold its reservation expires with (limits.lua); the
 -- reservation names what it holds and where, for settle.
-local ttl = tonumber(ARGV[11])
+local ttl = ARGV[11] + 0
 local hold = slots and hold_end(now, ttl)
 local words = {}
 for i = 1, #held do
