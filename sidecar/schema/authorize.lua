@@ -246,7 +246,10 @@ if f.lv then
   for where in string.gmatch(f.lv, '%S+') do above[#above + 1] = where end
 end
 if own then held[1] = {'k', own} end
-local states = lim_load(KEYS[3], above, {})
+-- The levels' states; a key with no level above it reads and writes no budgets hash
+-- (`above` is empty then, and so are the states).
+local states = above
+if #above > 0 then states = lim_load(KEYS[3], above, {}) end
 for i = 1, #above do
   local where = above[i]
   if states[where] then held[#held + 1] = {where, states[where]} end
@@ -345,7 +348,7 @@ for i = 1, #held do
   end
   if where == 'k' then put('lim', lim_pack(l)) end
 end
-lim_store(KEYS[3], above, states)
+if #above > 0 then lim_store(KEYS[3], above, states) end
 redis.call('HSET', KEYS[1], unpack(set))
 if slots then
   local source = (typ ~= 'b' and (f.ul == '1' and 'u' or 'q'))
