@@ -59,16 +59,12 @@
 -- slot), for settle.lua: source 'q' the key's quota (own or shared pool), 'u' nothing
 -- (unlimited), 'c<cycle end ms>' a subscription cycle, 'w' the PAYG wallet.
 
--- Library functions as locals (a global's lookup costs more than a local's), and
--- num(): a record's number field, 0 when absent. Numbers the scripts write (the
--- record's, the sidecar's ARGV) are read as `v + 0`: Lua's tonumber() parses a string
--- twice (lua_isnumber, then lua_tonumber: two strtod), arithmetic once. Numbers go to
--- redis.call as int(n) (limits.lua).
+-- Library functions as locals (a global's lookup costs more than a local's). Numbers
+-- the scripts wrote (the record's, the sidecar's ARGV) are read as `(v or 0) + 0`, 0 when
+-- absent: Lua's tonumber() parses a string twice (lua_isnumber, then lua_tonumber: two
+-- strtod), arithmetic once, and inline, not in a function of ours (a Lua call costs
+-- more than the arithmetic). Numbers go to redis.call as int(n) (limits.lua).
 local tonumber, max, floor, ceil = tonumber, math.max, math.floor, math.ceil
-local function num(v)
-  if v then return v + 0 end
-  return 0
-end
 
 -- The record whole, one pass over its hash: a small hash is a listpack, where each field
 -- an HMGET asks for (present or not) is a scan of it.
@@ -86,7 +82,7 @@ if not id then return {1} end
 local now = ARGV[1] + 0
 
 if f.st ~= 'a' then return {2} end
-local ex = num(f.ex)
+local ex = (f.ex or 0) + 0
 local function alert(typ, level, fields)   -- one event on the tag's stream
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 't', typ, 'k', id,
              'o', f.org or '', 'p', f.prj or '', 'l', level, unpack(fields or {}))
@@ -170,12 +166,12 @@ local now_us = now * 1000
 local function gcra(limit, tat, period, at)   -- step, level (µs draining), units left, wait µs
   if limit <= 0 then return 0, 0, 0, 0 end
   local step = ceil(period / limit)
-  local level = max(num(tat) - at, 0)
+  local level = max((tat or 0) - at, 0)
   local room = limit * step - level
   return step, level, max(floor(room / step), 0), step - room
 end
-local rpm, tpm = num(f.rpm), num(f.tpm)
-local rpd, tpd = num(f.rpd), num(f.tpd)
+local rpm, tpm = (f.rpm or 0) + 0, (f.tpm or 0) + 0
+local rpd, tpd = (f.rpd or 0) + 0, (f.tpd or 0) + 0
 local r_step, r_level, r_left, r_wait = gcra(rpm, f.ra, MINUTE, now_us)
 local _, t_level, t_left, t_wait = gcra(tpm, f.ta, MINUTE, now_us)
 local rd_step, rd_level, rd_left, rd_wait = gcra(rpd, f.rd, DAY, now_us)
@@ -204,10 +200,10 @@ local cost, typ = ARGV[2] + 0, f.t
 -- so the grace window does not double the remaining quota.
 local pool = f.qp and (ARGV[10] .. f.qp)
 local qr = ((pool and redis.call('HGET', KEYS[2], pool)) or f.qr or 0) + 0
-local cq, cu = num(f.cq), num(f.cu)
-local ce, cp = num(f.ce), num(f.cp)
+local cq, cu = (f.cq or 0) + 0, (f.cu or 0) + 0
+local ce, cp = (f.ce or 0) + 0, (f.cp or 0) + 0
 local pay_wallet = false
-local qf = num(f.qf)   -- quota thresholds fired (re-armed when raised)
+local qf = (f.qf or 0) + 0   -- quota thresholds fired (re-armed when raised)
 if typ == 'b' then
   if cp > 0 and now >= ce then   -- the cycle renewed: skip whole periods, start at zero
     ce = ce + (floor((now - ce) / cp) + 1) * cp
@@ -275,9 +271,9 @@ level = ''
 -- Allowed: reserve, count, record recent activity, all in one HSET. Tokens are counted
 -- when the call's usage is reported (settle.lua moves ta and td). Recent activity is
 -- written when it changes, its time to the second: a busy key's calls leave it alone.
-local set = {'qu', int(num(f.qu) + cost), 'n', int(num(f.n) + 1)}
+local set = {'qu', int((f.qu or 0) + cost), 'n', int((f.n or 0) + 1)}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
-if now - num(f.la) >= 1000 then put('la', ARGV[1]) end
+if now - (f.la or 0) >= 1000 then put('la', ARGV[1]) end
 if f.lip ~= ARGV[4] then put('lip', ARGV[4]) end
 if f.lm ~= model then put('lm', model) end
 if rpm > 0 then put('ra', int(now_us + r_level + r_step)) end
@@ -289,7 +285,7 @@ if typ == 'b' then
   if pay_wallet then
     redis.call('HINCRBY', KEYS[2], f.ow, int(-cost))
     put('cu', int(cu))
-    put('pu', int(num(f.pu) + cost))
+    put('pu', int((f.pu or 0) + cost))
   else
     put('cu', int(cu + cost))
   end
@@ -299,7 +295,7 @@ elseif f.ul ~= '1' then
   else
     put('qr', int(qr - cost))
   end
-  q_left, q_total = qr - cost, qr + num(f.qu)
+  q_left, q_total = qr - cost, qr + (f.qu or 0)
 end
 if q_left and q_total > 0 then
   local th
@@ -309,7 +305,7 @@ if q_left and q_total > 0 then
           {'th', th, 'r', int(max(q_left, 0)),
            'lim', int(q_total)})
   end
-  if qf ~= num(f.qf) then put('qf', int(qf)) end
+  if qf ~= (f.qf or 0) + 0 then put('qf', int(qf)) end
 end
 -- Usage history: one HINCRBY per bucket and holder (the key, each level above it);
 -- a bucket's time to live is set when this key first counts in it.
