@@ -350,9 +350,8 @@ if slots then
   local source = (typ ~= 'b' and (f.ul == '1' and 'u' or 'q'))
                  or (pay_wallet and 'w') or ('c' .. ce)
   if #words > 0 then   -- it holds money or a slot until settled or its hold ends
-    redis.call('SET', KEYS[7], table.concat({ARGV[2], source,
-               int(max(money, 0)), table.concat(words, ' '),
-               int(hold)}, ' '), 'PX', int(hold - now + ttl))
+    redis.call('SET', KEYS[7], table.concat({ARGV[2], source, int(max(money, 0)),
+               int(hold), table.concat(words, ' ')}, ' '), 'PX', int(hold - now + ttl))
   else
     redis.call('SET', KEYS[7], ARGV[2] .. ' ' .. source, 'PX', ARGV[11])
   end

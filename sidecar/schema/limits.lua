@@ -32,10 +32,11 @@
 -- ends (read by lim_now), its money is charged (policy 'c') or released ('r') and its
 -- slots come back.
 --
--- A reservation that holds money or a slot is '<units> <source> <money> <levels>
--- <hold end>' (authorize.lua), levels = words '<flags>:<where>', flags b (money
--- reserved) and / or c (a slot taken), where = 'k' (the record's lim) or a budgets hash
--- field. Its report (settle.lua) is taken until its hold ends.
+-- A reservation that holds money or a slot is '<units> <source> <money> <hold end>
+-- <levels>' (authorize.lua), levels = words '<flags>:<where>', flags b (money reserved)
+-- and / or c (a slot taken), where = 'k' (the record's lim) or a budgets hash field (older
+-- versions wrote the hold's end last: settle.lua reads both). Its report (settle.lua) is
+-- taken until its hold ends.
 
 -- A whole number as the text redis.call is given (every script here): redis.call turns
 -- a Lua number into text with printf's '%.17g', ~2,700 instructions a number (callgrind);

@@ -51,29 +51,41 @@
 -- as authorize.lua does; a refund re-arms nothing (only raising or renewing does).
 
 -- The record whole, one pass over its hash: a small hash is a listpack, where each field
--- an HMGET asks for (present or not) is a scan of it.
-local f = {}
+-- an HMGET asks for (present or not) is a scan of it. Sized once for the fields read
+-- here (as in authorize.lua), and numbers this code wrote are read as `(v or 0) + 0`.
+local f = {id = nil, t = nil, qu = nil, qr = nil, qp = nil, ul = nil, tpm = nil, ta = nil,
+           tpd = nil, td = nil, lim = nil, lv = nil, th = nil, org = nil, prj = nil,
+           cq = nil, cu = nil, ce = nil, cp = nil, pg = nil, ow = nil, pu = nil, qf = nil}
 do
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
 end
 if not f.id then return {1} end
-local now, day, month = tonumber(ARGV[1]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local now, day, month = ARGV[1] + 0, ARGV[7] + 0, ARGV[8] + 0
 local held = redis.call('GET', KEYS[4])
 if not held or held == 'x' then return {3} end   -- ('x': expired, as older versions wrote)
 if held == 's' then return {2} end
-local reserved, source, rest = string.match(held, '^(%d+) (%S+)(.*)$')
-reserved = tonumber(reserved)
--- What it holds at its levels, until its hold ends (then it is the expiry policy's).
-local held_money, levels, hold = string.match(rest, '^ (%d+) (.-) (%d+)$')
-if rest ~= '' and not (hold and now < tonumber(hold)) then return {3} end
+-- What it holds at its levels, until its hold ends (then it is the expiry policy's):
+-- '<units> <source> <money> <hold end> <levels>' (limits.lua), or '<units> <source>'.
+local reserved, source, held_money, hold, levels = string.match(held,
+  '^(%d+) (%S+) (%d+) (%d+) (.+)$')
+if not reserved then
+  local rest
+  reserved, source, rest = string.match(held, '^(%d+) (%S+)(.*)$')
+  if rest ~= '' then   -- the order older versions wrote: the hold's end last
+    held_money, levels, hold = string.match(rest, '^ (%d+) (.-) (%d+)$')
+    if not hold then return {3} end
+  end
+end
+reserved = reserved + 0
+if hold and now >= hold + 0 then return {3} end
 
-local actual = ARGV[2] == '' and reserved or tonumber(ARGV[2])
+local actual = ARGV[2] == '' and reserved or ARGV[2] + 0
 local delta = actual - reserved
 local refund = math.max(-delta, 0)
-local tokens = tonumber(ARGV[3])
+local tokens = ARGV[3] + 0
 local from_wallet = 0
-local qu = math.max(tonumber(f.qu or '0') + delta, 0)
+local qu = math.max((f.qu or 0) + delta, 0)
 local set = {'qu', int(qu)}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 
@@ -81,13 +93,15 @@ local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 -- limit is owed, and keeps calls refused until it drains. The bound only keeps the sum
 -- an exact double (31 years of debt).
 local now_us = now * 1000
-for _, t in ipairs({{'ta', f.tpm, f.ta, 60000000}, {'td', f.tpd, f.td, 86400000000}}) do
-  local limit = tonumber(t[2] or '0')
+local function owe(field, limit, tat, period)
+  limit = (limit or 0) + 0
   if tokens > 0 and limit > 0 then
-    local tat = math.max(tonumber(t[3] or '0'), now_us) + tokens * math.ceil(t[4] / limit)
-    put(t[1], int(math.min(tat, now_us + 1e15)))
+    tat = math.max((tat or 0) + 0, now_us) + tokens * math.ceil(period / limit)
+    put(field, int(math.min(tat, now_us + 1e15)))
   end
 end
+owe('ta', f.tpm, f.ta, 60000000)       -- tokens per minute
+owe('td', f.tpd, f.td, 86400000000)    -- tokens per day
 
 -- Money held at the key's levels (limits.lua): the reserved amount is released and
 -- the actual one spent, in the window running now; slots are given back.
@@ -106,8 +120,8 @@ local function budget_alert(where, l)
 end
 local money_reserved, money_actual = 0, 0
 if held_money then
-  money_reserved = tonumber(held_money)
-  money_actual = ARGV[6] == '' and money_reserved or tonumber(ARGV[6])
+  money_reserved = held_money + 0
+  money_actual = ARGV[6] == '' and money_reserved or ARGV[6] + 0
   local states, above, words = {k = lim_read(f.lim)}, {}, {}
   for flags, where in string.gmatch(levels, '(%a+):(%S+)') do
     words[#words + 1] = {flags, where}
@@ -120,7 +134,7 @@ if held_money then
     if l then   -- (a level whose limits were removed since holds nothing any more)
       lim_now(l, now, day, month, ARGV[9])
       local b = string.find(flags, 'b', 1, true) and money_reserved or 0
-      hold_take(l, tonumber(hold), b, string.find(flags, 'c', 1, true) and 1 or 0)
+      hold_take(l, hold + 0, b, string.find(flags, 'c', 1, true) and 1 or 0)
       if b > 0 then
         l.s = l.s + money_actual
         budget_alert(where, l)
@@ -132,10 +146,10 @@ if held_money then
 end
 
 local q_left, q_total   -- the quota after an extra charge, for its thresholds
-local qf = tonumber(f.qf or '0')
+local qf = (f.qf or 0) + 0
 if f.t == 'b' then
-  local cq, cu = tonumber(f.cq or '0'), tonumber(f.cu or '0')
-  local ce, cp = tonumber(f.ce or '0'), tonumber(f.cp or '0')
+  local cq, cu = (f.cq or 0) + 0, (f.cu or 0) + 0
+  local ce, cp = (f.ce or 0) + 0, (f.cp or 0) + 0
   local same_cycle = source == 'c' .. ce
   if cp > 0 and now >= ce then
     ce = ce + (math.floor((now - ce) / cp) + 1) * cp
@@ -148,13 +162,13 @@ if f.t == 'b' then
     if f.pg == '1' and f.ow and cu + delta > cq then
       from_wallet = cu + delta - math.max(cq, cu)
       redis.call('HINCRBY', KEYS[2], f.ow, int(-from_wallet))
-      put('pu', int(tonumber(f.pu or '0') + from_wallet))
+      put('pu', int((f.pu or 0) + from_wallet))
     end
     cu = cu + delta - from_wallet
     if f.ul ~= '1' then q_left, q_total = cq - cu, cq end
   elseif source == 'w' and f.ow then
     redis.call('HINCRBY', KEYS[2], f.ow, int(refund))
-    put('pu', int(math.max(tonumber(f.pu or '0') - refund, 0)))
+    put('pu', int(math.max((f.pu or 0) - refund, 0)))
   elseif same_cycle then
     cu = math.max(cu - refund, 0)
   end
@@ -176,22 +190,26 @@ if q_left and q_total > 0 then
           {'th', th, 'r', int(math.max(q_left, 0)), 'lim', int(q_total)})
   end
 end
-if qf ~= tonumber(f.qf or '0') then put('qf', int(qf)) end
+if qf ~= (f.qf or 0) + 0 then put('qf', int(qf)) end
 
 -- Usage history (authorize.lua counts the requests): tokens and money, per bucket and
 -- holder; a bucket this call is the first to write gets its time to live here.
-local usage_days = tonumber(ARGV[11])
-local spend = tonumber(ARGV[6]) or money_actual
+local usage_days = ARGV[11] + 0
+local spend = ARGV[6] == '' and money_actual or ARGV[6] + 0
 if usage_days > 0 and (tokens > 0 or spend > 0) then
   local holders = {f.id}
   for where in string.gmatch(f.lv or '', '%S+') do holders[#holders + 1] = where end
-  for i, ttl in ipairs({(usage_days + 1) * 86400, 49 * 3600}) do
-    local bucket = KEYS[5 + i]
-    for _, who in ipairs(holders) do
-      if tokens > 0 then redis.call('HINCRBY', bucket, who .. ':t', int(tokens)) end
-      if spend > 0 then redis.call('HINCRBY', bucket, who .. ':m', int(spend)) end
+  local tokens_text, spend_text = int(tokens), int(spend)
+  for i = 6, 7 do   -- the day's bucket (kept usage_days), the hour's (48 hours)
+    local bucket = KEYS[i]
+    for j = 1, #holders do
+      local who = holders[j]
+      if tokens > 0 then redis.call('HINCRBY', bucket, who .. ':t', tokens_text) end
+      if spend > 0 then redis.call('HINCRBY', bucket, who .. ':m', spend_text) end
     end
-    if redis.call('TTL', bucket) == -1 then redis.call('EXPIRE', bucket, int(ttl)) end
+    if redis.call('TTL', bucket) == -1 then
+      redis.call('EXPIRE', bucket, i == 6 and int((usage_days + 1) * 86400) or '176400')
+    end
   end
 end
 

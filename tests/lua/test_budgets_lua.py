@@ -259,6 +259,32 @@ async def test_a_level_holds_a_few_holds_whatever_the_traffic(plane, runner, org
     assert 200 <= state.in_flight <= 250 and state.spent + state.reserved == 600 * USD // 100
 
 
+async def test_a_reservation_in_the_older_order_still_settles(plane, runner, org):
+    """authorize.lua writes '<units> <source> <money> <hold end> <levels>'; a reservation
+    made by an older version, with the hold's end last, settles the same way before its
+    hold ends and is refused at its end."""
+    org_id, project, _ = org
+    await plane.set_project_limits(org_id, project, {"budget": "1.00"})
+    _, caller = await project_key(plane, runner, org, budget="1.00")
+    now = mid_window() + 777
+    ends = expires_at(now, 10_000)
+    rids = []
+    for _ in range(2):
+        _, rid = await caller.authorize(40 * USD // 100, now, ttl_ms=10_000)
+        name = names.reservation(caller.hash, rid)
+        units, source, money, hold, *levels = (await plane.redis.get(name)).decode().split()
+        assert int(hold) == ends and sorted(levels) == sorted(
+            ["b:k", "b:" + names.level_field("project", project)])
+        ttl = await plane.redis.pttl(name)
+        await plane.redis.set(name, " ".join([units, source, money, *levels, hold]), px=ttl)
+        rids.append(rid)
+    settled = await caller.settle(rids[0], 5 * USD // 100, ends - 1)
+    assert settled[0] == 0 and settled[4:6] == [40 * USD // 100, 5 * USD // 100]
+    shown = await plane.project_limits(org_id, project)
+    assert (shown["spent"], shown["reserved"]) == ("0.05", "0.40")
+    assert (await caller.settle(rids[1], 1, ends))[0] == 3
+
+
 async def test_levels_are_packed_in_the_budgets_hash_and_older_text_still_reads(
         plane, runner, org):
     """A call writes every level packed (limits.lua lim_pack), the key's own state in its
