@@ -266,11 +266,11 @@ async def test_a_reservation_in_the_older_order_still_settles(plane, runner, org
     org_id, project, _ = org
     await plane.set_project_limits(org_id, project, {"budget": "1.00"})
     _, caller = await project_key(plane, runner, org, budget="1.00")
-    now = mid_window() + 777
-    ends = expires_at(now, 10_000)
+    now = mid_window() + 777           # up to 30 s before the clock, which the view uses:
+    ends = expires_at(now, 120_000)    # a hold that outlasts the test in real time
     rids = []
     for _ in range(2):
-        _, rid = await caller.authorize(40 * USD // 100, now, ttl_ms=10_000)
+        _, rid = await caller.authorize(40 * USD // 100, now, ttl_ms=120_000)
         name = names.reservation(caller.hash, rid)
         units, source, money, hold, *levels = (await plane.redis.get(name)).decode().split()
         assert int(hold) == ends and sorted(levels) == sorted(
