@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
+from sidecar.runtime.metrics import FLUSH_S  # noqa: E402
 from sidecar.schema import names  # noqa: E402
 from sidecar.schema.keys import TYPE_OF_CODE, KeyHasher  # noqa: E402
 from sidecar.schema.limits import Calendar  # noqa: E402
@@ -293,12 +294,22 @@ class Bench:
             groups["nginx_lua"] = stack.peer.worker_pids()
         return groups
 
+    @staticmethod
+    def sidecar_metrics(stack: Stack) -> str:
+        """The sidecar's /metrics with every call so far in it: with --workers N each
+        worker adds its tallies every FLUSH_S (runtime/metrics.py); one process flushes
+        before it answers."""
+        if stack.workers > 1:
+            time.sleep(FLUSH_S + 0.25)
+        return stack.sidecar.metrics()
+
     def measure(self, stack: Stack, name: str, connections: int,
                 duration: float | None = None, label: str = "",
                 key_file: Path | None = None) -> dict:
         url, path = stack.target(name)
         client = self.redis.client()
-        counters = sidecar_counters(stack.sidecar.metrics()) if name == "authorize" else None
+        counters = sidecar_counters(self.sidecar_metrics(stack)) \
+            if name == "authorize" else None
         commands = redis_commands(client)
         redis_cpu = redis_cpu_seconds(client)
         try:
@@ -327,7 +338,7 @@ class Bench:
             run["evalsha"] = commands["evalsha"]
         if counters is not None:
             run.update(round_trip_figures(counters,
-                                          sidecar_counters(stack.sidecar.metrics())))
+                                          sidecar_counters(self.sidecar_metrics(stack))))
         run["saturation"] = self.saturation(stack, run)
         flag = "" if run["non_2xx"] == 0 and run["socket_errors"] == 0 else \
             f"  !! non-2xx {run['non_2xx']} socket errors {run['socket_errors']}"
