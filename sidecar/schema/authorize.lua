@@ -302,8 +302,7 @@ if q_left and q_total > 0 then
   th, qf = th_cross(key_th, qf, q_left, q_total)
   if th then
     alert(tonumber(th) == 0 and 'quota.exhausted' or 'quota.low', 'k',
-          {'th', th, 'r', int(max(q_left, 0)),
-           'lim', int(q_total)})
+          {'th', th, 'r', int(max(q_left, 0)), 'lim', int(q_total)})
   end
   if qf ~= (f.qf or 0) + 0 then put('qf', int(qf)) end
 end
@@ -311,10 +310,10 @@ end
 -- a bucket's time to live is set when this key first counts in it.
 local usage_days = (ARGV[17] or 0) + 0   -- a caller of the 15-ARGV form: off
 if usage_days > 0 then
-  local own = id .. ':n'
+  local requests = id .. ':n'
   for i = 5, 6 do   -- the day's bucket (kept usage_days), the hour's (48 hours)
     local bucket = KEYS[i]
-    if redis.call('HINCRBY', bucket, own, '1') == 1 then
+    if redis.call('HINCRBY', bucket, requests, '1') == 1 then
       redis.call('EXPIRE', bucket, i == 5 and int((usage_days + 1) * 86400) or '176400')
     end
     for j = 1, #above do redis.call('HINCRBY', bucket, above[j] .. ':n', '1') end
