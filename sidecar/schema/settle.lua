@@ -111,13 +111,6 @@ local function alert(typ, level, fields)   -- one event on the tag's stream
 end
 local default_th = ARGV[10]
 local key_th = th_text(f.th, default_th)
-local function budget_alert(where, l)
-  local crossed = lim_cross(l, where == 'k' and key_th or th_text(l.th, default_th))
-  if crossed then
-    alert(crossed[1], string.sub(where, 1, 1),
-          {'th', crossed[2], 'r', crossed[3], 'lim', crossed[4]})
-  end
-end
 local money_reserved, money_actual = 0, 0
 if held_money then
   money_reserved = held_money + 0
@@ -137,7 +130,11 @@ if held_money then
       hold_take(l, hold + 0, b, string.find(flags, 'c', 1, true) and 1 or 0)
       if b > 0 then
         l.s = l.s + money_actual
-        budget_alert(where, l)
+        local crossed = lim_cross(l, where == 'k' and key_th or th_text(l.th, default_th))
+        if crossed then
+          alert(crossed[1], string.sub(where, 1, 1),
+                {'th', crossed[2], 'r', crossed[3], 'lim', crossed[4]})
+        end
       end
       if where == 'k' then put('lim', lim_pack(l)) end
     end
