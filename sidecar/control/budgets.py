@@ -81,10 +81,10 @@ def parse_change(req: dict) -> LimitChange:
 LIMIT_FIELDS = ("budget", "budget_period", "max_concurrency", "observe")
 
 
-def initial_limits(req: dict) -> bytes | str:
-    """A new key's own limits from its request, packed for its record ('' none)."""
+def initial_limits(req: dict) -> bytes:
+    """A new key's own limits from its request, packed for its record (b'' none)."""
     if not any(req.get(f) is not None for f in LIMIT_FIELDS):
-        return ""
+        return b""
     change = parse_change(req)
     return Limits(budget=change.budget or 0, period=PERIODS[change.period or "total"],
                   max_concurrency=change.max_concurrency or 0,

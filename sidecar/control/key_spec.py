@@ -53,7 +53,7 @@ class KeySpec:
     tpm: int = 0
     rpd: int = 0
     tpd: int = 0
-    limits: str = ""                  # the key's own budget and concurrency, packed
+    limits: bytes = b""               # the key's own budget and concurrency, packed
     permission: str = ALL
     scopes: list[str] = field(default_factory=list)
     account: str | None = None        # owner of the PAYG wallet (standard/subscription)

@@ -19,12 +19,11 @@ write):
 thresholds: the alert thresholds (fractions of the budget left, highest first,
 '0.2,0.05,0'; '-' the deployment's default, 'n' none); fired: how many have fired since
 the budget was set or its period rolled over (limits.lua th_cross). holds: the money and
-slots of reservations not yet settled, by when they expire (in the text form
-'<end ms>:<money>:<slots>,…', or '-'), ends ascending; reserved and in_flight are their
-sums. A hold that has ended
-is charged or released by the expiry policy when the level is next read (limits.lua
-lim_now). Older text forms: 8 words read as '- 0 -'; 10 words hold their reserved and
-in-flight in one hold that has ended.
+slots of reservations not yet settled, by when they expire (in the text form '<end
+ms>:<money>:<slots>,…', or '-'), ends ascending; reserved and in_flight are their sums.
+A hold that has ended is charged or released by the expiry policy when the level is next
+read (limits.lua lim_now). Older text forms: 8 words read as '- 0 -'; 10 words hold
+their reserved and in-flight in one hold that has ended.
 
 The control plane writes the settings (budget, period, max_conc, observe) through
 set_limits.lua, which keeps the counters the hot path moves (spent, window, holds).

@@ -116,7 +116,7 @@ class KeyRecord:
     tpm: int | None = _f("tpm", "i")
     rpd: int | None = _f("rpd", "i")
     tpd: int | None = _f("tpd", "i")
-    limits: bytes | str = _f("lim", "raw", "")     # schema/limits.py, packed
+    limits: bytes | str = _f("lim", "raw", b"")    # schema/limits.py, packed
     levels: str = _f("lv")                         # names.level_field words
     cycle_quota: int | None = _f("cq", "i")
     cycle_used: int | None = _f("cu", "i")
